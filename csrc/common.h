@@ -1,0 +1,63 @@
+// Declarations shared by the frontend and the CPU/CUDA kernels.
+//
+// Every op takes lists of tensors that the frontend has already validated (one device,
+// float16/bfloat16/float32/float64, equal shape/dtype/layout at each position, dense
+// storage), so kernels walk each tensor's storage as a flat array of numel() elements.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+#include <vector>
+
+namespace roga {
+
+using TensorList = std::vector<at::Tensor>;
+
+// A scalar argument: a host value, or a 0-d float32/float64 tensor on the lists' device
+// that kernels read themselves (no host synchronisation; CUDA-graph safe).
+struct Scalar {
+  double value = 0.0;
+  const at::Tensor* tensor = nullptr;  // defined and on the device, or nullptr
+};
+
+// Weights of combine_: K host values, or a 1-d float32/float64 tensor of K on the device.
+struct Weights {
+  std::vector<double> values;
+  const at::Tensor* tensor = nullptr;
+};
+
+// Result dtype of reductions: float64 if any tensor is float64, else float32.
+inline at::ScalarType reduction_dtype(const TensorList& ts) {
+  for (const auto& t : ts)
+    if (t.scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+#define ROGA_DECLARE_OPS                                                                   \
+  std::tuple<at::Tensor, at::Tensor> norm(const TensorList& ts, const TensorList* params, \
+                                          double eta, bool per_tensor);                   \
+  void perturb_(const TensorList& params, const TensorList& grads, const TensorList& backup, \
+                const Scalar& scale, bool adaptive, double eta);                          \
+  void restore_(const TensorList& params, const TensorList& backup);                      \
+  void restore_accumulate_(const TensorList& params, const TensorList& backup,            \
+                           const TensorList& acc, const TensorList& grads,                \
+                           const Scalar& weight);                                         \
+  at::Tensor gram(const std::vector<TensorList>& lists);                                  \
+  void combine_(const TensorList& out, const std::vector<TensorList>& lists,              \
+                const Weights& weights);
+
+namespace cpu {
+ROGA_DECLARE_OPS
+}  // namespace cpu
+
+#ifdef ROGA_WITH_CUDA
+namespace cuda {
+ROGA_DECLARE_OPS
+// Largest K gram/combine_ accept on CUDA.
+constexpr int kMaxLists = 8;
+}  // namespace cuda
+#endif
+
+}  // namespace roga

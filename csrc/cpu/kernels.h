@@ -1,0 +1,227 @@
+// Inner loops of the CPU ops over one contiguous run of elements ("segment").
+//
+// This file is included twice, inside namespace roga::cpu::base (compiled for the baseline
+// x86-64/AArch64 ISA) and roga::cpu::avx2 (under #pragma GCC target("avx2,fma,f16c")),
+// and the fastest table the CPU supports is chosen at load time. It includes nothing:
+// every header it needs is included by the two translation units before the pragma.
+//
+// Storage types float16/bfloat16 are converted in blocks of kBlock elements to float32
+// buffers that stay in L1, so every loop below runs on plain float arrays and vectorizes;
+// float32/float64 storage is used in place (no copy). Math is float32 (float64 for float64
+// storage); reductions use float32 SIMD lanes within a block and a double across blocks.
+
+constexpr int64_t kBlock = 512;
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline void half_to_float(const uint16_t* s, float* d, int64_t n) {
+  int64_t j = 0;
+#ifdef ROGA_F16C
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(d + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j))));
+#endif
+  for (; j < n; ++j) d[j] = c10::detail::fp16_ieee_to_fp32_value(s[j]);
+}
+
+inline void float_to_half(const float* s, uint16_t* d, int64_t n) {
+  int64_t j = 0;
+#ifdef ROGA_F16C
+  for (; j + 8 <= n; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j), _mm256_cvtps_ph(_mm256_loadu_ps(s + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; j < n; ++j) d[j] = c10::detail::fp16_ieee_from_fp32_value(s[j]);
+}
+
+inline void bf16_to_float(const uint16_t* s, float* d, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) d[j] = bits_to_float(static_cast<uint32_t>(s[j]) << 16);
+}
+
+inline void float_to_bf16(const float* s, uint16_t* d, int64_t n) {
+  // Round to nearest even, NaN to the canonical quiet NaN: the same bits as c10::BFloat16.
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t u = float_to_bits(s[j]);
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    d[j] = s[j] != s[j] ? uint16_t(0x7FC0) : static_cast<uint16_t>(r);
+  }
+}
+
+// IO<T>: how a block of storage type T becomes compute type C and back.
+//   load(src, buf, n) -> pointer to n values of C (src itself when T == C)
+//   dst_buf(dst, buf) -> where to compute an output block (dst itself when T == C)
+//   store(dst, src, n)   writes n values back (nothing to do when src == dst)
+template <typename T>
+struct IO {  // float, double: no conversion
+  using C = T;
+  static const C* load(const T* s, C*, int64_t) { return s; }
+  static C* dst_buf(T* d, C*) { return d; }
+  static void store(T* d, const C* s, int64_t n) {
+    if (d != s) std::memcpy(d, s, n * sizeof(T));
+  }
+};
+
+template <>
+struct IO<c10::Half> {
+  using C = float;
+  static const float* load(const c10::Half* s, float* buf, int64_t n) {
+    half_to_float(reinterpret_cast<const uint16_t*>(s), buf, n);
+    return buf;
+  }
+  static float* dst_buf(c10::Half*, float* buf) { return buf; }
+  static void store(c10::Half* d, const float* s, int64_t n) { float_to_half(s, reinterpret_cast<uint16_t*>(d), n); }
+};
+
+template <>
+struct IO<c10::BFloat16> {
+  using C = float;
+  static const float* load(const c10::BFloat16* s, float* buf, int64_t n) {
+    bf16_to_float(reinterpret_cast<const uint16_t*>(s), buf, n);
+    return buf;
+  }
+  static float* dst_buf(c10::BFloat16*, float* buf) { return buf; }
+  static void store(c10::BFloat16* d, const float* s, int64_t n) { float_to_bf16(s, reinterpret_cast<uint16_t*>(d), n); }
+};
+
+#define ROGA_BLOCKS(n) \
+  for (int64_t o = 0, m = std::min(kBlock, (n)); o < (n); o += kBlock, m = std::min(kBlock, (n) - o))
+
+// sum x^2, or with p: sum ((|p| + eta) x)^2 (the ASAM norm)
+template <typename T>
+double sumsq(const void* xv, const void* pv, int64_t n, double eta_d) {
+  using C = typename IO<T>::C;
+  const T* x = static_cast<const T*>(xv);
+  const T* p = static_cast<const T*>(pv);
+  const C eta = static_cast<C>(eta_d);
+  alignas(64) C xb[kBlock], pb[kBlock];
+  double total = 0;
+  ROGA_BLOCKS(n) {
+    const C* xf = IO<T>::load(x + o, xb, m);
+    C s = 0;
+    if (p) {
+      const C* pf = IO<T>::load(p + o, pb, m);
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < m; ++j) {
+        const C v = (std::abs(pf[j]) + eta) * xf[j];
+        s += v * v;
+      }
+    } else {
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < m; ++j) s += xf[j] * xf[j];
+    }
+    total += static_cast<double>(s);
+  }
+  return total;
+}
+
+// b <- p; p += s * g   (adaptive: p += s * ((|p| + eta)^2 * g))
+template <typename T>
+void perturb(void* pv, const void* gv, void* bv, int64_t n, double s_d, bool adaptive, double eta_d) {
+  using C = typename IO<T>::C;
+  T* p = static_cast<T*>(pv);
+  const T* g = static_cast<const T*>(gv);
+  T* b = static_cast<T*>(bv);
+  const C s = static_cast<C>(s_d), eta = static_cast<C>(eta_d);
+  alignas(64) C pb[kBlock], gb[kBlock], ob[kBlock];
+  ROGA_BLOCKS(n) {
+    std::memcpy(b + o, p + o, m * sizeof(T));
+    const C* pf = IO<T>::load(p + o, pb, m);
+    const C* gf = IO<T>::load(g + o, gb, m);
+    C* of = IO<T>::dst_buf(p + o, ob);
+    if (adaptive) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) {
+        const C w = std::abs(pf[j]) + eta;
+        of[j] = pf[j] + s * ((w * w) * gf[j]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) of[j] = pf[j] + s * gf[j];
+    }
+    IO<T>::store(p + o, of, m);
+  }
+}
+
+// a += w * g
+template <typename T>
+void accumulate(void* av, const void* gv, int64_t n, double w_d) {
+  using C = typename IO<T>::C;
+  T* a = static_cast<T*>(av);
+  const T* g = static_cast<const T*>(gv);
+  const C w = static_cast<C>(w_d);
+  alignas(64) C ab[kBlock], gb[kBlock];
+  ROGA_BLOCKS(n) {
+    const C* af = IO<T>::load(a + o, ab, m);
+    const C* gf = IO<T>::load(g + o, gb, m);
+    C* of = IO<T>::dst_buf(a + o, ab);
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) of[j] = af[j] + w * gf[j];
+    IO<T>::store(a + o, of, m);
+  }
+}
+
+// out[a*(a+1)/2 + b] += <x_a, x_b> for b <= a; every x read once per block
+template <typename T>
+void gram(const void* const* xs, int k, int64_t n, double* out) {
+  using C = typename IO<T>::C;
+  std::vector<C> bufs(std::is_same<T, C>::value ? 0 : static_cast<size_t>(k) * kBlock);
+  std::vector<const C*> v(k);
+  ROGA_BLOCKS(n) {
+    for (int a = 0; a < k; ++a)
+      v[a] = IO<T>::load(static_cast<const T*>(xs[a]) + o, bufs.data() + (bufs.empty() ? 0 : a * kBlock), m);
+    int idx = 0;
+    for (int a = 0; a < k; ++a) {
+      for (int b = 0; b <= a; ++b, ++idx) {
+        const C* x = v[a];
+        const C* y = v[b];
+        C s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < m; ++j) s += x[j] * y[j];
+        out[idx] += static_cast<double>(s);
+      }
+    }
+  }
+}
+
+// out = sum_a w[a] * x_a; a block is fully read before it is written, so out may be an x_a
+template <typename T>
+void combine(void* outv, const void* const* xs, const double* w_d, int k, int64_t n) {
+  using C = typename IO<T>::C;
+  T* out = static_cast<T*>(outv);
+  alignas(64) C acc[kBlock], xb[kBlock];
+  ROGA_BLOCKS(n) {
+    for (int a = 0; a < k; ++a) {
+      const C* xf = IO<T>::load(static_cast<const T*>(xs[a]) + o, xb, m);
+      const C w = static_cast<C>(w_d[a]);
+      if (a == 0) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) acc[j] = w * xf[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) acc[j] += w * xf[j];
+      }
+    }
+    IO<T>::store(out + o, acc, m);
+  }
+}
+
+#undef ROGA_BLOCKS
+
+template <typename T>
+SegmentKernels make_kernels() {
+  return SegmentKernels{&sumsq<T>, &perturb<T>, &accumulate<T>, &gram<T>, &combine<T>};
+}
+
+inline KernelTable make_table(const char* name) {
+  return KernelTable{name, make_kernels<float>(), make_kernels<double>(), make_kernels<c10::Half>(),
+                     make_kernels<c10::BFloat16>()};
+}

@@ -1,0 +1,259 @@
+// CPU multi-tensor ops: one call walks a whole tensor list.
+//
+// The elements of all tensors are cut, in list order, into fixed chunks of kChunk elements
+// (a chunk may span many small tensors; a big tensor spans many chunks), and threads take
+// contiguous ranges of chunks. Small tensors therefore share one parallel region instead
+// of each paying for one, and the work is balanced by elements, not by tensors. Because
+// chunk boundaries depend only on the tensor sizes, every reduction is summed in the same
+// order whatever the thread count: same input, same bits.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "../common.h"
+#include "kernels.hpp"
+
+namespace roga {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;        // elements per work item
+constexpr int64_t kSerialBelow = 1 << 16;  // lists smaller than this run on the calling thread
+
+struct Piece {
+  int32_t tensor;
+  int64_t begin, end;  // element range within the tensor
+};
+
+struct Plan {
+  std::vector<Piece> pieces;         // in list order
+  std::vector<int64_t> chunk_first;  // chunk c holds pieces [chunk_first[c], chunk_first[c+1])
+  int64_t total = 0;
+};
+
+Plan make_plan(const TensorList& ts) {
+  Plan plan;
+  plan.chunk_first.push_back(0);
+  int64_t fill = 0;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const int64_t n = ts[i].numel();
+    for (int64_t s = 0; s < n;) {
+      const int64_t take = std::min(kChunk - fill, n - s);
+      plan.pieces.push_back({static_cast<int32_t>(i), s, s + take});
+      s += take;
+      fill += take;
+      plan.total += take;
+      if (fill == kChunk) {
+        plan.chunk_first.push_back(static_cast<int64_t>(plan.pieces.size()));
+        fill = 0;
+      }
+    }
+  }
+  if (fill) plan.chunk_first.push_back(static_cast<int64_t>(plan.pieces.size()));
+  return plan;
+}
+
+// f(piece_index, piece) for every piece, chunks spread over torch's intra-op threads.
+template <class F>
+void run(const Plan& plan, const F& f) {
+  const int64_t nc = static_cast<int64_t>(plan.chunk_first.size()) - 1;
+  auto body = [&](int64_t c0, int64_t c1) {
+    for (int64_t k = plan.chunk_first[c0]; k < plan.chunk_first[c1]; ++k) f(k, plan.pieces[k]);
+  };
+  if (plan.total < kSerialBelow || nc < 2)
+    body(0, nc);
+  else
+    at::parallel_for(0, nc, 1, body);
+}
+
+const KernelTable* pick_table() {
+  const char* env = std::getenv("ROGA_CPU_ISA");
+  const std::string want = env ? env : "";
+#ifdef ROGA_X86
+  if (want != "baseline" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return &avx2::table();
+#endif
+  return &base::table();
+}
+
+const KernelTable*& active_table() {
+  static const KernelTable* t = pick_table();
+  return t;
+}
+
+const SegmentKernels& kernels(at::ScalarType t) {
+  const KernelTable& k = *active_table();
+  switch (t) {
+    case at::kFloat: return k.f32;
+    case at::kDouble: return k.f64;
+    case at::kHalf: return k.f16;
+    case at::kBFloat16: return k.bf16;
+    default: TORCH_CHECK_TYPE(false, "roga_cuda: unsupported dtype ", t);
+  }
+}
+
+// Per-tensor facts hoisted out of the piece loop (no tensor method calls in the hot path).
+struct Slot {
+  const SegmentKernels* k;
+  int64_t elem;
+};
+
+std::vector<Slot> slots(const TensorList& ts) {
+  std::vector<Slot> s(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) s[i] = {&kernels(ts[i].scalar_type()), ts[i].element_size()};
+  return s;
+}
+
+std::vector<char*> ptrs(const TensorList& ts) {
+  std::vector<char*> p(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) p[i] = static_cast<char*>(ts[i].data_ptr());
+  return p;
+}
+
+template <typename T>
+void write_sqrt(const at::Tensor& out, const double* v, int64_t n) {
+  T* o = out.data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(std::sqrt(v[i]));
+}
+
+}  // namespace
+
+// Which compiled variant of the CPU loops is active ("avx2" or "baseline").
+std::string isa() { return active_table()->isa; }
+
+bool set_isa(const std::string& name) {
+  if (name == "baseline") {
+    active_table() = &base::table();
+    return true;
+  }
+#ifdef ROGA_X86
+  if (name == "avx2" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
+    active_table() = &avx2::table();
+    return true;
+  }
+#endif
+  return false;
+}
+
+std::tuple<at::Tensor, at::Tensor> norm(const TensorList& ts, const TensorList* params, double eta,
+                                        bool per_tensor) {
+  const Plan plan = make_plan(ts);
+  const auto sl = slots(ts);
+  const auto xp = ptrs(ts);
+  const auto pp = params ? ptrs(*params) : std::vector<char*>(ts.size(), nullptr);
+  std::vector<double> part(plan.pieces.size());
+  run(plan, [&](int64_t k, const Piece& pc) {
+    const Slot& s = sl[pc.tensor];
+    const int64_t off = pc.begin * s.elem;
+    const char* p = pp[pc.tensor] ? pp[pc.tensor] + off : nullptr;
+    part[k] = s.k->sumsq(xp[pc.tensor] + off, p, pc.end - pc.begin, eta);
+  });
+  const int64_t n = static_cast<int64_t>(ts.size());
+  std::vector<double> sq(n + 1, 0.0);
+  for (size_t k = 0; k < plan.pieces.size(); ++k) sq[plan.pieces[k].tensor] += part[k];
+  for (int64_t i = 0; i < n; ++i) sq[n] += sq[i];
+  const auto opts = ts[0].options().dtype(reduction_dtype(ts));
+  at::Tensor total = at::empty({}, opts);
+  at::Tensor per = per_tensor ? at::empty({n}, opts) : at::Tensor();
+  if (opts.dtype() == at::kDouble) {
+    write_sqrt<double>(total, &sq[n], 1);
+    if (per_tensor) write_sqrt<double>(per, sq.data(), n);
+  } else {
+    write_sqrt<float>(total, &sq[n], 1);
+    if (per_tensor) write_sqrt<float>(per, sq.data(), n);
+  }
+  return {total, per};
+}
+
+void perturb_(const TensorList& params, const TensorList& grads, const TensorList& backup, const Scalar& scale,
+              bool adaptive, double eta) {
+  const Plan plan = make_plan(params);
+  const auto sl = slots(params);
+  const auto p = ptrs(params), g = ptrs(grads), b = ptrs(backup);
+  run(plan, [&](int64_t, const Piece& pc) {
+    const Slot& s = sl[pc.tensor];
+    const int64_t off = pc.begin * s.elem;
+    s.k->perturb(p[pc.tensor] + off, g[pc.tensor] + off, b[pc.tensor] + off, pc.end - pc.begin, scale.value,
+                 adaptive, eta);
+  });
+}
+
+void restore_(const TensorList& params, const TensorList& backup) {
+  const Plan plan = make_plan(params);
+  const auto sl = slots(params);
+  const auto p = ptrs(params), b = ptrs(backup);
+  run(plan, [&](int64_t, const Piece& pc) {
+    const int64_t e = sl[pc.tensor].elem;
+    std::memcpy(p[pc.tensor] + pc.begin * e, b[pc.tensor] + pc.begin * e, (pc.end - pc.begin) * e);
+  });
+}
+
+void restore_accumulate_(const TensorList& params, const TensorList& backup, const TensorList& acc,
+                         const TensorList& grads, const Scalar& weight) {
+  const Plan plan = make_plan(params);
+  const auto sl = slots(params);
+  const auto p = ptrs(params), b = ptrs(backup), a = ptrs(acc), g = ptrs(grads);
+  run(plan, [&](int64_t, const Piece& pc) {
+    const Slot& s = sl[pc.tensor];
+    const int64_t off = pc.begin * s.elem, len = pc.end - pc.begin;
+    std::memcpy(p[pc.tensor] + off, b[pc.tensor] + off, len * s.elem);
+    s.k->accumulate(a[pc.tensor] + off, g[pc.tensor] + off, len, weight.value);
+  });
+}
+
+at::Tensor gram(const std::vector<TensorList>& lists) {
+  const int k = static_cast<int>(lists.size());
+  const int tri = k * (k + 1) / 2;
+  const Plan plan = make_plan(lists[0]);
+  const auto sl = slots(lists[0]);
+  std::vector<std::vector<char*>> xp;
+  for (const auto& l : lists) xp.push_back(ptrs(l));
+  std::vector<double> part(plan.pieces.size() * tri, 0.0);
+  run(plan, [&](int64_t idx, const Piece& pc) {
+    const Slot& s = sl[pc.tensor];
+    const int64_t off = pc.begin * s.elem;
+    std::vector<const void*> x(k);
+    for (int a = 0; a < k; ++a) x[a] = xp[a][pc.tensor] + off;
+    s.k->gram(x.data(), k, pc.end - pc.begin, &part[idx * tri]);
+  });
+  std::vector<double> g(tri, 0.0);
+  for (size_t p = 0; p < plan.pieces.size(); ++p)
+    for (int t = 0; t < tri; ++t) g[t] += part[p * tri + t];
+  at::Tensor out = at::empty({k, k}, lists[0][0].options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int a = 0, t = 0; a < k; ++a)
+    for (int b = 0; b <= a; ++b, ++t) o[a * k + b] = o[b * k + a] = g[t];
+  const auto dt = reduction_dtype(lists[0]);
+  return dt == at::kDouble ? out : out.to(dt);
+}
+
+void combine_(const TensorList& out, const std::vector<TensorList>& lists, const Weights& weights) {
+  const int k = static_cast<int>(lists.size());
+  const Plan plan = make_plan(out);
+  const auto sl = slots(out);
+  const auto op = ptrs(out);
+  std::vector<std::vector<char*>> xp;
+  for (const auto& l : lists) xp.push_back(ptrs(l));
+  const double* w = weights.values.data();
+  run(plan, [&](int64_t, const Piece& pc) {
+    const Slot& s = sl[pc.tensor];
+    const int64_t off = pc.begin * s.elem;
+    const void* x[64];
+    std::vector<const void*> xv;
+    const void** xs = x;
+    if (k > 64) {
+      xv.resize(k);
+      xs = xv.data();
+    }
+    for (int a = 0; a < k; ++a) xs[a] = xp[a][pc.tensor] + off;
+    s.k->combine(op[pc.tensor] + off, xs, w, k, pc.end - pc.begin);
+  });
+}
+
+}  // namespace cpu
+}  // namespace roga

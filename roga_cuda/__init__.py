@@ -1,0 +1,13 @@
+"""roga_cuda: fused multi-tensor kernels and optimizers for gradient-alignment training.
+
+    import roga_cuda
+    roga_cuda.backends()                 # which kernel backends run here, and why not
+    roga_cuda.ops.norm(grads)            # the primitives (see roga_cuda.ops)
+    roga_cuda.SAM / RoGA / PCGrad        # drop-in optimizers (see roga_cuda.optim)
+"""
+__version__ = "0.1.0"
+
+from . import ops
+from .ops import backends
+
+__all__ = ["ops", "backends", "__version__"]

@@ -1,0 +1,150 @@
+"""The foreach backend: the strongest plain-PyTorch composition of ``torch._foreach_*`` ops.
+
+It is the baseline the compiled backends are measured against and the fallback when they
+are unavailable. Each primitive is a handful of multi-tensor launches; temporaries that
+would be allocated every step (ASAM weights, the Gram matrix's flat copies) live in a
+small workspace cache keyed on the list's shapes, dtypes and device.
+"""
+from collections import OrderedDict
+
+import torch
+
+
+class _Workspace:
+    """LRU cache of scratch buffers, keyed on (tag, shapes, dtypes, device)."""
+
+    def __init__(self, maxsize=8):
+        self.maxsize = maxsize
+        self._bufs = OrderedDict()
+
+    def get(self, key, make):
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = make()
+            self._bufs[key] = buf
+            if len(self._bufs) > self.maxsize:
+                self._bufs.popitem(last=False)
+        else:
+            self._bufs.move_to_end(key)
+        return buf
+
+    def clear(self):
+        self._bufs.clear()
+
+
+workspace = _Workspace()
+
+
+def _sig(ts):
+    return tuple((t.shape, t.dtype) for t in ts), ts[0].device
+
+
+def _like(ts, tag):
+    """Persistent scratch tensors shaped like ``ts``."""
+    return workspace.get((tag,) + _sig(ts), lambda: [torch.empty_like(t) for t in ts])
+
+
+def _by_dtype(ts):
+    """Indices of ``ts`` grouped by dtype (foreach kernels fuse only within one dtype)."""
+    groups = {}
+    for i, t in enumerate(ts):
+        groups.setdefault(t.dtype, []).append(i)
+    return groups
+
+
+def _out_dtype(ts):
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _scaled_add_(dst, src, s):
+    """dst += s * src, with s a Python float or a 0-d device tensor (no host sync)."""
+    if isinstance(s, torch.Tensor):
+        torch._foreach_add_(dst, torch._foreach_mul(src, s))
+    else:
+        torch._foreach_add_(dst, src, alpha=s)
+
+
+def norm(ts, per_tensor, params, eta):
+    if params is not None:  # ASAM: || (|p| + eta) * t ||
+        w = _like(params, "asam_norm")
+        torch._foreach_copy_(w, params)
+        torch._foreach_abs_(w)
+        if eta:
+            torch._foreach_add_(w, eta)
+        torch._foreach_mul_(w, ts)
+        ts = w
+    dt = _out_dtype(ts)
+    per = [None] * len(ts)
+    for idx in _by_dtype(ts).values():
+        norms = torch._foreach_norm([ts[i] for i in idx], 2, dtype=dt)
+        for i, n in zip(idx, norms):
+            per[i] = n
+    per = torch.stack(per)
+    total = torch.linalg.vector_norm(per)
+    return total, (per if per_tensor else None)
+
+
+def perturb_(params, grads, backup, scale, adaptive, eta):
+    torch._foreach_copy_(backup, params)
+    if adaptive:  # ASAM: scale * (|p| + eta)^2 * g
+        w = _like(params, "asam_perturb")
+        torch._foreach_copy_(w, params)
+        torch._foreach_abs_(w)
+        if eta:
+            torch._foreach_add_(w, eta)
+        torch._foreach_mul_(w, w)
+        torch._foreach_mul_(w, grads)
+        grads = w
+    _scaled_add_(params, grads, scale)
+
+
+def restore_(params, backup):
+    torch._foreach_copy_(params, backup)
+
+
+def restore_accumulate_(params, backup, acc, grads, weight):
+    torch._foreach_copy_(params, backup)
+    _scaled_add_(acc, grads, weight)
+
+
+def gram(lists):
+    # No foreach reduction computes dot products, so each list is copied once into a
+    # persistent flat row of one (K, total) matrix and G = M @ M^T is one GEMM.
+    k = len(lists)
+    dt = _out_dtype(lists[0])
+    sizes = [t.numel() for t in lists[0]]
+    total = sum(sizes)
+    dev = lists[0][0].device
+
+    def make():
+        m = torch.empty(k, total, dtype=dt, device=dev)
+        views = [list(torch.split(m[a], sizes)) for a in range(k)]
+        views = [[v.view(t.shape) for v, t in zip(row, lists[0])] for row in views]
+        return m, views
+
+    m, views = workspace.get(("gram", k, dt) + _sig(lists[0]), make)
+    for a in range(k):
+        torch._foreach_copy_(views[a], lists[a])
+    return m @ m.T
+
+
+def combine_(out, lists, weights):
+    k = len(lists)
+    ptrs = [o.data_ptr() if o.numel() else None for o in out]
+    hits = [[p is not None and p == x.data_ptr() for p, x in zip(ptrs, lst)] for lst in lists]
+    touched = [j for j in range(k) if any(hits[j])]
+    full = len(touched) == 1 and all(h or p is None for h, p in zip(hits[touched[0]], ptrs))
+    if touched and not full:
+        # `out` aliases several inputs, or one only at some positions: go through scratch.
+        tmp = _like(out, "combine")
+        combine_(tmp, lists, weights)
+        torch._foreach_copy_(out, tmp)
+        return
+    alias = touched[0] if touched else None
+    if alias is None:
+        torch._foreach_zero_(out)
+    else:  # out is lists[alias]: scale it in place first, then add the others
+        torch._foreach_mul_(out, weights[alias])
+    for j in range(k):
+        if j != alias:
+            _scaled_add_(out, lists[j], weights[j])

@@ -1,0 +1,113 @@
+"""Build roga_cuda against the torch that is already installed.
+
+    pip install --no-build-isolation -e .      # or: pip install --no-build-isolation .
+
+`--no-build-isolation` matters: an isolated build would compile against whatever torch pip
+puts in a throw-away environment, and the extension would not load into yours.
+
+Environment variables:
+  ROGA_NO_CUDA=1       build the CPU kernels only, even with a CUDA build of torch
+  FORCE_CUDA=1         build the CUDA kernels even when no GPU is visible (needs CUDA_HOME)
+  TORCH_CUDA_ARCH_LIST GPU architectures to compile for (default without a visible GPU:
+                       "8.0;9.0+PTX", i.e. A100 and H100/H200 plus PTX for newer GPUs)
+  MAX_JOBS             parallel compile jobs (ninja)
+  ROGA_DEBUG=1         -O0 -g builds
+"""
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    sys.exit(
+        "roga_cuda compiles against the torch you already have, and none is importable here.\n"
+        "Install torch first (for CPU-only machines: pip install torch), then build with\n"
+        "    pip install --no-build-isolation -e .\n"
+        "(without --no-build-isolation pip builds in a fresh environment that has no torch)."
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def want_cuda():
+    if flag("ROGA_NO_CUDA"):
+        return False, "ROGA_NO_CUDA is set"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU build"
+    if cpp_extension.CUDA_HOME is None:
+        return False, "no CUDA toolkit found (set CUDA_HOME to the folder whose bin/nvcc is the compiler)"
+    # Built whether or not a GPU is visible (CI proves the CUDA build on a GPU-less machine);
+    # FORCE_CUDA=1 is accepted for compatibility with other extensions' build scripts.
+    return True, None
+
+
+def extensions():
+    debug = flag("ROGA_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    define = [("ROGA_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    sources = ["csrc/frontend.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp"]
+    cuda, why_not = want_cuda()
+    if cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        cu = sorted(os.path.join("csrc/cuda", f) for f in os.listdir(os.path.join(HERE, "csrc/cuda"))
+                    if f.endswith(".cu"))
+        define.append(("ROGA_WITH_CUDA", None))
+        ext = cpp_extension.CUDAExtension(
+            "roga_cuda._C", sources + cu,
+            define_macros=define,
+            extra_compile_args={"cxx": cxx, "nvcc": opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]},
+            extra_link_args=["-fopenmp"],
+        )
+        print(f"roga_cuda: building CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPU')})")
+    else:
+        ext = cpp_extension.CppExtension(
+            "roga_cuda._C", sources, define_macros=define,
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+        )
+        print(f"roga_cuda: building the CPU kernels only ({why_not})")
+    return [ext]
+
+
+def read(path):
+    with open(os.path.join(HERE, path), encoding="utf-8") as f:
+        return f.read()
+
+
+setup(
+    name="roga_cuda",
+    version="0.1.0",
+    description="Fused multi-tensor kernels and optimizers for gradient-alignment training "
+                "(SAM/ASAM, RoGA, PCGrad family) with deepfake-detection training apps",
+    long_description=read("README.md"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["roga_cuda", "roga_cuda.*"]),
+    package_data={"roga_cuda": ["apps/*/presets/*.yaml"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "matplotlib", "scikit-learn"],
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "audio": ["soundfile"],
+        "image": ["pillow", "timm"],
+    },
+    entry_points={
+        "console_scripts": [
+            "roga-train=roga_cuda.apps.image.cli:train_main",
+            "roga-eval=roga_cuda.apps.image.cli:eval_main",
+            "dpda-train=roga_cuda.apps.speech.cli:train_main",
+            "dpda-eval=roga_cuda.apps.speech.cli:eval_main",
+        ]
+    },
+)
