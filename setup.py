@@ -52,7 +52,9 @@ def extensions():
     debug = flag("ROGA_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     define = [("ROGA_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    # -ffp-contract=off: no silent FMA contraction, so the AVX2 and baseline loops (and the
+    # reference) round identically.
+    cxx = opt + ["-std=c++17", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
     sources = ["csrc/frontend.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp"]
     cuda, why_not = want_cuda()
     if cuda:

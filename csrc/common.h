@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -50,6 +51,8 @@ inline at::ScalarType reduction_dtype(const TensorList& ts) {
 
 namespace cpu {
 ROGA_DECLARE_OPS
+std::string isa();
+bool set_isa(const std::string& name);
 }  // namespace cpu
 
 #ifdef ROGA_WITH_CUDA

@@ -247,6 +247,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("WITH_CUDA") = false;
 #endif
+  m.def("_cpu_isa", &cpu::isa, "Which compiled variant of the CPU loops is active (avx2 or baseline).");
+  m.def("_set_cpu_isa", &cpu::set_isa, py::arg("name"),
+        "Switch the CPU loops to 'avx2' or 'baseline' (tests); False if this CPU cannot run it.");
   m.def("norm", &py_norm, py::arg("ts"), py::arg("params"), py::arg("eta"), py::arg("per_tensor"));
   m.def("perturb_", &py_perturb_, py::arg("params"), py::arg("grads"), py::arg("backup"), py::arg("scale"),
         py::arg("scale_t"), py::arg("adaptive"), py::arg("eta"));

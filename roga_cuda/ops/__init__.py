@@ -16,6 +16,7 @@ Scalars (``scale``, ``weight``, ``weights``) may be Python floats or 0-d tensors
 lists' device (read on the device: no host synchronisation). Reductions accumulate in
 float32 or wider and return float32 (float64 when an input is float64).
 """
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -232,12 +233,9 @@ def _scalar(op, name, s, device):
         if s.device != device:
             raise ValueError(f"{op}: `{name}` is on {s.device} but the tensors are on {device}")
         return s if s.dtype in (torch.float32, torch.float64) else s.float()
-    if isinstance(s, (bool, int, float)):
+    if isinstance(s, numbers.Real):  # Python and NumPy numbers
         return float(s)
-    try:
-        return float(s)  # numpy scalars and the like
-    except (TypeError, ValueError):
-        raise TypeError(f"{op}: `{name}` must be a number or a 0-d tensor, got {type(s).__name__}") from None
+    raise TypeError(f"{op}: `{name}` must be a number or a 0-d tensor, got {type(s).__name__}")
 
 
 def _weights(op, weights, k, device):

@@ -39,9 +39,16 @@ def _sig(ts):
     return tuple((t.shape, t.dtype) for t in ts), ts[0].device
 
 
-def _like(ts, tag):
-    """Persistent scratch tensors shaped like ``ts``."""
-    return workspace.get((tag,) + _sig(ts), lambda: [torch.empty_like(t) for t in ts])
+def _like(ts, tag, math=False):
+    """Persistent scratch tensors shaped like ``ts`` (``math=True``: in the math dtype,
+    float32 for float16/bfloat16, so intermediates are not rounded to 16 bits)."""
+    def make():
+        return [torch.empty_like(t, dtype=_math_dtype(t) if math else t.dtype) for t in ts]
+    return workspace.get((tag, math) + _sig(ts), make)
+
+
+def _math_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _by_dtype(ts):
@@ -66,7 +73,7 @@ def _scaled_add_(dst, src, s):
 
 def norm(ts, per_tensor, params, eta):
     if params is not None:  # ASAM: || (|p| + eta) * t ||
-        w = _like(params, "asam_norm")
+        w = _like(params, "asam_norm", math=True)
         torch._foreach_copy_(w, params)
         torch._foreach_abs_(w)
         if eta:
@@ -87,7 +94,7 @@ def norm(ts, per_tensor, params, eta):
 def perturb_(params, grads, backup, scale, adaptive, eta):
     torch._foreach_copy_(backup, params)
     if adaptive:  # ASAM: scale * (|p| + eta)^2 * g
-        w = _like(params, "asam_perturb")
+        w = _like(params, "asam_perturb", math=True)
         torch._foreach_copy_(w, params)
         torch._foreach_abs_(w)
         if eta:
@@ -125,7 +132,8 @@ def gram(lists):
     m, views = workspace.get(("gram", k, dt) + _sig(lists[0]), make)
     for a in range(k):
         torch._foreach_copy_(views[a], lists[a])
-    return m @ m.T
+    g = m @ m.T
+    return g.triu() + g.triu(1).T  # BLAS does not promise an exactly symmetric product
 
 
 def combine_(out, lists, weights):
