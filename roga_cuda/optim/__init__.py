@@ -1,0 +1,16 @@
+"""Drop-in optimizers built on the fused primitives of :mod:`roga_cuda.ops`.
+
+* :class:`SAM` — SAM and ASAM (``adaptive=True``), davda54/sam's API.
+* :class:`RoGA` — robust gradient alignment over K domains (first-order or exact HVP alignment).
+* :class:`PCGrad` — gradient surgery in Gram space: PCGrad, GradVac, CAGrad, MGDA, plain sum.
+
+Helpers: :func:`freeze_bn_stats` (BatchNorm statistics untouched on a perturbed pass) and
+:func:`clip_grad_norm_` (fused global-norm clipping).
+"""
+from .base import WrapperOptimizer, clip_grad_norm_, freeze_bn_stats
+from .roga import RoGA
+from .sam import SAM
+from .surgery import METHODS, PCGrad, cagrad_weights, gradvac_weights, mgda_weights, pcgrad_weights
+
+__all__ = ["SAM", "RoGA", "PCGrad", "freeze_bn_stats", "clip_grad_norm_", "WrapperOptimizer", "METHODS",
+           "pcgrad_weights", "gradvac_weights", "cagrad_weights", "mgda_weights"]

@@ -1,0 +1,287 @@
+"""Plumbing shared by the wrapper optimizers (SAM, RoGA, PCGrad).
+
+A wrapper owns a *base* optimizer (SGD, AdamW, ...) and shares its ``param_groups``, so
+LR schedulers, per-group hyper-parameters and ``zero_grad`` behave as with the base
+optimizer alone. Every whole-model operation goes through :mod:`roga_cuda.ops` (one fused
+call per parameter group and device, never one per parameter).
+"""
+import contextlib
+import math
+
+import torch
+
+from .. import ops
+
+_EPS = 1e-12
+
+
+class WrapperOptimizer(torch.optim.Optimizer):
+    """Base class: builds or adopts the base optimizer and shares its param_groups."""
+
+    def __init__(self, params, base_optimizer, defaults, backend="auto", max_grad_norm=None, **base_kwargs):
+        name = type(self).__name__
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"{name}: max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if backend != "auto" and backend not in ops.BACKENDS:
+            raise ValueError(f"{name}: unknown backend {backend!r}; choose one of {('auto',) + ops.BACKENDS}")
+        self.backend = backend
+        self.max_grad_norm = max_grad_norm
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if base_kwargs:
+                raise TypeError(f"{name}: {sorted(base_kwargs)} would configure a new base optimizer, "
+                                "but base_optimizer is already an instance")
+            if params is not None:
+                given = {id(p) for p in _flat_params(params)}
+                have = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+                if given != have:
+                    raise ValueError(f"{name}: `params` are not the parameters of the base optimizer instance; "
+                                     "pass params=None to use the instance's param_groups")
+            super().__init__(base_optimizer.param_groups, defaults)
+            self.base_optimizer = base_optimizer
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+            if params is None:
+                raise ValueError(f"{name}: `params` is required when base_optimizer is a class")
+            super().__init__(params, defaults)
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(f"{name}: base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
+                            f"or an instance of one, got {base_optimizer!r}")
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    def add_param_group(self, param_group):
+        if not hasattr(self, "base_optimizer"):  # during __init__
+            return super().add_param_group(param_group)
+        for k, v in self.defaults.items():
+            param_group.setdefault(k, v)
+        self.base_optimizer.add_param_group(param_group)
+
+    # -- state -------------------------------------------------------------------------
+    def _extra_state(self):
+        """Wrapper state that must survive a checkpoint (subclasses extend)."""
+        return {}
+
+    def _load_extra_state(self, state):
+        pass
+
+    def state_dict(self):
+        return {"base": self.base_optimizer.state_dict(), "wrapper": self._extra_state()}
+
+    def load_state_dict(self, state_dict):
+        if "base" not in state_dict:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: expected a dict from "
+                             f"{type(self).__name__}.state_dict() (with 'base' and 'wrapper' keys)")
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.param_groups = self.base_optimizer.param_groups  # load_state_dict made new group dicts
+        self._load_extra_state(state_dict.get("wrapper", {}))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(base={self.base_optimizer!r})"
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _with_grads(self, groups=None):
+        """[(group, params, grads)] for parameters that have a gradient (skips the rest)."""
+        out = []
+        for group in (self.param_groups if groups is None else groups):
+            ps, gs = [], []
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                       f"(parameter of shape {tuple(p.shape)}); use dense gradients, "
+                                       "e.g. nn.Embedding(..., sparse=False)")
+                ps.append(p)
+                gs.append(g)
+            out.append((group, ps, gs))
+        return out
+
+    def _buffers(self, kind, params):
+        """Persistent scratch tensors like each param (allocated once, reused every step)."""
+        store = self.__dict__.setdefault("_scratch", {}).setdefault(kind, {})
+        out = []
+        for p in params:
+            b = store.get(p)
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                b = store[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            out.append(b)
+        return out
+
+    def _perturb_params(self, ps, gs, s, strategy, adaptive=False, eta=0.0):
+        """Move ``ps`` (one device) to ``p + s * g`` (ASAM: ``p + s (|p|+eta)^2 g``).
+
+        Returns what _restore_params needs: ("copy", params, backup) or ("swap", params, saved
+        storage). "swap" writes the perturbed point into a spare buffer and points each
+        parameter's .data at it, so restoring is free and trivially bit-exact."""
+        if strategy == "copy":
+            backup = self._buffers("backup", ps)
+            ops.perturb_(ps, gs, backup, s, adaptive=adaptive, eta=eta, backend=self.backend)
+            return ("copy", ps, backup)
+        spare = self._buffers("spare", ps)
+        if adaptive:  # in place, originals to the spare buffer; the perturbed storage becomes the next spare
+            ops.perturb_(ps, gs, spare, s, adaptive=True, eta=eta, backend=self.backend)
+            store = self._scratch["spare"]
+            for p in ps:
+                store[p] = p.data
+            return ("swap", ps, spare)
+        ops.combine_(spare, [ps, gs], [1.0, s], backend=self.backend)  # spare = p + s g
+        orig = [p.data for p in ps]
+        for p, b in zip(ps, spare):
+            p.data = b
+        return ("swap", ps, orig)
+
+    def _restore_params(self, moves, skip_copy=False):
+        """Undo _perturb_params for every move (``skip_copy``: only swap storage back)."""
+        for kind, ps, saved in moves:
+            if kind == "copy":
+                if not skip_copy:
+                    ops.restore_(ps, saved, backend=self.backend)
+            else:
+                for p, t in zip(ps, saved):
+                    p.data = t
+
+    def _norm(self, pairs, adaptive=None):
+        """Global L2 norm of several (params, grads) lists, as a 0-d tensor.
+
+        adaptive: per list, None or eta (ASAM norm || (|p| + eta) g ||)."""
+        parts = []
+        for i, (ps, gs) in enumerate(pairs):
+            eta = None if adaptive is None else adaptive[i]
+            for dps, dgs in by_device(ps, gs):
+                parts.append(ops.norm(dgs, params=dps if eta is not None else None, eta=eta or 0.0,
+                                      backend=self.backend))
+        if len(parts) == 1:
+            return parts[0]
+        dev = parts[0].device
+        return torch.stack([p.to(dev, torch.float64) for p in parts]).norm().to(parts[0].dtype)
+
+    def _scale_grads_(self, grads_by_dev, coef):
+        """grads *= coef (a float or a 0-d device tensor), one fused pass per device."""
+        for gs in grads_by_dev:
+            if gs:
+                ops.combine_(gs, [gs], [coef], backend=self.backend)
+
+    def _clip_coef(self, pairs, pre_scale=None):
+        """min(1, max_grad_norm / ||pre_scale * g||) as a 0-d device tensor (no host sync)."""
+        n = self._norm(pairs)
+        if pre_scale is not None:
+            n = n * pre_scale
+        return (self.max_grad_norm / (n + 1e-6)).clamp(max=1.0)
+
+
+def _flat_params(params):
+    for item in params:
+        if isinstance(item, dict):
+            yield from item["params"] if not isinstance(item["params"], torch.Tensor) else [item["params"]]
+        else:
+            yield item
+
+
+def by_device(*lists):
+    """Split parallel lists by the device of the first list's tensors (one fused call each)."""
+    first = lists[0]
+    if not first:
+        return []
+    dev0 = first[0].device
+    if all(t.device == dev0 for t in first):
+        return [lists]
+    groups = {}
+    for i, t in enumerate(first):
+        groups.setdefault(t.device, []).append(i)
+    return [tuple([l[i] for i in idx] for l in lists) for idx in groups.values()]
+
+
+def inv_scale_of(scaler):
+    """1 / scale of a torch.amp.GradScaler as a 0-d device tensor (no host sync), or None."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    s = getattr(scaler, "_scale", None)  # the device tensor behind get_scale()
+    if s is None:
+        s = torch.tensor(scaler.get_scale())
+    return s.double().reciprocal().float()
+
+
+@contextlib.contextmanager
+def freeze_bn_stats(model):
+    """Freeze BatchNorm running statistics inside the block (the perturbed pass of SAM/RoGA).
+
+    BatchNorm layers in training mode still normalise with the batch statistics, but their
+    running mean/var and num_batches_tracked are left untouched, so the perturbed forward
+    pass does not count twice (or at the wrong weights) in the statistics used at test time.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm, backend="auto"):
+    """Fused ``torch.nn.utils.clip_grad_norm_``: one norm pass and one scaling pass.
+
+    Returns the total norm (0-d tensor) before clipping, like torch's version; no host sync.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    parts = by_device(grads)
+    norms = [ops.norm(gs, backend=backend) for (gs,) in parts]
+    total = norms[0] if len(norms) == 1 else torch.stack([n.to(norms[0].device) for n in norms]).norm()
+    coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+    for (gs,) in parts:
+        ops.combine_(gs, [gs], [coef.to(gs[0].device)], backend=backend)
+    return total
+
+
+def mean_param_numel(params):
+    params = list(params)
+    return sum(p.numel() for p in params) / max(1, len(params))
+
+
+def swap_is_safe(params):
+    """Can parameter storage be swapped (``p.data = other``) instead of copied?
+
+    Not when a parameter is a view of (or shares storage with) another tensor, e.g. flat
+    parameter buffers, and not while a CUDA graph is being captured."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    seen = set()
+    for p in params:
+        if p._base is not None:
+            return False
+        key = p.untyped_storage().data_ptr()
+        if key in seen:
+            return False
+        seen.add(key)
+    return True
+
+
+# Mean parameter size above which swapping pays for its per-parameter Python cost (~0.15 us
+# per `p.data =`, twice per perturbation) with the bytes it saves (12 per element): ~1.5k
+# elements at the ~60 GB/s of a CPU, ~75k at the ~3 TB/s of an H100. See benchmarks/RESULTS.md.
+SWAP_MIN_MEAN_NUMEL = {"cpu": 4096, "cuda": 131072}
+
+
+def choose_strategy(strategy, params):
+    if strategy not in ("auto", "copy", "swap"):
+        raise ValueError(f"strategy must be 'auto', 'copy' or 'swap', got {strategy!r}")
+    if strategy == "copy":
+        return "copy"
+    params = list(params)
+    if not params:
+        return "copy"
+    safe = swap_is_safe(params)
+    if strategy == "swap":
+        if not safe:
+            raise ValueError("strategy='swap' is unsafe here: a parameter shares storage with another tensor "
+                             "(or a CUDA graph is being captured); use strategy='copy'")
+        return "swap"
+    threshold = SWAP_MIN_MEAN_NUMEL.get(params[0].device.type, math.inf)
+    return "swap" if safe and mean_param_numel(params) >= threshold else "copy"
