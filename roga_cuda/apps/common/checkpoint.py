@@ -1,0 +1,149 @@
+"""Atomic checkpoints.
+
+``save_checkpoint`` writes to a temporary file in the destination folder, flushes and
+fsyncs it, then ``os.replace``s it over the destination (atomic on POSIX and Windows) and
+fsyncs the folder: a reader sees either the previous complete file or the new complete
+file, never a half-written one, and a failure while writing leaves the previous
+checkpoint untouched (the temporary file is removed).
+
+Checkpoints hold only what ``torch.load(weights_only=True)`` accepts (tensors, dicts,
+lists, tuples, numbers, strings), so loading one never runs pickled code.
+"""
+import glob
+import os
+import re
+import tempfile
+
+import torch
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_path",
+           "prune_checkpoints", "average_checkpoints"]
+
+CKPT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or not what was expected."""
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path, state):
+    """Atomically write ``state`` (anything ``torch.save`` takes) to ``path``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def load_checkpoint(path, map_location="cpu", weights_only=True):
+    """Load a checkpoint; a missing or corrupt file raises :class:`CheckpointError` naming it.
+
+    weights_only=False is needed only for files from elsewhere that pickle arbitrary
+    objects (never load such files from untrusted sources)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # truncated zip, wrong format, disallowed pickle global, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".rstrip()) from e
+
+
+def checkpoint_path(folder, step):
+    """The file name the training loops use for the checkpoint after ``step`` steps."""
+    return os.path.join(os.fspath(folder), f"step_{int(step):08d}.pt")
+
+
+def _step_files(folder):
+    out = []
+    for p in glob.glob(os.path.join(glob.escape(os.fspath(folder)), "step_*.pt")):
+        m = CKPT_PATTERN.match(os.path.basename(p))
+        if m:
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(folder):
+    """Path of the checkpoint with the highest step in ``folder`` (``step_<N>.pt``), or None.
+    Temporary files of interrupted writes are ignored."""
+    if folder is None or not os.path.isdir(folder):
+        return None
+    files = _step_files(folder)
+    return files[-1][1] if files else None
+
+
+def prune_checkpoints(folder, keep, protect=()):
+    """Delete all but the ``keep`` newest ``step_<N>.pt`` files (never those in ``protect``)."""
+    if keep is None or keep <= 0:
+        return []
+    protect = {os.path.abspath(p) for p in protect if p}
+    files = _step_files(folder)
+    removed = []
+    for _, p in files[:-keep]:
+        if os.path.abspath(p) not in protect:
+            os.unlink(p)
+            removed.append(p)
+    return removed
+
+
+def _model_state(ckpt, path):
+    if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
+        return ckpt["model"]
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt  # a bare state_dict
+    raise CheckpointError(f"{path}: neither a training checkpoint (with a 'model' entry) nor a state_dict")
+
+
+def average_checkpoints(paths, map_location="cpu"):
+    """Parameter average of the models in ``paths`` (e.g. the best N): floating tensors are
+    averaged in float64 and cast back; integer buffers (BatchNorm's num_batches_tracked)
+    are taken from the last file. Returns a model state_dict."""
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("average_checkpoints: no checkpoint paths given")
+    avg, ref_path = None, paths[0]
+    for path in paths:
+        sd = _model_state(load_checkpoint(path, map_location), path)
+        if avg is None:
+            dtypes = {k: v.dtype for k, v in sd.items()}
+            avg = {k: v.detach().to(torch.float64).clone() if v.is_floating_point() else v.clone()
+                   for k, v in sd.items()}
+            continue
+        if sd.keys() != avg.keys():
+            diff = sorted(set(sd) ^ set(avg))[:5]
+            raise CheckpointError(f"{path}: parameter names differ from {ref_path} (e.g. {diff})")
+        for k, v in sd.items():
+            if v.shape != avg[k].shape:
+                raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, {ref_path} has {tuple(avg[k].shape)}")
+            if v.is_floating_point():
+                avg[k] += v.to(torch.float64)
+            else:
+                avg[k] = v.clone()
+    n = len(paths)
+    return {k: (v / n).to(dtypes[k]) if dtypes[k].is_floating_point else v for k, v in avg.items()}
