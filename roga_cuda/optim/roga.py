@@ -154,7 +154,10 @@ class RoGA(WrapperOptimizer):
         with torch.enable_grad():
             hv = torch.autograd.grad(hs, ps, grad_outputs=gs, allow_unused=True)
         hs = [h.detach() for h in hs]
-        hv = [torch.zeros_like(p) if v is None else v.detach() for p, v in zip(ps, hv)]
+        # autograd may return H g in another (dense) memory layout than h: match it, the
+        # fused kernels walk both in storage order
+        hv = [torch.zeros_like(h) if v is None else (v.detach() if v.stride() == h.stride() else
+              torch.empty_like(h).copy_(v)) for h, v in zip(hs, hv)]
         a = -alpha if inv is None else -alpha * inv  # scaled h and g: H g carries the scale twice
         ops.combine_(hs, [hs, hv], [1.0, a], backend=self.backend)
         return hs

@@ -305,7 +305,7 @@ class PCGrad(WrapperOptimizer):
         self._record(G)
         for part in parts:
             out = part[0]
-            ops.combine_(out, list(part), w.to(out[0].device, torch.float32), backend=self.backend)
+            ops.combine_(out, list(part), w.to(out[0].device), backend=self.backend)
         for p, g in zip(params, lists[0]):
             p.grad = g
 
