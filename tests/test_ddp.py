@@ -1,0 +1,143 @@
+"""The optimizers under DistributedDataParallel: gloo, 2 processes on CPU.
+
+Parameters must be identical on all ranks after several steps, and equal to a single-
+process computation wherever the math says so: SAM with a synchronized first pass and
+PCGrad equal the single-process run on the concatenated batch; RoGA (passes under
+no_sync, one all-reduce per step) equals the mean over ranks of per-rank RoGA gradients.
+"""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from roga_cuda import PCGrad, RoGA, SAM
+
+WORLD = 2
+STEPS = 3
+
+
+def model_():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+
+
+def data(step, domain=0, n=8):
+    g = torch.Generator().manual_seed(1000 * step + domain)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def _worker(rank, kind, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        model = model_()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        if kind == "sam":
+            opt = SAM(ddp.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.1)
+            for s in range(STEPS):
+                x, y = data(s)
+                x, y = x[rank::WORLD], y[rank::WORLD]
+                F.cross_entropy(ddp(x), y).backward()  # synchronized first pass
+                opt.first_step(zero_grad=True)
+                F.cross_entropy(ddp(x), y).backward()
+                opt.second_step(zero_grad=True)
+        elif kind == "roga":
+            opt = RoGA(ddp.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, alpha=0.01)
+            for s in range(STEPS):
+                opt.zero_grad()
+                with opt.no_sync(ddp):
+                    for d in range(3):
+                        x, y = data(s, d)
+                        x, y = x[rank::WORLD], y[rank::WORLD]
+                        F.cross_entropy(ddp(x), y).backward()
+                        opt.perturb()
+                        F.cross_entropy(ddp(x), y).backward()
+                        opt.accumulate()
+                opt.step()  # one all-reduce of the accumulated gradient
+        else:
+            opt = PCGrad(ddp.parameters(), torch.optim.SGD, lr=0.1)
+            for s in range(STEPS):
+                x, y = data(s)
+                x, y = x[rank::WORLD], y[rank::WORLD]
+                out = ddp(x)
+                opt.zero_grad()
+                opt.backward([F.cross_entropy(out, y), -0.5 * F.cross_entropy(out, (y + 1) % 3)], model=ddp)
+                opt.step()
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def single_process(kind):
+    model = model_()
+    ps = list(model.parameters())
+    base = torch.optim.SGD(ps, lr=0.1, momentum=0.9 if kind == "sam" else 0.0)
+    for s in range(STEPS):
+        if kind == "sam":
+            x, y = data(s)
+            g = torch.autograd.grad(F.cross_entropy(model(x), y), ps)
+            gn = torch.sqrt(sum((t ** 2).sum() for t in g))
+            old = [p.detach().clone() for p in ps]
+            with torch.no_grad():
+                for p, t in zip(ps, g):
+                    p.add_(0.1 * t / (gn + 1e-12))
+            h = torch.autograd.grad(F.cross_entropy(model(x), y), ps)
+            with torch.no_grad():
+                for p, o, t in zip(ps, old, h):
+                    p.copy_(o)
+                    p.grad = t
+        elif kind == "roga":  # per-rank perturbations, gradients averaged over ranks and domains
+            acc = [torch.zeros_like(p) for p in ps]
+            for r in range(WORLD):
+                for d in range(3):
+                    x, y = data(s, d)
+                    x, y = x[r::WORLD], y[r::WORLD]
+                    g = torch.autograd.grad(F.cross_entropy(model(x), y), ps)
+                    gn = torch.sqrt(sum((t ** 2).sum() for t in g))
+                    old = [p.detach().clone() for p in ps]
+                    with torch.no_grad():
+                        for p, t in zip(ps, g):
+                            p.add_((0.1 / (gn + 1e-12) - 0.01) * t)
+                    h = torch.autograd.grad(F.cross_entropy(model(x), y), ps)
+                    with torch.no_grad():
+                        for p, o, a, t in zip(ps, old, acc, h):
+                            p.copy_(o)
+                            a.add_(t / (3 * WORLD))
+            for p, a in zip(ps, acc):
+                p.grad = a
+        else:  # PCGrad on the full-batch task gradients
+            x, y = data(s)
+            out = model(x)
+            g1 = torch.autograd.grad(F.cross_entropy(out, y), ps, retain_graph=True)
+            g2 = torch.autograd.grad(-0.5 * F.cross_entropy(out, (y + 1) % 3), ps)
+            a, b = torch.cat([t.reshape(-1) for t in g1]), torch.cat([t.reshape(-1) for t in g2])
+            d = a @ b
+            if d < 0:
+                a, b = a - d / (b @ b) * b, b - d / (a @ a) * a
+            flat = a + b
+            off = 0
+            for p in ps:
+                p.grad = flat[off:off + p.numel()].view_as(p).clone()
+                off += p.numel()
+        base.step()
+        base.zero_grad()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("kind", ["sam", "roga", "pcgrad"])
+def test_ddp_two_processes(kind):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(kind, os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        states = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(WORLD)]
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), f"ranks differ in {k}"
+    ref = single_process(kind)
+    for k, v in ref.items():
+        torch.testing.assert_close(states[0][k], v, rtol=1e-9, atol=1e-11, msg=lambda s: f"{kind} {k}: {s}")
