@@ -1,0 +1,104 @@
+"""Timing helpers: interleaved repetitions, medians, the machine's bandwidth ceiling, and
+the bytes each primitive must move (DESIGN.md "Performance method")."""
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+# Bytes each op must move per element of float32 storage: every input read once, every
+# output written once. Scale by element_size / 4 for other dtypes.
+BYTES_PER_ELEMENT = {
+    "norm": 4,                    # read ts
+    "norm_asam": 8,               # read ts, params
+    "perturb_": 16,               # read p, g; write p, backup
+    "restore_": 8,                # read backup; write p
+    "restore_accumulate_": 20,    # read backup, acc, g; write p, acc
+    "gram2": 8, "gram3": 12,      # read K lists
+    "combine2": 12,               # read 2 lists, write out
+    "combine3": 16,
+    "roga_cycle": 40,             # norm + perturb_ + restore_accumulate_
+    "roga_cycle_swap": 28,        # norm + combine_(spare, [p, g]) + combine_(acc, [acc, h]); swapping .data is free
+    "pcgrad_pair": 20,            # gram of 2 + combine_ of 2 into one of them
+}
+
+
+def op_bytes(op, numel, element_size=4):
+    return BYTES_PER_ELEMENT[op] * numel * element_size // 4
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device):
+    info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "threads": torch.get_num_threads(), "cpu": _cpu_name(), "cores": os.cpu_count()}
+    if torch.device(device).type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_gb=round(p.total_memory / 2**30, 1))
+    try:
+        info["load_avg"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def interleaved(variants, reps=20, warmup=3, device="cpu", min_time=0.0):
+    """Run every variant once per round, ``reps`` rounds, in rotating order so that slow
+    drifts (thermal, other load) hit all variants alike. Returns {name: [seconds]}."""
+    names = list(variants)
+    for _ in range(warmup):
+        for n in names:
+            variants[n]()
+    sync(device)
+    times = {n: [] for n in names}
+    cuda = torch.device(device).type == "cuda"
+    for r in range(reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                variants[n]()
+                end.record()
+                end.synchronize()
+                times[n].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                variants[n]()
+                times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def stream_bandwidth(device="cpu", numel=None, reps=15):
+    """The streaming ceiling measured now: a.add_(b, alpha=s) moves 12 bytes per float32
+    element (on this 2-core CPU it beats copy_). On CUDA also a device-to-device copy
+    (8 bytes per element: read + write). Returns {name: GB/s}."""
+    dev = torch.device(device)
+    if numel is None:
+        numel = 64 * 2**20 if dev.type == "cpu" else 256 * 2**20
+    a = torch.randn(numel, device=dev)
+    b = torch.randn(numel, device=dev)
+    c = torch.empty_like(a)
+    t = interleaved({"axpy": lambda: a.add_(b, alpha=1e-3), "copy": lambda: c.copy_(a)}, reps=reps, device=dev)
+    out = {"axpy": 12 * numel / median(t["axpy"]) / 1e9, "copy": 8 * numel / median(t["copy"]) / 1e9}
+    del a, b, c
+    return out
