@@ -48,6 +48,18 @@ def want_cuda():
     return True, None
 
 
+def cxx_std():
+    """The C++ standard the installed torch's headers demand (torch 2.14 requires C++20)."""
+    for inc in cpp_extension.include_paths():
+        try:
+            with open(os.path.join(inc, "ATen", "ATen.h"), encoding="utf-8") as f:
+                if "__cplusplus < 202002L" in f.read():
+                    return "-std=c++20"
+        except OSError:
+            continue
+    return "-std=c++17"
+
+
 def extensions():
     debug = flag("ROGA_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -63,10 +75,12 @@ def extensions():
         cu = sorted(os.path.join("csrc/cuda", f) for f in os.listdir(os.path.join(HERE, "csrc/cuda"))
                     if f.endswith(".cu"))
         define.append(("ROGA_WITH_CUDA", None))
+        std = cxx_std()
         ext = cpp_extension.CUDAExtension(
             "roga_cuda._C", sources + cu,
             define_macros=define,
-            extra_compile_args={"cxx": cxx, "nvcc": opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": [std if f == "-std=c++17" else f for f in cxx],
+                                "nvcc": opt + [std, "-lineinfo", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
         print(f"roga_cuda: building CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPU')})")

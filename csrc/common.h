@@ -60,6 +60,9 @@ namespace cuda {
 ROGA_DECLARE_OPS
 // Largest K gram/combine_ accept on CUDA.
 constexpr int kMaxLists = 8;
+// Tests only: sets the launch geometry (elements per block, a multiple of 64; tensors and
+// blocks per launch; 0 = default) and returns the previous {chunk, max_tensors, max_blocks}.
+std::vector<int64_t> launch_limits(int64_t chunk, int64_t max_tensors, int64_t max_blocks);
 }  // namespace cuda
 #endif
 

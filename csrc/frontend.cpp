@@ -250,6 +250,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_cpu_isa", &cpu::isa, "Which compiled variant of the CPU loops is active (avx2 or baseline).");
   m.def("_set_cpu_isa", &cpu::set_isa, py::arg("name"),
         "Switch the CPU loops to 'avx2' or 'baseline' (tests); False if this CPU cannot run it.");
+#ifdef ROGA_WITH_CUDA
+  m.def("_cuda_launch_limits", &cuda::launch_limits, py::arg("chunk") = 0, py::arg("max_tensors") = 0,
+        py::arg("max_blocks") = 0,
+        "Tests only: set the CUDA launch geometry (0 = default); returns the previous [chunk, max_tensors, max_blocks].");
+#endif
   m.def("norm", &py_norm, py::arg("ts"), py::arg("params"), py::arg("eta"), py::arg("per_tensor"));
   m.def("perturb_", &py_perturb_, py::arg("params"), py::arg("grads"), py::arg("backup"), py::arg("scale"),
         py::arg("scale_t"), py::arg("adaptive"), py::arg("eta"));
