@@ -184,10 +184,11 @@ def parse_override(text, schema):
 
 
 def load_config(preset=None, path=None, overrides=(), *, app):
-    """Resolve ``<app>/presets/default.yaml`` <- preset <- file ``path`` <- ``overrides``.
+    """Resolve ``<app>/presets/default.yaml`` <- preset <- file(s) ``path`` <- ``overrides``.
 
     Returns a :class:`Config`. ``preset`` is a bundled preset name (see
-    :func:`list_presets`) or a path to a YAML file."""
+    :func:`list_presets`) or a path to a YAML file; ``path`` a file or a list of files
+    merged in order."""
     pdir = preset_dir(app)
     default_path = os.path.join(pdir, "default.yaml")
     if not os.path.isfile(default_path):
@@ -198,8 +199,8 @@ def load_config(preset=None, path=None, overrides=(), *, app):
         if not os.path.isfile(ppath):
             raise ConfigError(f"unknown preset {preset!r} for {app}; bundled presets: {', '.join(list_presets(app))}")
         _merge(cfg, _read_yaml(ppath), f"preset {preset!r}")
-    if path:
-        _merge(cfg, _read_yaml(path), f"config file {path}")
+    for f in ([path] if isinstance(path, (str, os.PathLike)) else (path or ())):
+        _merge(cfg, _read_yaml(f), f"config file {f}")
     for text in overrides or ():
         keys, value = parse_override(text, cfg)
         node = cfg

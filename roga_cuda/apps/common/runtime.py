@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["seed_everything", "make_generator", "derive_seed", "get_rng_state", "set_rng_state", "select_device",
+__all__ = ["seed_everything", "set_num_threads", "make_generator", "derive_seed", "get_rng_state", "set_rng_state", "select_device",
            "Amp", "DistInfo", "init_distributed", "cleanup_distributed", "is_main", "rank", "world_size",
            "barrier", "print0", "progress", "all_gather_objects"]
 
@@ -86,6 +86,13 @@ def _lists_to_tuples(x):
 
 
 # ----------------------------------------------------------------------------------- device
+def set_num_threads(n):
+    """torch intra-op CPU threads (None/0: leave torch's default). On a shared machine one
+    thread per process avoids oversubscription, which can slow small models many-fold."""
+    if n:
+        torch.set_num_threads(int(n))
+
+
 def select_device(name="auto", local_rank=None):
     """'auto' -> cuda (this process's local GPU under torchrun) when available, else cpu.
     An explicit 'cuda' without a GPU is an error, not a silent fallback."""

@@ -1,0 +1,222 @@
+"""Command-line entry points: ``roga-train`` and ``roga-eval`` (also
+``python -m roga_cuda.apps.image [train|eval] ...``).
+
+    roga-train --preset smoke --out runs/smoke
+    roga-train --preset demo --compare erm,sam,roga --out runs/demo     # the ERM/SAM/RoGA table
+    roga-train --optimizer roga --lr 0.005 data.source=folder data.root=/data/faces \\
+        data.train_domains=[DF,F2F,FS,NT] data.test_domains=[CDF] --out runs/ff
+    torchrun --nproc_per_node=2 -m roga_cuda.apps.image --preset smoke --out runs/ddp
+    roga-eval runs/smoke/final.pt --out runs/smoke-eval [data.test_domains=[hq] ...]
+
+Positional ``key=value`` arguments override any config key (``a.b=value``); see
+``roga_cuda/apps/image/presets/default.yaml`` for the keys.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+from ..common.config import ConfigError, list_presets, load_config, save_config
+from ..common.runtime import cleanup_distributed, is_main, print0
+
+APP = "image"
+
+
+def _add_config_args(p):
+    p.add_argument("--preset", default=None, help=f"bundled preset: {', '.join(list_presets(APP))} (default: default)")
+    p.add_argument("--config", default=None, help="a YAML file merged over the preset")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value or a.b=value (e.g. optim.lr=0.01)")
+
+
+def _train_parser():
+    p = argparse.ArgumentParser(prog="roga-train", description="Train an image deepfake detector with ERM, SAM or RoGA.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run folder (metrics.json, log.csv, plots, checkpoints, config.yaml)")
+    p.add_argument("--optimizer", choices=["erm", "sam", "roga"], help="training method (config: optimizer)")
+    p.add_argument("--compare", default=None, metavar="LIST",
+                   help="train several methods (e.g. erm,sam,roga) into OUT/<method>/ and print a comparison table")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a checkpoint file, a folder's latest, or (no value) OUT's latest")
+    p.add_argument("--base-optimizer", dest="base", choices=["sgd", "adam", "adamw"], help="optim.base")
+    p.add_argument("--lr", type=float, help="optim.lr")
+    p.add_argument("--rho", type=float, help="optim.rho")
+    p.add_argument("--alpha", type=float, help="optim.alpha")
+    p.add_argument("--arch", choices=["resnet34", "xception", "efficientnet_b4", "meso4"], help="model.arch")
+    p.add_argument("--pretrained", help="model.pretrained: local weight file")
+    p.add_argument("--steps", type=int, help="train.steps")
+    p.add_argument("--batch-size", type=int, help="train.batch_size (per domain)")
+    p.add_argument("--device", help="device: auto, cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, help="seed")
+    p.add_argument("--skip-corrupt", action="store_true", help="data.skip_corrupt=true: drop unreadable images")
+    p.add_argument("--no-progress", action="store_true", help="train.progress=false")
+    return p
+
+
+_FLAG_KEYS = {"optimizer": "optimizer", "base": "optim.base", "lr": "optim.lr", "rho": "optim.rho",
+              "alpha": "optim.alpha", "arch": "model.arch", "pretrained": "model.pretrained", "steps": "train.steps",
+              "batch_size": "train.batch_size", "device": "device", "seed": "seed"}
+
+
+def _config_from(args, extra=()):
+    ov = list(args.overrides or [])
+    for attr, key in _FLAG_KEYS.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            ov.append(f"{key}={v}")
+    if getattr(args, "skip_corrupt", False):
+        ov.append("data.skip_corrupt=true")
+    if getattr(args, "no_progress", False):
+        ov.append("train.progress=false")
+    return load_config(args.preset, args.config, ov + list(extra), app=APP)
+
+
+def _fmt(v, pct=False):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "  n/a"
+    return f"{100 * v:5.2f}" if pct else f"{v:.4f}"
+
+
+def comparison_table(results):
+    """Markdown table: per method the in-domain and held-out AUC / EER (%) and wall time."""
+    methods = list(results)
+    first = results[methods[0]]
+    in_doms, x_doms = list(first["in_domain"]), list(first["cross_domain"])
+    head = ["method", "in AUC", "in EER%", "in vAUC", "cross AUC", "cross EER%", "cross vAUC"]
+    head += [f"{d} AUC" for d in x_doms] + ["steps", "train s", "wall s"]
+    rows = []
+    for m in methods:
+        r = results[m]
+        si, sx = r["summary"]["in_domain"], r["summary"]["cross_domain"]
+        row = [m, _fmt(si["auc_mean"]), _fmt(si["eer_mean"], True), _fmt(si["video_auc_mean"]),
+               _fmt(sx["auc_mean"]), _fmt(sx["eer_mean"], True), _fmt(sx["video_auc_mean"])]
+        row += [_fmt(r["cross_domain"][d]["auc"]) for d in x_doms]
+        row += [str(r["steps"]), f"{r['train_time_s']:.0f}", f"{r['wall_time_s']:.0f}"]
+        rows.append(row)
+    w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w[i]) for i, c in enumerate(cells)) + " |"  # noqa: E731
+    out = [line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows]
+    per_in = "in-domain (test split of the training domains): " + ", ".join(in_doms)
+    per_x = "held out (never trained on): " + ", ".join(x_doms)
+    return "\n".join(out + ["", per_in, per_x])
+
+
+def train_main(argv=None):
+    from .train import train
+    args = _train_parser().parse_args(argv)
+    try:
+        if args.compare:
+            methods = [m.strip() for m in args.compare.split(",") if m.strip()]
+            bad = [m for m in methods if m not in ("erm", "sam", "roga")]
+            if bad or not methods:
+                raise ConfigError(f"--compare takes a list of erm, sam, roga; got {args.compare!r}")
+            if args.optimizer:
+                raise ConfigError("--compare and --optimizer are exclusive")
+            results = {}
+            t0 = time.time()
+            for m in methods:
+                cfg = _config_from(args, [f"optimizer={m}"])
+                print0(f"\n=== {m} ===")
+                results[m] = train(cfg, os.path.join(args.out, m),
+                                   resume=("auto" if args.resume == "auto" else args.resume) if args.resume else None)
+            table = comparison_table(results)
+            if is_main():
+                with open(os.path.join(args.out, "compare.md"), "w", encoding="utf-8") as f:
+                    f.write(table + f"\n\ntotal wall time {time.time() - t0:.0f} s\n")
+                with open(os.path.join(args.out, "compare.json"), "w", encoding="utf-8") as f:
+                    json.dump({m: {k: r[k] for k in ("summary", "in_domain", "cross_domain", "steps", "train_time_s",
+                                                      "wall_time_s", "selected")} for m, r in results.items()},
+                              f, indent=2, default=float)
+            print0("\n" + table + f"\n\ntotal wall time {time.time() - t0:.0f} s  (details: {args.out}/<method>/)")
+        else:
+            cfg = _config_from(args)
+            r = train(cfg, args.out, resume=args.resume)
+            print0("\n" + comparison_table({cfg.optimizer: r}))
+            print0(f"\nwrote {os.path.join(args.out, 'metrics.json')}")
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"roga-train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+def _eval_parser():
+    p = argparse.ArgumentParser(prog="roga-eval", description="Score a trained detector on a dataset.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("checkpoint", help="final.pt / best.pt / checkpoints/step_<N>.pt of a roga-train run")
+    p.add_argument("--out", required=True, help="folder for metrics.json, scores/, roc.png")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="split of the training domains to score (held-out domains: always test)")
+    p.add_argument("--config", default=None, help="YAML merged over the checkpoint's config (e.g. another dataset)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--skip-corrupt", action="store_true")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.source=folder data.root=DIR "
+                                                "data.test_domains=[X]")
+    return p
+
+
+def evaluate_checkpoint(path, out_dir, overrides=(), config=None, split="test", device=None, skip_corrupt=False):
+    import tempfile
+
+    import torch
+
+    from ..common.checkpoint import load_checkpoint
+    from ..common.runtime import Amp, select_device, set_num_threads
+    from .data import build_image_data
+    from .models import build_model
+    from .train import _write_outputs, evaluate_domains, summarize
+
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path}: not a roga-train checkpoint (needs 'model' and 'config')")
+    ov = list(overrides) + (["data.skip_corrupt=true"] if skip_corrupt else []) + \
+        ([f"device={device}"] if device else [])
+    with tempfile.TemporaryDirectory() as tmp:  # the checkpoint's config as a file, so the schema checks apply
+        cpath = os.path.join(tmp, "ckpt.yaml")
+        save_config(ckpt["config"], cpath)
+        cfg = load_config(None, [cpath] + ([config] if config else []), ov, app=APP)
+    set_num_threads(cfg.num_threads)
+    dev = select_device(cfg.device)
+    model = build_model(cfg.model.arch, int(cfg.data.image_size), cfg.model.width, None, float(cfg.model.dropout),
+                        int(cfg.model.xception_middle_blocks)).to(dev)
+    model.load_state_dict(ckpt["model"])
+    data = build_image_data(cfg)
+    amp = Amp(dev, cfg.train.amp, cfg.train.amp_dtype)
+    t0 = time.time()
+    in_dom, raw_in = evaluate_domains(model, data.train_domains, split, cfg, dev, amp)
+    cross, raw_x = evaluate_domains(model, data.test_domains, "test", cfg, dev, amp)
+    result = {"checkpoint": os.path.abspath(path), "optimizer": cfg.optimizer, "model": cfg.model.arch,
+              "steps": int(ckpt.get("step", ckpt.get("counters", {}).get("step", -1))), "split": split,
+              "in_domain": in_dom, "cross_domain": cross,
+              "summary": {"in_domain": summarize(in_dom), "cross_domain": summarize(cross)},
+              "wall_time_s": time.time() - t0, "train_time_s": 0.0, "skipped_corrupt": getattr(data, "skipped", 0)}
+    os.makedirs(out_dir, exist_ok=True)
+    save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    _write_outputs(out_dir, result, raw_in, raw_x, cfg)
+    return result
+
+
+def eval_main(argv=None):
+    args = _eval_parser().parse_args(argv)
+    try:
+        r = evaluate_checkpoint(args.checkpoint, args.out, args.overrides, args.config, args.split, args.device,
+                                args.skip_corrupt)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"roga-eval: error: {e}", file=sys.stderr)
+        return 2
+    name = f"{r['optimizer']} @ step {r['steps']}"
+    print(comparison_table({name: r}))
+    print(f"\nwrote {os.path.join(args.out, 'metrics.json')}")
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "eval":
+        return eval_main(argv[1:])
+    if argv and argv[0] == "train":
+        argv = argv[1:]
+    return train_main(argv)
