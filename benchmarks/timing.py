@@ -57,12 +57,18 @@ def _cpu_name():
     return platform.processor()
 
 
-def interleaved(variants, reps=20, warmup=3, device="cpu", min_time=0.0):
+def interleaved(variants, reps=20, warmup=3, device="cpu"):
     """Run every variant once per round, ``reps`` rounds, in rotating order so that slow
-    drifts (thermal, other load) hit all variants alike. Returns {name: [seconds]}."""
+    drifts (thermal, other load) hit all variants alike. Returns {name: [seconds]}.
+
+    A variant is a callable, or a (setup, callable) pair whose setup runs untimed first."""
+    setups = {n: (v[0] if isinstance(v, tuple) else None) for n, v in variants.items()}
+    variants = {n: (v[1] if isinstance(v, tuple) else v) for n, v in variants.items()}
     names = list(variants)
     for _ in range(warmup):
         for n in names:
+            if setups[n]:
+                setups[n]()
             variants[n]()
     sync(device)
     times = {n: [] for n in names}
@@ -70,6 +76,9 @@ def interleaved(variants, reps=20, warmup=3, device="cpu", min_time=0.0):
     for r in range(reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
+            if setups[n]:
+                setups[n]()
+                sync(device)
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()

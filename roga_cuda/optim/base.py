@@ -6,6 +6,7 @@ optimizer alone. Every whole-model operation goes through :mod:`roga_cuda.ops` (
 call per parameter group and device, never one per parameter).
 """
 import contextlib
+import inspect
 import math
 
 import torch
@@ -42,7 +43,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
             if params is None:
                 raise ValueError(f"{name}: `params` is required when base_optimizer is a class")
             super().__init__(params, defaults)
-            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+            self.base_optimizer = _build_base(base_optimizer, self.param_groups, base_kwargs)
         else:
             raise TypeError(f"{name}: base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
                             f"or an instance of one, got {base_optimizer!r}")
@@ -168,6 +169,21 @@ class WrapperOptimizer(torch.optim.Optimizer):
         if pre_scale is not None:
             n = n * pre_scale
         return (self.max_grad_norm / (n + 1e-6)).clamp(max=1.0)
+
+
+def _build_base(cls, groups, kwargs):
+    """The base optimizer, in torch's multi-tensor form unless the caller chose an
+    implementation: torch defaults to a per-parameter loop on CPU, which dominates the step
+    for models with many small tensors. Not fused by default: torch's fused SGD with
+    momentum leaves its momentum buffers uninitialised when GradScaler skips its first step
+    (seen with torch 2.13), and the next step then uses garbage."""
+    if not {"foreach", "fused", "differentiable", "capturable"} & set(kwargs):
+        if "foreach" in inspect.signature(cls).parameters:
+            try:
+                return cls(groups, **kwargs, foreach=True)
+            except (RuntimeError, ValueError, TypeError):
+                pass  # unsupported here (device, torch version): torch's default
+    return cls(groups, **kwargs)
 
 
 def _flat_params(params):

@@ -1,0 +1,297 @@
+"""Whole-optimizer overhead per step: everything except the forward and backward passes.
+
+SAM, RoGA (K=3 domains) and PCGrad (K=2) from roga_cuda, against plain-PyTorch versions of
+the public code's approach (per-parameter loops that clone every step; PCGrad with
+torch.cat flattening), on the ResNet-34 and AASIST-sized parameter lists. Gradients are
+precomputed tensors handed to ``.grad`` where a backward pass would produce them, so the
+timings contain only optimizer work (the base SGD step included, identical for all).
+Peak extra memory: measured per variant in a fresh process (max RSS on CPU,
+max_memory_allocated on CUDA) above the model + its gradients.
+
+    python -m benchmarks.bench_optim --device cpu [--memory]
+"""
+import argparse
+import json
+import random
+import subprocess
+import sys
+
+import torch
+
+from roga_cuda import PCGrad, RoGA, SAM
+
+from . import lists as L
+from .timing import interleaved, machine, median, sync
+
+K_ROGA, RHO, ALPHA = 3, 0.1, 2e-4
+
+
+class Model:
+    """Parameters, and the gradient tensors backward passes would produce.
+
+    ``backward(i)`` hands ``.grad`` the i-th tensors of a pool, as autograd hands over the
+    tensors it allocated; ``refill()`` (untimed) restores the pool's values, since
+    optimizers may adopt and update those tensors in place."""
+
+    def __init__(self, shapes, device, passes=2 * K_ROGA):
+        self.params = [torch.nn.Parameter(t) for t in L.make(shapes, device, seed=0)]
+        self.src = [[g * 1e-3 for g in L.make(shapes, device, seed=s)] for s in range(1, passes + 1)]
+        # a second task gradient that conflicts with the first
+        self.src.append([(-0.3 * a + 0.5 * b) for a, b in zip(self.src[0], self.src[1])])
+        self.pool = [[g.clone() for g in gs] for gs in self.src]
+
+    def refill(self):
+        for dst, src in zip(self.pool, self.src):
+            torch._foreach_copy_(dst, src)
+
+    def backward(self, i):
+        for p, g in zip(self.params, self.pool[i]):
+            p.grad = g
+
+    @property
+    def task2(self):
+        return self.pool[-1]
+
+
+# ------------------------------------------------------------------------- public-code style
+
+class PublicSAM:
+    """davda54/sam's step, verbatim in spirit: per-parameter loops, a clone per step."""
+
+    def __init__(self, params, lr=0.01):
+        self.params = list(params)
+        self.base = torch.optim.SGD(self.params, lr=lr, momentum=0.9)
+        self.state = {}
+
+    @torch.no_grad()
+    def first_step(self):
+        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in self.params if p.grad is not None]), p=2)
+        scale = RHO / (grad_norm + 1e-12)
+        for p in self.params:
+            if p.grad is None:
+                continue
+            self.state[p] = p.data.clone()
+            e_w = p.grad * scale.to(p)
+            p.add_(e_w)
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def second_step(self):
+        for p in self.params:
+            if p.grad is None:
+                continue
+            p.data = self.state[p]
+        self.base.step()
+        for p in self.params:
+            p.grad = None
+
+
+class PublicRoGA(PublicSAM):
+    """RoGA written the public-code way: SAM's loops per domain, a Python accumulator."""
+
+    @torch.no_grad()
+    def perturb(self):
+        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in self.params]), p=2)
+        scale = RHO / (grad_norm + 1e-12) - ALPHA
+        for p in self.params:
+            self.state[p] = p.data.clone()
+            p.add_(p.grad * scale.to(p))
+            p.grad = None
+
+    @torch.no_grad()
+    def accumulate(self):
+        for p in self.params:
+            p.data = self.state[p]
+            if "acc" not in self.state:
+                self.state["acc"] = {}
+            acc = self.state["acc"]
+            acc[p] = acc[p] + p.grad if p in acc else p.grad.clone()
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, k):
+        acc = self.state.pop("acc")
+        for p in self.params:
+            p.grad = acc[p] / k
+        self.base.step()
+        for p in self.params:
+            p.grad = None
+
+
+class PublicPCGrad:
+    """The PyTorch PCGrad port's pc_backward: flatten with torch.cat, project, unflatten."""
+
+    def __init__(self, params, lr=0.01):
+        self.params = list(params)
+        self.base = torch.optim.SGD(self.params, lr=lr, momentum=0.9)
+
+    @torch.no_grad()
+    def backward_and_step(self, task_grads):
+        grads = [torch.cat([g.flatten() for g in tg]) for tg in task_grads]
+        pc = [g.clone() for g in grads]
+        for g_i in pc:
+            random.shuffle(grads)
+            for g_j in grads:
+                d = torch.dot(g_i, g_j)
+                if d < 0:
+                    g_i -= d * g_j / (g_j.norm() ** 2)
+        merged = torch.stack(pc).sum(dim=0)
+        idx = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = merged[idx:idx + n].view_as(p).clone()
+            idx += n
+        self.base.step()
+        for p in self.params:
+            p.grad = None
+
+
+# ------------------------------------------------------------------------------ variants
+
+def variants(m, backend="auto"):
+    """{name: step function} — one whole optimizer step each, forward/backward excluded."""
+    out = {}
+    sam_pub = PublicSAM(m.params)
+    out["sam|public"] = (m.refill, lambda: (m.backward(0), sam_pub.first_step(), m.backward(1), sam_pub.second_step()))
+    for strategy in ("copy", "swap"):
+        opt = SAM(m.params, torch.optim.SGD, lr=0.01, momentum=0.9, rho=RHO, strategy=strategy, backend=backend)
+
+        def sam_step(opt=opt):
+            m.backward(0)
+            opt.first_step(zero_grad=True)
+            m.backward(1)
+            opt.second_step(zero_grad=True)
+        out[f"sam|{strategy}"] = (m.refill, sam_step)
+
+    roga_pub = PublicRoGA(m.params)
+
+    def roga_public():
+        for d in range(K_ROGA):
+            m.backward(2 * d)
+            roga_pub.perturb()
+            m.backward(2 * d + 1)
+            roga_pub.accumulate()
+        roga_pub.step(K_ROGA)
+    out["roga|public"] = (m.refill, roga_public)
+    for strategy in ("copy", "swap"):
+        opt = RoGA(m.params, torch.optim.SGD, lr=0.01, momentum=0.9, rho=RHO, alpha=ALPHA, strategy=strategy,
+                   num_domains=K_ROGA, backend=backend)
+
+        def roga_step(opt=opt):
+            opt.zero_grad()
+            for d in range(K_ROGA):
+                m.backward(2 * d)
+                opt.perturb()
+                m.backward(2 * d + 1)
+                opt.accumulate()
+            opt.step()
+        out[f"roga|{strategy}"] = (m.refill, roga_step)
+
+    pc_pub = PublicPCGrad(m.params)
+    out["pcgrad|public"] = (m.refill, lambda: pc_pub.backward_and_step([m.pool[0], m.task2]))
+    pc = PCGrad(m.params, torch.optim.SGD, lr=0.01, momentum=0.9, backend=backend)
+
+    def pcgrad_step():
+        # what PCGrad.backward does after autograd: stash, gram, coefficients, combine
+        pc._stash = [dict(zip(m.params, m.pool[0])), dict(zip(m.params, m.task2))]
+        pc._inv_scale = None
+        pc.align()
+        pc.step()
+        pc.zero_grad()
+    out["pcgrad|ours"] = (m.refill, pcgrad_step)
+    return out
+
+
+def run(device="cpu", list_names=("resnet34", "aasist"), reps=None, backend="auto", log=print):
+    device = torch.device(device)
+    res = {"machine": machine(device), "lists": {}}
+    for name in list_names:
+        shapes = L.LISTS[name]()
+        m = Model(shapes, device)
+        numel = sum(p.numel() for p in m.params)
+        r = reps or (10 if numel > 5e6 else 40)
+        t = interleaved(variants(m, backend), reps=r, device=device)
+        rows = {k: median(v) for k, v in t.items()}
+        res["lists"][name] = {"tensors": len(shapes), "numel": numel, "reps": r, "median_s": rows}
+        log(format_list(name, res["lists"][name]))
+        del m
+        sync(device)
+    return res
+
+
+def format_list(name, lst):
+    rows = lst["median_s"]
+    lines = [f"\n### {name}: optimizer step without forward/backward ({lst['tensors']} tensors, "
+             f"{lst['numel'] / 1e6:.2f}M params, {lst['reps']} reps)\n",
+             "| optimizer | variant | median | speedup vs public |", "|---|---|---:|---:|"]
+    for key, m in rows.items():
+        opt, var = key.split("|")
+        pub = rows.get(f"{opt}|public")
+        lines.append(f"| {opt} | {var} | {m * 1e3:.3f} ms | {pub / m:.2f}x |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- memory
+
+def _peak_child(variant, list_name, device, steps):
+    """Run in a fresh process: the peak memory above model + gradients for one variant."""
+    import resource
+    m = Model(L.LISTS[list_name](), device)
+    setup, fn = variants(m)[variant]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(steps):
+        setup()
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    param_bytes = sum(p.numel() * p.element_size() for p in m.params)
+    print(json.dumps({"extra_bytes": peak - base, "param_bytes": param_bytes}))
+
+
+def memory(device="cpu", list_name="resnet34", steps=3, log=print):
+    """Peak extra memory per variant, in units of one parameter set (P). Algorithmic minimum:
+    SAM 1 P (backup, or the spare buffer); RoGA 2 P (backup + accumulator) — the accumulator
+    of the first domain is the gradient autograd produced; PCGrad 1 P beyond the K=2 task
+    gradients (none: the combination is written into one of them)."""
+    names = list(variants(Model([(1,)], device)).keys())
+    out = {}
+    for v in names:
+        r = subprocess.run([sys.executable, "-c", f"from benchmarks.bench_optim import _peak_child; "
+                                                  f"_peak_child({v!r}, {list_name!r}, {str(device)!r}, {steps})"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr)
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        out[v] = d["extra_bytes"] / d["param_bytes"]
+        log(f"  {v:16s} peak extra memory {out[v]:.2f} x parameter size")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--lists", nargs="+", default=["resnet34", "aasist"], choices=sorted(L.LISTS))
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (subprocesses)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    res = run(a.device, a.lists, a.reps, a.backend)
+    if a.memory:
+        res["memory_x_params"] = memory(a.device)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
