@@ -203,7 +203,17 @@ def _validate(op, named, written=(), alias_ok=False):
 
 
 def _prepare(op, backend, named, written=(), alias_ok=False, allow_empty=True):
-    """Lists to Python lists, pick the backend, validate. Returns (backend, lists, device)."""
+    """Lists to Python lists, pick the backend, validate. Returns (backend, lists, device).
+
+    Fast path for the compiled backends, which check every tensor in C++: lists and tuples
+    of tensors go through untouched (no per-element Python loop); anything else, or an
+    element that is not a tensor, takes the checking path and its precise error."""
+    raw = [lst for _, lst in named]
+    if all(type(l) in (list, tuple) for l in raw) and raw[0] and isinstance(raw[0][0], torch.Tensor):
+        device = raw[0][0].device
+        be = resolve_backend(backend, device)
+        if be.validates:
+            return be, raw, device
     lists = [_tensor_list(op, name, lst) for name, lst in named]
     if not lists[0] or any(len(l) == 0 for l in lists):
         if allow_empty and all(len(l) == 0 for l in lists):

@@ -22,30 +22,63 @@ else:
         _C = None
 
 
+def _clear_type_errors(fn):
+    """pybind11 reports a non-tensor list element as 'incompatible function arguments'; the
+    fast path skips the Python checks, so re-run them here to name the culprit."""
+    import functools
+    import inspect
+
+    names = list(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except TypeError as e:
+            if "incompatible function arguments" not in str(e):
+                raise
+            from . import _tensor_list
+            for name, a in zip(names, args):
+                if name == "lists":
+                    for k, l in enumerate(a):
+                        _tensor_list(fn.__name__, f"lists[{k}]", l)
+                elif isinstance(a, (list, tuple)):
+                    _tensor_list(fn.__name__, name, a)
+            raise
+
+    return wrapper
+
+
 def _split(s):
     return (0.0, s) if isinstance(s, torch.Tensor) else (float(s), None)
 
 
+@_clear_type_errors
 def norm(ts, per_tensor, params, eta):
     return _C.norm(ts, params, eta, per_tensor)
 
 
+@_clear_type_errors
 def perturb_(params, grads, backup, scale, adaptive, eta):
     _C.perturb_(params, grads, backup, *_split(scale), adaptive, eta)
 
 
+@_clear_type_errors
 def restore_(params, backup):
     _C.restore_(params, backup)
 
 
+@_clear_type_errors
 def restore_accumulate_(params, backup, acc, grads, weight):
     _C.restore_accumulate_(params, backup, acc, grads, *_split(weight))
 
 
+@_clear_type_errors
 def gram(lists):
     return _C.gram(lists)
 
 
+@_clear_type_errors
 def combine_(out, lists, weights):
     if isinstance(weights, torch.Tensor):
         _C.combine_(out, lists, [], weights)
