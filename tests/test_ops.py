@@ -156,8 +156,6 @@ def test_combine(backend, device, shape_set, dtype, k, alias, wkind, rng):
 @pytest.mark.parametrize("backend,device", CASES)
 def test_big_tensor(backend, device, rng):
     """A tensor over 10M elements next to small ones, through every primitive."""
-    if backend == "triton" and device == "cpu":
-        pytest.skip("covered for triton in test_triton.py (interpreter cost)")
     shapes = [(3,), (10_000_019,), (5, 7)]
     L = Lists(shapes, torch.float32, 3, rng, device)
     x = f64(L[0])
