@@ -107,7 +107,7 @@ def _count_kernels(fn):
 
 def _small_model(rng, dtype=torch.float32, n=400):
     """~400 tensors, ~300k elements: an AASIST-like list of mostly tiny tensors."""
-    shapes = [(64, 3, 3) if i % 10 == 0 else ((i * 37) % 500 + 1,) for i in range(n)]
+    shapes = [(96, 3, 3, 3) if i % 10 == 0 else ((i * 37) % 1000 + 1,) for i in range(n)]
     return Lists(shapes, dtype, 4, rng, DEV, gap=0)
 
 
@@ -115,7 +115,7 @@ def test_launch_counts_small_model(rng):
     """A ~400-tensor model is one launch per elementwise op and two (blocks + finalize) per
     reduction; a table of at most 100 tensors splits it into 4 launches."""
     L = _small_model(rng)
-    assert sum(t.numel() for t in L[0]) > 200_000
+    assert sum(t.numel() for t in L[0]) > 250_000
     p, g, b, a = L.lists
     counts = {
         "perturb_": lambda: ops.perturb_(p, g, b, 0.1, backend=BE),
@@ -320,7 +320,8 @@ def test_results_written_into_poisoned_memory(rng):
     torch.testing.assert_close(total.double().cpu(), exp_per.pow(2).sum().sqrt(), rtol=2e-5, atol=0)
     exp = torch.tensor([[sum((a * b).sum().item() for a, b in zip(P, Q)) for Q in (X, Y)] for P in (X, Y)],
                        dtype=torch.float64)
-    torch.testing.assert_close(G.double().cpu(), exp, rtol=2e-5, atol=0)
+    d = exp.diagonal().sqrt()
+    assert torch.all((G.double().cpu() - exp).abs() <= 2e-5 * torch.outer(d, d)), (G, exp)
     assert z.item() == 0.0 and torch.equal(zper.cpu(), torch.zeros(2))
     assert torch.equal(Z.cpu(), torch.zeros(2, 2))
 
