@@ -29,7 +29,6 @@ GPU driver at import time (no autotune, no driver query); ``backend()`` says why
 backend is unavailable.
 """
 import contextlib
-import math
 import struct
 import sys
 import time
@@ -59,6 +58,7 @@ GPU_WARPS = 4
 INTERP_CHUNK = 1 << 20  # the interpreter pays per program: few, large programs
 INTERP_BLOCK_MAX = 1 << 16
 STAGE2_BLOCK = 1024  # partials per step of the second reduction stage (GPU)
+PER_TENSOR_TILE = (256, 16)  # (partials, tensors) per step of the per-tensor norms (GPU)
 PLAN_CACHE_SIZE = 64  # plans (structure) kept
 PTR_CACHE_SIZE = 32  # pointer tables kept (a few per list set: grads may move every step)
 
@@ -124,9 +124,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["NB", "N", "MAXC"])
     def _norm_final(part, NB, pt, N, MAXC, total, per, ACC: tl.constexpr, IS64: tl.constexpr,
-                    RB: tl.constexpr, TB: tl.constexpr):
-        # Program 0: the global norm from all partials; program 1 + g: the per-tensor norms
-        # of tensors [g*TB, (g+1)*TB) from their partial ranges. Both sum in a fixed order.
+                    RB: tl.constexpr, TB: tl.constexpr, CB: tl.constexpr):
+        # Program 0: the global norm from all partials. Program 1 + g: the per-tensor norms
+        # of tensors [g*TB, (g+1)*TB), a [TB, CB] tile of their partial ranges per step (a
+        # tensor's partials are contiguous, at most MAXC of them). Fixed summation orders.
         # (The two branches share no variable names: compiled Triton would have to merge them.)
         pid = tl.program_id(0)
         if pid == 0:
@@ -145,14 +146,17 @@ if triton is not None:
             m = i < N
             start = tl.load(pt + 2 * i, mask=m, other=0)
             cnt = tl.load(pt + 2 * i + 1, mask=m, other=0)
-            acc = tl.zeros([TB], ACC)
-            for c in range(0, MAXC):
-                acc += tl.load(part + start + c, mask=c < cnt, other=0.0)
+            c = tl.arange(0, CB)
+            acc = tl.zeros([TB, CB], ACC)
+            for c0 in range(0, MAXC, CB):
+                cc = c0 + c
+                acc += tl.load(part + start[:, None] + cc[None, :], mask=cc[None, :] < cnt[:, None], other=0.0)
+            ps = tl.sum(acc, axis=1)
             if IS64:
-                acc = tl.sqrt(acc)
+                ps = tl.sqrt(ps)
             else:
-                acc = tl.sqrt_rn(acc)
-            tl.store(per + i, acc, mask=m)
+                ps = tl.sqrt_rn(ps)
+            tl.store(per + i, ps, mask=m)
 
     @triton.jit(do_not_specialize=["T", "s_bits", "eta_bits"])
     def _perturb_kernel(ptrs, meta, T, s_ptr, s_bits, eta_bits, DT: tl.constexpr, IT: tl.constexpr,
@@ -523,6 +527,11 @@ def _tables(op, kind, lists, block_for):
     skey = (kind, len(lists), device, _config(), sig)
     plan = _plans.lookup(skey)
     if plan is None:
+        if device.type != ("cpu" if INTERPRET else "cuda"):
+            # The tables hold raw addresses: host memory for the interpreter, device memory
+            # for compiled kernels. Anything else would crash, not raise.
+            raise ValueError(f"{op}: backend 'triton' runs on {'cpu' if INTERPRET else 'cuda'} tensors here "
+                             f"(TRITON_INTERPRET={'1' if INTERPRET else 'unset'}), but the tensors are on {device}")
         plan = _plans.put(skey, _Plan(len(lists), sig[0], sig[1], device, block_for))
     tables, aligned = plan.pointer_tables(pkey)
     _tables_cache.put(key, (sig, plan, tables, aligned))
@@ -574,12 +583,16 @@ def norm(ts, per_tensor, params, eta):
         for la, ptrs, al in zip(plan.launches, tables, aligned):
             _norm_kernel[(la.nb,)](ptrs, la.meta, la.t, part, la.pbase, eta_bits, DT=la.tdt, ACC=la.acc,
                                    ASAM=params is not None, BLOCK=la.block, ALIGNED=al, num_warps=_warps())
-        tb = _stage2_block(plan.n)
+        if INTERPRET:  # one program for the per-tensor norms when it fits
+            cb = max(1, min(_next_pow2(plan.maxc), 1024))
+            tb = max(1, min(_next_pow2(plan.n), (1 << 16) // cb))
+        else:
+            cb, tb = PER_TENSOR_TILE
         grid = 1 + (triton.cdiv(plan.n, tb) if per_tensor else 0)
         is64 = out_dt == torch.float64
         _norm_final[(grid,)](part, plan.nparts, plan.pt, plan.n, plan.maxc, total, per,
                              ACC=tl.float64 if is64 else tl.float32, IS64=is64,
-                             RB=_stage2_block(plan.nparts), TB=tb, num_warps=_warps())
+                             RB=_stage2_block(plan.nparts), TB=tb, CB=cb, num_warps=_warps())
     stats["launches"] += len(plan.launches) + 1
     return total, (per if per_tensor else None)
 
