@@ -235,12 +235,15 @@ class HSGAL(nn.Module):
 class AASIST(nn.Module):
     """AASIST-style countermeasure. Defaults follow the paper's layout at a reduced width
     (``filts`` and ``gat_dims``); the original: sinc_channels=70, sinc_kernel=128,
-    filts=[32, 32, 64, 64, 64, 64]-like encoder, gat_dims=[64, 32], pool_ratios=[0.5, 0.7, 0.5, 0.5]."""
+    filts=[32, 32, 64, 64, 64, 64]-like encoder, gat_dims=[64, 32], pool_ratios=[0.5, 0.7, 0.5, 0.5].
+    ``front_log`` (not in the paper) log-compresses the sinc magnitudes."""
 
     def __init__(self, sinc_channels=70, sinc_kernel=128, filts=(32, 32, 64, 64), gat_dims=(64, 32),
                  pool_ratios=(0.5, 0.7, 0.5, 0.5), temperatures=(2.0, 2.0, 100.0, 100.0), fs=16000,
-                 sinc_stride=1, ssl_checkpoint=None, ssl_freeze=False, ssl_dim=128, dropout=0.5, branches=2):
+                 sinc_stride=1, ssl_checkpoint=None, ssl_freeze=False, ssl_dim=128, dropout=0.5, branches=2,
+                 front_log=False):
         super().__init__()
+        self.front_log = bool(front_log)
         self.ssl = SSLFrontEnd(ssl_checkpoint, ssl_freeze) if ssl_checkpoint else None
         if self.ssl is None:
             self.sinc = SincConv(sinc_channels, sinc_kernel, fs, stride=sinc_stride)
@@ -274,7 +277,12 @@ class AASIST(nn.Module):
             z = self.sinc(x).abs()[:, None]                                         # (B, 1, F, T)
         else:
             z = self.ssl_proj(self.ssl(x)).transpose(1, 2)[:, None]                 # (B, 1, dim, frames)
-        return F.selu(self.bn0(F.max_pool2d(z, 3)))
+        z = F.max_pool2d(z, 3)
+        if self.front_log and self.ssl is None:
+            # log compression: with one BatchNorm over all bands, linear magnitudes leave the weak
+            # high bands nearly invisible; small models trained briefly need them (not in the paper)
+            z = torch.log(z + 1e-4)
+        return F.selu(self.bn0(z))
 
     def forward(self, x):
         z = self.encoder(self.front(x))                                             # (B, C, F', T')
