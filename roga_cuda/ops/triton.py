@@ -9,9 +9,12 @@ launch. Each launch owns a block table: program ``pid`` reads ``meta[pid] = (ten
 element offset, length)`` (int64, so offsets past 2**31 elements are fine) and processes
 ``length <= CHUNK`` elements of that tensor. The data pointers live in a separate int64
 table ``ptrs[list, slot]`` (read in the kernel and cast with ``.to(tl.pointer_type(dt))``),
-cached per plan and keyed on every data pointer of every list, so a reallocated gradient
-gives a new table: never a stale one. Dense tensors in any layout (channels_last, ...) are
-walked in storage order; tensors at one position must share their layout.
+cached and keyed on every data pointer of every list (plus the numels and dtypes), so a
+reallocated gradient gives a new table, never a stale one; when only pointers moved, the
+plan is reused and the new table costs one small asynchronous host-to-device copy. Dense
+tensors in any layout (channels_last, ...) are walked in storage order; tensors at one
+position must share their layout. A cache miss copies from pinned host memory, so warm the
+tables up before capturing a CUDA graph.
 
 Reductions (``norm``, ``gram``) are deterministic and use no atomics: stage 1 writes one
 partial per program into a buffer (global partial index = launch base + pid); stage 2 is
@@ -27,6 +30,10 @@ fits the largest block of the launch.
 Import safety: ``import roga_cuda`` never fails because of Triton. Nothing here touches a
 GPU driver at import time (no autotune, no driver query); ``backend()`` says why the
 backend is unavailable.
+
+``bench()`` times this backend against ``cuda`` and ``foreach`` on a GPU (wall time per
+call and CUDA-graph device time, against a copy of the same bytes): the measurement that
+``auto``'s order between ``cuda`` and ``triton`` is to be set from.
 """
 import contextlib
 import struct
@@ -689,8 +696,12 @@ def _weights_tensor(weights, device):
 def bench(numels=None, dtype=torch.float32, backends=("triton", "cuda", "foreach"), iters=50, device="cuda"):
     """Time each primitive and one RoGA domain step (norm, perturb_, restore_accumulate_)
     per backend on one list (default: ResNet-34-like, ~21.8M params in 90 tensors), next to
-    a plain copy of the same bytes (the bandwidth ceiling), and print ms and GB/s.
-    Returns {(case, backend): ms}. ``ops._cuda_preference()`` is meant to be set from this."""
+    a plain copy of the same bytes (the bandwidth ceiling). Prints, per backend, the wall
+    time per call (host overhead included: launches are asynchronous, so a host-bound op
+    shows its Python cost) and, on CUDA, the device time from replaying the calls as a
+    CUDA graph, with its GB/s and fraction of the copy ceiling.
+    Returns {(case, backend): (wall_ms, device_ms or None)}. ``ops._cuda_preference()`` is
+    meant to be set from these numbers."""
     from roga_cuda import ops
     if numels is None:  # ResNet-34-ish: conv weights plus BN/bias vectors
         numels = ([9408, 64, 64] + [36864] * 6 + [64] * 12 + [73728] + [147456] * 7 + [8192] + [128] * 18
@@ -701,9 +712,10 @@ def bench(numels=None, dtype=torch.float32, backends=("triton", "cuda", "foreach
     p, g, b, a, h = mk(), mk(), mk(), mk(), mk()
     esz = torch.empty((), dtype=dtype).element_size()
     total = sum(numels)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def timed(fn):
+    def wall(fn):
         fn()
         sync()
         t0 = time.perf_counter()
@@ -711,6 +723,29 @@ def bench(numels=None, dtype=torch.float32, backends=("triton", "cuda", "foreach
             fn()
         sync()
         return (time.perf_counter() - t0) / iters * 1e3
+
+    def device_time(fn):
+        if not cuda:
+            return None
+        try:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(iters):
+                    fn()
+            graph.replay()
+            sync()
+            t0 = time.perf_counter()
+            graph.replay()
+            sync()
+            return (time.perf_counter() - t0) / iters * 1e3
+        except Exception:  # a backend that cannot be captured: wall time only
+            torch.cuda.synchronize()
+            return None
 
     def roga_step(be):  # one RoGA domain: s = rho / ||g|| - alpha on the device, no host sync
         s = 0.05 / (ops.norm(g, backend=be) + 1e-12) - 0.01
@@ -728,22 +763,27 @@ def bench(numels=None, dtype=torch.float32, backends=("triton", "cuda", "foreach
     }
     flat_src = torch.empty(total, device=dev, dtype=dtype)
     flat_dst = torch.empty_like(flat_src)
-    copy_ms = timed(lambda: flat_dst.copy_(flat_src))
+    copy = lambda: flat_dst.copy_(flat_src)  # noqa: E731
+    copy_ms = device_time(copy) or wall(copy)
     copy_gbs = 2 * esz * total / copy_ms / 1e6
     info = ops.backends()
-    res = {("copy", "torch"): copy_ms}
-    print(f"{len(numels)} tensors, {total / 1e6:.1f}M elements of {dtype}, device {dev} "
-          f"({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}); "
-          f"copy ceiling {copy_gbs:.0f} GB/s")
+    res = {("copy", "torch"): (copy_ms, copy_ms)}
+    print(f"{len(numels)} tensors, {total / 1e6:.1f}M elements of {dtype}, "
+          f"{torch.cuda.get_device_name(dev) if cuda else 'cpu'}, triton {getattr(triton, '__version__', None)}, "
+          f"torch {torch.__version__}; copy ceiling {copy_gbs:.0f} GB/s")
     for name, (fn, accesses) in cases.items():
         row = []
         for be in backends:
             devices = info[be]["devices"]
             if not info[be]["available"] or (devices != ["any"] and dev.type not in devices):
                 continue
-            ms = timed(lambda: fn(be))
-            res[(name, be)] = ms
-            gbs = accesses * esz * total / ms / 1e6
-            row.append(f"{be} {ms:.3f} ms {gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}%)")
+            w = wall(lambda: fn(be))
+            d = device_time(lambda: fn(be))
+            res[(name, be)] = (w, d)
+            cell = f"{be} wall {w:.3f} ms"
+            if d is not None:
+                gbs = accesses * esz * total / d / 1e6
+                cell += f", device {d:.3f} ms {gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}%)"
+            row.append(cell)
         print(f"  {name:20s} " + " | ".join(row))
     return res
