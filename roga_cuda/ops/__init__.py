@@ -98,7 +98,7 @@ def _auto(device):
     if device.type == "cuda":
         for name in _cuda_preference():
             be = _registry[name]
-            if be.available:
+            if be.available and (not be.device_types or "cuda" in be.device_types):
                 return be
         _warn_once("auto-cuda", "roga_cuda: neither the compiled CUDA backend "
                                 f"({_registry['cuda'].reason}) nor Triton ({_registry['triton'].reason}) "
@@ -149,10 +149,13 @@ def _tensor_list(op, name, x):
 
 def _extent(t):
     """[start, end) byte range a strided tensor can touch."""
-    if t.numel() == 0:
+    n = t.numel()
+    if n == 0:
         return 0, 0
-    span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
     start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + n * t.element_size()
+    span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
     return start, start + span * t.element_size()
 
 
@@ -163,6 +166,8 @@ def _validate(op, named, written=(), alias_ok=False):
     length; tensors are dense float tensors on one device; tensors at one position agree
     in shape and dtype; a written tensor may share memory with another at its position
     only as an exact alias, and only where the op allows it (``combine_``'s ``out``).
+    The common case is checked with whole-list comparisons; only a failure walks the
+    tensors one by one to name the culprit.
     """
     (name0, first), *rest = named
     n = len(first)
@@ -170,32 +175,38 @@ def _validate(op, named, written=(), alias_ok=False):
         if len(lst) != n:
             raise ValueError(f"{op}: `{name}` has {len(lst)} tensors but `{name0}` has {n}")
     dev = first[0].device
-    for name, lst in named:
-        for i, t in enumerate(lst):
-            if t.layout != torch.strided:
-                raise TypeError(f"{op}: {name}[{i}] is a {t.layout} tensor; only dense (strided) tensors are supported")
-            if t.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
-            if t.device != dev:
-                raise ValueError(f"{op}: {name}[{i}] is on {t.device} but {name0}[0] is on {dev}; "
-                                 "all tensors must be on one device")
-    for name, lst in rest:
-        for i, (a, b) in enumerate(zip(first, lst)):
-            if a.shape != b.shape:
-                raise ValueError(f"{op}: {name}[{i}] has shape {list(b.shape)} but {name0}[{i}] has shape {list(a.shape)}")
-            if a.dtype != b.dtype:
-                raise TypeError(f"{op}: {name}[{i}] has dtype {b.dtype} but {name0}[{i}] has {a.dtype}; "
-                                "tensors at one position must share a dtype")
+    metas = [[(t.layout, t.dtype, t.device) for t in lst] for _, lst in named]
+    ok_meta = {(torch.strided, dt, dev) for dt in _FLOAT_DTYPES}
+    for (name, lst), meta in zip(named, metas):
+        if not ok_meta.issuperset(meta):
+            for i, (t, (layout, dtype, device)) in enumerate(zip(lst, meta)):
+                if layout != torch.strided:
+                    raise TypeError(f"{op}: {name}[{i}] is a {layout} tensor; only dense (strided) tensors are supported")
+                if dtype not in _FLOAT_DTYPES:
+                    raise TypeError(f"{op}: {name}[{i}] has dtype {dtype}; supported: float16, bfloat16, float32, float64")
+                if device != dev:
+                    raise ValueError(f"{op}: {name}[{i}] is on {device} but {name0}[0] is on {dev}; "
+                                     "all tensors must be on one device")
+    shapes0 = [t.shape for t in first]
+    for (name, lst), meta in zip(rest, metas[1:]):
+        if meta != metas[0] or [t.shape for t in lst] != shapes0:
+            for i, (a, b) in enumerate(zip(first, lst)):
+                if a.shape != b.shape:
+                    raise ValueError(f"{op}: {name}[{i}] has shape {list(b.shape)} but {name0}[{i}] has shape {list(a.shape)}")
+                if a.dtype != b.dtype:
+                    raise TypeError(f"{op}: {name}[{i}] has dtype {b.dtype} but {name0}[{i}] has {a.dtype}; "
+                                    "tensors at one position must share a dtype")
+    lists = dict(named)
+    extents = {}
     for wname in written:
-        wlist = dict(named)[wname]
+        wext = extents.setdefault(wname, [_extent(t) for t in lists[wname]])
         for name, lst in named:
             if name == wname:
                 continue
-            for i, (w, t) in enumerate(zip(wlist, lst)):
-                if w.numel() == 0:
-                    continue
-                (a0, a1), (b0, b1) = _extent(w), _extent(t)
+            ext = extents.setdefault(name, [_extent(t) for t in lst])
+            for i, ((a0, a1), (b0, b1)) in enumerate(zip(wext, ext)):
                 if a0 < b1 and b0 < a1:
+                    w, t = lists[wname][i], lst[i]
                     exact = w.data_ptr() == t.data_ptr() and w.stride() == t.stride()
                     if not (alias_ok and exact):
                         raise ValueError(f"{op}: {wname}[{i}] shares memory with {name}[{i}]"
