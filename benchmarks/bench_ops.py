@@ -169,6 +169,32 @@ def run(device="cpu", list_names=("resnet34", "aasist"), backends=None, reps=Non
     return res
 
 
+def tensor_count_sweep(device="cpu", total=2**22, counts=(10, 30, 100, 300, 1000, 3000, 10000), backends=None,
+                       reps=None, log=print):
+    """Time of the RoGA per-domain cycle vs the number of tensors at a fixed total size:
+    where per-tensor / per-launch overhead takes over from bandwidth."""
+    device = torch.device(device)
+    backends = backends or available_backends(device)
+    out = {"total": total, "counts": list(counts), "median_s": {}}
+    for n in counts:
+        base, rem = divmod(total, n)
+        shapes = [(base + (1 if i < rem else 0),) for i in range(n)]
+        st = State(shapes, device)
+        variants = {be: primitive_variants(st, be)["roga_cycle"] for be in backends}
+        variants["loop"] = loop_variants(st)["roga_cycle"]
+        t = interleaved(variants, reps=reps or 10, device=device)
+        for be, ts in t.items():
+            out["median_s"].setdefault(be, []).append(median(ts))
+        del st
+    lines = [f"\n### RoGA cycle vs number of tensors ({total / 1e6:.1f}M elements in all)\n",
+             "| tensors | " + " | ".join(out["median_s"]) + " |", "|---:|" + "---:|" * len(out["median_s"])]
+    for i, n in enumerate(counts):
+        lines.append(f"| {n} | " + " | ".join(_ms(v[i]) for v in out["median_s"].values()) + " |")
+    out["table"] = "\n".join(lines)
+    log(out["table"])
+    return out
+
+
 def format_list(name, lst, bw):
     ceiling = bw["axpy"] if "axpy" in bw else max(bw.values())
     lines = [f"\n### {name}: {lst['tensors']} tensors, {lst['numel'] / 1e6:.2f}M elements ({lst['reps']} reps)\n",

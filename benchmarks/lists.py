@@ -49,7 +49,12 @@ def vit_b_shapes(depth=12, dim=768, mlp=3072, patch=16, num_classes=2):
     return shapes
 
 
-LISTS = {"resnet34": resnet34_shapes, "aasist": aasist_shapes, "vit_b": vit_b_shapes}
+def tiny_shapes():
+    """A few small tensors: exercises every code path in seconds (tests, --quick)."""
+    return [(3,), (5, 4), (), (0,), (257,), (2, 3, 3, 3)]
+
+
+LISTS = {"resnet34": resnet34_shapes, "aasist": aasist_shapes, "vit_b": vit_b_shapes, "tiny": tiny_shapes}
 
 
 def numel(shapes):
