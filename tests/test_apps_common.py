@@ -191,6 +191,9 @@ def test_config_presets_and_overrides(presets, tmp_path):
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.nesterov is True and cfg.data.domains == ["x", "y", "z"]
     assert cfg.model.pretrained == "/w.pt" and cfg.seed == 7 and cfg.optim.momentum == 0.0
+    # keys whose default is null take YAML values: numbers become numbers
+    assert load_config(overrides=["model.pretrained=5e-1"], app=presets).model.pretrained == 0.5
+    assert load_config(overrides=["model.pretrained=[1, 2]"], app=presets).model.pretrained == [1, 2]
     user = tmp_path / "user.yaml"
     user.write_text("optim:\n  steps: 9\n")
     assert load_config("small", path=str(user), app=presets).optim.steps == 9

@@ -16,6 +16,7 @@ None takes any YAML value.
 import copy
 import difflib
 import os
+import re
 
 import yaml
 
@@ -180,7 +181,22 @@ def parse_override(text, schema):
     default = node[path[-1]]
     if isinstance(default, dict) and default:
         raise ConfigError(f"override {text!r}: {key} is a section; set one of its keys, e.g. {key}.{next(iter(default))}=...")
+    if default is None:  # no type to go by: read the value as YAML (numbers, lists, null, strings)
+        return tuple(path), _yaml_scalar(raw, text)
     return tuple(path), _coerce(raw, default, f"override {text!r}")
+
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _yaml_scalar(raw, text):
+    try:
+        v = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse the value as YAML ({e})") from None
+    if isinstance(v, str) and _FLOAT.match(v.strip()):  # YAML 1.1 reads 1e-3 as a string
+        return float(v)
+    return v
 
 
 def load_config(preset=None, path=None, overrides=(), *, app):

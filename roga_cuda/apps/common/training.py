@@ -101,9 +101,11 @@ class BatchStream:
     batch (``global_batch = batch_size * world_size``), so N processes see exactly the
     samples one process would with the global batch."""
 
-    def __init__(self, n, batch_size, seed=0, key="", shuffle=True, rank=0, world_size=1):
+    def __init__(self, n, batch_size, seed=0, key="", *, shuffle=True, rank=0, world_size=1):
         self.n, self.batch_size, self.seed, self.key = int(n), int(batch_size), int(seed), str(key)
         self.shuffle, self.rank, self.world = bool(shuffle), int(rank), int(world_size)
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"stream {key!r}: rank {rank} outside world of {world_size}")
         self.global_batch = self.batch_size * self.world
         if self.n < self.global_batch:
             raise ValueError(f"stream {key!r}: {n} items cannot fill one batch of {self.batch_size} x "
@@ -136,7 +138,7 @@ class EpochSampler(torch.utils.data.Sampler):
     ``(seed, epoch)``, DDP sharding, and ``set_start(k)`` to skip this rank's first ``k``
     samples of the epoch (resuming mid-epoch without loading the skipped samples)."""
 
-    def __init__(self, n, seed=0, shuffle=True, rank=0, world_size=1, drop_last=True):
+    def __init__(self, n, seed=0, *, shuffle=True, rank=0, world_size=1, drop_last=True):
         self.n, self.seed, self.shuffle = int(n), int(seed), bool(shuffle)
         self.rank, self.world, self.drop_last = int(rank), int(world_size), bool(drop_last)
         self.epoch, self.start = 0, 0

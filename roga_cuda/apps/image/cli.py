@@ -19,7 +19,12 @@ import sys
 import time
 
 from ..common.config import ConfigError, list_presets, load_config, save_config
+from ..common.checkpoint import CheckpointError
 from ..common.runtime import cleanup_distributed, is_main, print0
+from .data import ImageReadError
+
+# errors caused by input (config, files, data): reported in one line, exit code 2
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, ImageReadError, CheckpointError, ImportError)
 
 APP = "image"
 
@@ -105,7 +110,7 @@ def comparison_table(results):
 
 def train_main(argv=None):
     from .train import train
-    args = _train_parser().parse_args(argv)
+    args = _train_parser().parse_intermixed_args(argv)
     try:
         if args.compare:
             methods = [m.strip() for m in args.compare.split(",") if m.strip()]
@@ -135,7 +140,7 @@ def train_main(argv=None):
             r = train(cfg, args.out, resume=args.resume)
             print0("\n" + comparison_table({cfg.optimizer: r}))
             print0(f"\nwrote {os.path.join(args.out, 'metrics.json')}")
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"roga-train: error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -200,11 +205,11 @@ def evaluate_checkpoint(path, out_dir, overrides=(), config=None, split="test", 
 
 
 def eval_main(argv=None):
-    args = _eval_parser().parse_args(argv)
+    args = _eval_parser().parse_intermixed_args(argv)
     try:
         r = evaluate_checkpoint(args.checkpoint, args.out, args.overrides, args.config, args.split, args.device,
                                 args.skip_corrupt)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"roga-eval: error: {e}", file=sys.stderr)
         return 2
     name = f"{r['optimizer']} @ step {r['steps']}"

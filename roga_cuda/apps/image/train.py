@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -235,8 +236,8 @@ def train(cfg, out_dir, resume=None, log=print0):
     feeds = []
     for dom in data.train_domains:
         real, fake = dom.real_fake("train")
-        feeds.append([(fs, BatchStream(len(fs), bs // 2, cfg.seed, f"{dom.name}/{tag}", dist_info.rank,
-                                       dist_info.world_size)) for fs, tag in ((real, "real"), (fake, "fake"))])
+        feeds.append([(fs, BatchStream(len(fs), bs // 2, cfg.seed, f"{dom.name}/{tag}", rank=dist_info.rank,
+                                       world_size=dist_info.world_size)) for fs, tag in ((real, "real"), (fake, "fake"))])
     val_domains = [d for d in data.train_domains if "val" in d.splits]
     stepper = _Stepper(cfg, model, opt, amp, dist_info.enabled)
     mean, std = cfg.data.mean, cfg.data.std
@@ -273,6 +274,9 @@ def train(cfg, out_dir, resume=None, log=print0):
         log(f"[val] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in summ.items()) +
             f" (best {tr.early_stopping_metric} {es.best:.4f} at step {es.best_step})")
 
+    # With AMP the GradScaler skips the first steps while it calibrates, which makes torch
+    # warn that the scheduler stepped before the optimizer; expected here, not a bug.
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
     bar = progress(total=total, initial=step, desc=f"{cfg.optimizer}", enabled=bool(tr.progress))
     while step < total:
         t_step = time.time()
@@ -287,6 +291,9 @@ def train(cfg, out_dir, resume=None, log=print0):
             lr = opt.param_groups[0]["lr"]
             dt = (time.time() - t_log) / max(1, loss_n)
             mean_loss = float(loss_sum) / max(1, loss_n)
+            if not math.isfinite(mean_loss) and not amp.enabled:
+                log(f"[warn] step {step}: training loss is {mean_loss} (diverged? lower optim.lr or set "
+                    "optim.max_grad_norm)")
             logger.log(step, train_loss=mean_loss, lr=lr, sec_per_step=dt)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2g}")
             loss_sum, loss_n, t_log = 0.0, 0, time.time()
