@@ -125,9 +125,9 @@ def min_tdcf(bona_cm, spoof_cm, asv_tar, asv_non, asv_spoof, cost_model=None, fo
 
 
 def read_asv_scores(path):
-    """(target, nontarget, spoof) score arrays from an ASV score file: one trial per line,
-    the key ('target' | 'nontarget' | 'spoof') anywhere on the line and the score last
-    (the ASVspoof 2019 files, 3- or 6-column)."""
+    """(target, nontarget, spoof) score arrays from an ASV score file: one trial per line, the
+    score last and the key ('target' | 'nontarget' | 'spoof') the last key word before it
+    (the ASVspoof 2019 files: ``SOURCE KEY SCORE``, e.g. ``A07 spoof -3.2``, or 6-column)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ASV score file not found: {path}")
     out = {"target": [], "nontarget": [], "spoof": []}
@@ -141,10 +141,10 @@ def read_asv_scores(path):
                 score = float(parts[-1])
             except ValueError:
                 keys = []
-            if len(keys) != 1:
-                raise ValueError(f"{path}:{ln}: expected one of target/nontarget/spoof and a final score, "
+            if not keys:
+                raise ValueError(f"{path}:{ln}: expected a key (target/nontarget/spoof) and a final score, "
                                  f"got {line.strip()!r}")
-            out[keys[0]].append(score)
+            out[keys[-1]].append(score)  # the key is the last key word before the score
     if not out["target"] or not out["nontarget"]:
         raise ValueError(f"{path}: needs target and nontarget trials (found {len(out['target'])} and "
                          f"{len(out['nontarget'])})")

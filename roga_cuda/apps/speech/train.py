@@ -1,7 +1,8 @@
 """Training and evaluation of speech deepfake (spoofing) countermeasures: baseline vs DPDA.
 
-* **baseline**: one path; each utterance is RawBoost-augmented (standard DA training) and the
-  weighted cross-entropy is minimised with the base optimizer.
+* **baseline**: one path; each utterance is RawBoost-augmented (standard DA training; with
+  ``train.baseline_augment_prob`` < 1 only that fraction of them) and the weighted
+  cross-entropy is minimised with the base optimizer.
 * **dpda** (dual-path data augmentation, arXiv 2509.20682): each utterance goes through a clean
   and a RawBoost path; the two losses' gradients are aligned by :class:`roga_cuda.optim.PCGrad`
   (method ``align``: pcgrad, gradvac, cagrad, mgda, or sum = no alignment) and summed.
@@ -89,6 +90,8 @@ def validate(cfg):
         raise ValueError(f"train.forward must be concat or separate, got {cfg.train.forward!r}")
     if len(cfg.train.class_weights) != 2 or min(cfg.train.class_weights) < 0:
         raise ValueError(f"train.class_weights must be [spoof, bona fide] >= 0, got {cfg.train.class_weights}")
+    if not 0 <= cfg.train.baseline_augment_prob <= 1:
+        raise ValueError(f"train.baseline_augment_prob must be in [0, 1], got {cfg.train.baseline_augment_prob}")
     if cfg.train.epochs < 1:
         raise ValueError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     if cfg.augment.algo not in ALGO_NAMES:
@@ -161,6 +164,18 @@ class Trainer:
         self.rawboost.reseed(derive_seed(self.cfg.seed, "rawboost", step, self.dist.rank))
         return self.rawboost(x)
 
+    def _baseline_input(self, x, x_aug, step):
+        """Each utterance augmented with probability ``train.baseline_augment_prob`` (1: all,
+        the RawBoost recipes; the draw depends only on (seed, step, rank))."""
+        p = float(self.cfg.train.baseline_augment_prob)
+        if p >= 1 or x_aug is x:
+            return x_aug
+        if p <= 0:
+            return x
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "augment-mask", step, self.dist.rank))
+        pick = (torch.rand(len(x), generator=g) < p).to(x.device)
+        return torch.where(pick[:, None], x_aug, x)
+
     def _train_step(self, x, y, step):
         cfg, t = self.cfg, self.cfg.train
         x_aug = self._augment(x, step) if cfg.augment.algo else x
@@ -171,7 +186,7 @@ class Trainer:
             if t.probe_conflict_every and step % t.probe_conflict_every == 0:
                 rec.update(self._probe(x, x_aug, y))
             with self.amp.autocast():
-                loss = self._loss(self.net(x_aug if t.baseline_augment else x), y)
+                loss = self._loss(self.net(self._baseline_input(x, x_aug, step)), y)
             (scaler.scale(loss) if scaler else loss).backward()
             if cfg.optim.max_grad_norm:
                 if scaler:
