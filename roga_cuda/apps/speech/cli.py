@@ -3,7 +3,7 @@
     dpda-train --preset smoke --out runs/speech-smoke
     dpda-train --preset demo --compare baseline,dpda --out runs/speech
     dpda-train --mode dpda --align gradvac data.source=asvspoof2019 data.root=/data/LA --out runs/la
-    dpda-eval --checkpoint runs/speech/dpda-pcgrad/model_avg.pt --out runs/speech/eval
+    dpda-eval runs/speech/dpda-pcgrad/model_avg.pt --out runs/speech/eval     (or --checkpoint PATH)
     dpda-eval --scores runs/la/scores/eval.txt --asv-scores /data/LA/.../ASVspoof2019.LA.asv.eval.gi.trl.scores.txt
 """
 import argparse
@@ -157,7 +157,7 @@ def summary_table(results, markdown=False):
     others = [s for s in results[0]["sets"] if s != main]
     head = (["run", f"{main} EER%"] + [f"{a}" for a in attacks] + [f"{s} EER%" for s in others]
             + (["min t-DCF"] if any("min_tdcf" in r for r in results) else [])
-            + ["conflict rate", "epochs to best", "best dev EER%", "epochs run", "train s"])
+            + ["conflict rate", "epochs to best", "best dev EER%", "epochs run", "train s", "wall s"])
     rows = []
     for r in results:
         row = [r["run"], _fmt_pct(r["eer"])] + [_fmt_pct(r["per_attack_eer"].get(a)) for a in attacks]
@@ -166,7 +166,8 @@ def summary_table(results, markdown=False):
             row.append(f"{r['min_tdcf']:.4f}" if r.get("min_tdcf") is not None else "n/a")
         cr = r.get("conflict_rate")
         row += ["n/a" if cr is None else f"{cr:.3f}", str(r["epochs_to_best"]), _fmt_pct(r["best_dev_eer"]),
-                str(r["epochs_run"]), f"{r.get('wall_time_s', r['train_time_s']):.0f}"]
+                str(r["epochs_run"]), f"{r['train_time_s']:.0f}",
+                "n/a" if r.get("wall_time_s") is None else f"{r['wall_time_s']:.0f}"]
         rows.append(row)
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -196,7 +197,8 @@ def eval_parser():
     p = argparse.ArgumentParser(prog="dpda-eval", description="Score a trained countermeasure on the test sets, "
                                 "or compute EER / per-attack EER / min t-DCF of an ASVspoof-format score file.")
     _common_args(p)
-    p.add_argument("--checkpoint", default=None, help="model_avg.pt, best/epoch_*.pt or checkpoints/step_*.pt")
+    p.add_argument("--checkpoint", default=None, help="model_avg.pt, best/epoch_*.pt or checkpoints/step_*.pt "
+                   "(or give it as the first positional argument)")
     p.add_argument("--scores", default=None, help="a CM score file 'UTT_ID ATTACK bonafide|spoof SCORE' to evaluate")
     return p
 
@@ -218,6 +220,11 @@ def _checkpoint_config(path):
 
 def eval_main(argv=None):
     args = eval_parser().parse_args(argv)
+    if args.overrides and "=" not in args.overrides[0]:  # `dpda-eval CKPT ...`, like roga-eval
+        if args.checkpoint:
+            print(f"dpda-eval: two checkpoints given: {args.checkpoint} and {args.overrides[0]}", file=sys.stderr)
+            return 2
+        args.checkpoint = args.overrides.pop(0)
     out = args.out
     try:
         if args.scores:

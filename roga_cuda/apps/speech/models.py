@@ -72,8 +72,9 @@ class SSLFrontEnd(nn.Module):
     """Features of a self-supervised speech model loaded from a LOCAL checkpoint only.
 
     Accepted: a Hugging Face ``transformers`` model folder (config.json + weights; needs
-    ``transformers``), a fairseq ``.pt`` checkpoint (needs ``fairseq``), or a TorchScript
-    archive (``torch.jit.save``) mapping (B, T) waveforms to (B, frames, dim) features.
+    ``transformers``), a fairseq ``.pt`` checkpoint (needs ``fairseq``), a ``torch.export``
+    program (``.pt2``) or a TorchScript archive, the last two mapping (B, T) waveforms to
+    (B, frames, dim) features.
     Nothing is downloaded. ``freeze``: keep the SSL weights fixed."""
 
     def __init__(self, path, freeze=False):
@@ -104,6 +105,8 @@ class SSLFrontEnd(nn.Module):
                 raise ImportError(f"SSL front end: {path} is a transformers model folder, but `transformers` is not "
                                   "installed (pip install transformers)") from None
             return "hf", AutoModel.from_pretrained(path, local_files_only=True)
+        if path.endswith(".pt2"):  # torch.export.save(...) of a (B, T) -> (B, frames, dim) module
+            return "export", torch.export.load(path).module()
         try:
             return "jit", torch.jit.load(path, map_location="cpu")
         except Exception as jit_err:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -212,7 +213,9 @@ class Trainer:
             scaler.update()
         else:
             self.opt.step()
-        self.sched.step()
+        with warnings.catch_warnings():  # a GradScaler-skipped step makes LambdaLR warn; the schedule is per step anyway
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.sched.step()
         rec["lr"] = self.opt.param_groups[0]["lr"]
         return rec
 
