@@ -56,6 +56,44 @@ def test_end_to_end_per_optimizer(tmp_path, optimizer):
     assert not torch.equal(final["conv1.weight"], init["conv1.weight"])
 
 
+def test_roga_hvp_alignment_and_clipping_run(tmp_path):
+    m = _train(tmp_path, "optimizer=roga", "optim.alignment=hvp", "optim.max_grad_norm=1.0", "train.steps=2")
+    assert m["steps"] == 2 and np.isfinite(m["summary"]["in_domain"]["auc_mean"])
+
+
+def test_early_stopping(tmp_path):
+    # lr 0: only BatchNorm statistics move, the validation AUC soon stops improving
+    from roga_cuda.apps.common import read_log
+    m = _train(tmp_path, "optimizer=erm", "optim.lr=0.0", "train.steps=60", "train.eval_every=1",
+               "train.early_stopping_patience=2", "eval.select=best")
+    assert m["stopped_early"] and m["steps"] < 60
+    log = read_log(str(tmp_path / "log.csv"))
+    vals = [(int(s), v) for s, v in zip(log["step"], log["val_auc_mean"]) if v is not None]
+    best_step, best = vals[0]
+    for st, v in vals[1:]:  # the first strict improvement wins
+        if v > best:
+            best_step, best = st, v
+    assert vals[-1][0] == m["steps"] == best_step + 2  # stopped after exactly `patience` evaluations without gain
+    assert m["selected"]["which"] == "best" and m["selected"]["step"] == best_step
+    assert m["selected"]["val_value"] == pytest.approx(best)
+
+
+def test_python_m_entry_point(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "roga_cuda.apps.image", "--preset", "smoke", "--out", str(tmp_path),
+                        *TINY, "train.steps=1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| method |" in r.stdout and (tmp_path / "metrics.json").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (AMP is off on CPU)")
+@pytest.mark.parametrize("optimizer", ["erm", "sam", "roga"])
+def test_cuda_amp(tmp_path, optimizer):
+    m = _train(tmp_path, f"optimizer={optimizer}", "device=cuda", "train.amp=true", "train.steps=4")
+    assert m["device"].startswith("cuda") and np.isfinite(m["summary"]["in_domain"]["auc_mean"])
+
+
 def test_training_is_deterministic_and_optimizers_differ(tmp_path):
     _train(tmp_path / "a", "optimizer=roga")
     _train(tmp_path / "b", "optimizer=roga")
@@ -70,6 +108,8 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
     extra = ["optimizer=roga", "train.steps=6", "train.checkpoint_every=2", "train.eval_every=3",
              "train.keep_checkpoints=0", "data.synthetic.videos=[4,2,2]"]
     _train(tmp_path / "full", *extra)
+    # a fresh run into a folder with an earlier run's checkpoints is refused (they would mix)
+    assert cli.train_main(["--preset", "smoke", "--out", str(tmp_path / "full"), *TINY, *extra]) == 2
     real_save = training.Checkpointer.save
 
     def save_then_die(self, step, state):

@@ -50,7 +50,10 @@ def plot_det(curves, path, title="DET"):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 5))
     lo, hi = 1e-3, 0.5
-    ticks = [0.001, 0.01, 0.05, 0.1, 0.2, 0.4]
+    ticks = [0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95]
+    errs = [eer(lab, sc)[0] for lab, sc in curves.values()]
+    if any(e > 0.2 for e in errs if not math.isnan(e)):  # weak detectors: show the whole range
+        hi = 0.99
     for name, (labels, scores) in curves.items():
         e, _ = eer(labels, scores)
         if math.isnan(e):
@@ -59,13 +62,14 @@ def plot_det(curves, path, title="DET"):
         fpr, fnr, _ = det_curve(labels, scores)
         clip = lambda v: ndtri(np.clip(v, lo / 2, 1 - lo / 2))  # noqa: E731
         ax.plot(clip(fpr), clip(fnr), lw=1.5, label=f"{name} (EER {100 * e:.2f}%)")
+    ticks = [t for t in ticks if t <= hi]
     t = ndtri(np.array(ticks))
     ax.set_xticks(t, [f"{100 * v:g}" for v in ticks])
     ax.set_yticks(t, [f"{100 * v:g}" for v in ticks])
     ax.set(xlim=(ndtri(lo), ndtri(hi)), ylim=(ndtri(lo), ndtri(hi)), title=title,
            xlabel="false positive rate (%)", ylabel="false negative rate (%)")
     ax.plot([ndtri(lo), ndtri(hi)], [ndtri(lo), ndtri(hi)], ls="--", c="grey", lw=0.8)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from ..common.config import ConfigError, list_presets, load_config, save_config
 from ..common.checkpoint import CheckpointError
 from ..common.runtime import cleanup_distributed, is_main, print0
@@ -43,6 +45,8 @@ def _train_parser():
     p.add_argument("--optimizer", choices=["erm", "sam", "roga"], help="training method (config: optimizer)")
     p.add_argument("--compare", default=None, metavar="LIST",
                    help="train several methods (e.g. erm,sam,roga) into OUT/<method>/ and print a comparison table")
+    p.add_argument("--seeds", default=None, metavar="LIST",
+                   help="with --compare: repeat for these training seeds (e.g. 0,1,2) and report mean±sd")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint file, a folder's latest, or (no value) OUT's latest")
     p.add_argument("--base-optimizer", dest="base", choices=["sgd", "adam", "adamw"], help="optim.base")
@@ -84,34 +88,56 @@ def _fmt(v, pct=False):
     return f"{100 * v:5.2f}" if pct else f"{v:.4f}"
 
 
+def _cell(vals, pct=False):
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "  n/a"
+    if len(vals) == 1:
+        return _fmt(vals[0], pct)
+    k = 100 if pct else 1
+    mean, sd = float(np.mean(vals)) * k, float(np.std(vals, ddof=1)) * k
+    return f"{mean:.2f}±{sd:.2f}" if pct else f"{mean:.3f}±{sd:.3f}"
+
+
 def comparison_table(results):
-    """Markdown table: per method the in-domain and held-out AUC / EER (%) and wall time."""
+    """Markdown table per method: mean in-domain and held-out AUC / EER (%) / video AUC, the
+    AUC of each held-out domain, steps, training and wall seconds. ``results``: {method:
+    result} or {method: [result per seed]} (then mean±sd over seeds; seconds are totals)."""
+    results = {m: (r if isinstance(r, list) else [r]) for m, r in results.items()}
     methods = list(results)
-    first = results[methods[0]]
+    first = results[methods[0]][0]
     in_doms, x_doms = list(first["in_domain"]), list(first["cross_domain"])
     head = ["method", "in AUC", "in EER%", "in vAUC", "cross AUC", "cross EER%", "cross vAUC"]
     head += [f"{d} AUC" for d in x_doms] + ["steps", "train s", "wall s"]
     rows = []
     for m in methods:
-        r = results[m]
-        si, sx = r["summary"]["in_domain"], r["summary"]["cross_domain"]
-        row = [m, _fmt(si["auc_mean"]), _fmt(si["eer_mean"], True), _fmt(si["video_auc_mean"]),
-               _fmt(sx["auc_mean"]), _fmt(sx["eer_mean"], True), _fmt(sx["video_auc_mean"])]
-        row += [_fmt(r["cross_domain"][d]["auc"]) for d in x_doms]
-        row += [str(r["steps"]), f"{r['train_time_s']:.0f}", f"{r['wall_time_s']:.0f}"]
+        rs = results[m]
+        si = [r["summary"]["in_domain"] for r in rs]
+        sx = [r["summary"]["cross_domain"] for r in rs]
+        row = [m, _cell([x["auc_mean"] for x in si]), _cell([x["eer_mean"] for x in si], True),
+               _cell([x["video_auc_mean"] for x in si]), _cell([x["auc_mean"] for x in sx]),
+               _cell([x["eer_mean"] for x in sx], True), _cell([x["video_auc_mean"] for x in sx])]
+        row += [_cell([r["cross_domain"][d]["auc"] for r in rs]) for d in x_doms]
+        row += ["/".join(sorted({str(r["steps"]) for r in rs})), f"{sum(r['train_time_s'] for r in rs):.0f}",
+                f"{sum(r['wall_time_s'] for r in rs):.0f}"]
         rows.append(row)
     w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.rjust(w[i]) for i, c in enumerate(cells)) + " |"  # noqa: E731
     out = [line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows]
-    per_in = "in-domain (test split of the training domains): " + ", ".join(in_doms)
-    per_x = "held out (never trained on): " + ", ".join(x_doms)
-    return "\n".join(out + ["", per_in, per_x])
+    n = len(results[methods[0]])
+    notes = ["", "in-domain (test split of the training domains): " + ", ".join(in_doms),
+             "held out (never trained on): " + ", ".join(x_doms)]
+    if n > 1:
+        notes.append(f"mean±sd over {n} training seeds (same data); seconds are totals over the seeds")
+    return "\n".join(out + notes)
 
 
 def train_main(argv=None):
     from .train import train
     args = _train_parser().parse_intermixed_args(argv)
     try:
+        if args.seeds and not args.compare:
+            raise ConfigError("--seeds is for --compare (for one run use --seed)")
         if args.compare:
             methods = [m.strip() for m in args.compare.split(",") if m.strip()]
             bad = [m for m in methods if m not in ("erm", "sam", "roga")]
@@ -119,22 +145,31 @@ def train_main(argv=None):
                 raise ConfigError(f"--compare takes a list of erm, sam, roga; got {args.compare!r}")
             if args.optimizer:
                 raise ConfigError("--compare and --optimizer are exclusive")
-            results = {}
+            if args.resume not in (None, "auto"):
+                raise ConfigError("with --compare, --resume takes no value (each method resumes from its own folder)")
+            try:
+                seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
+            except ValueError:
+                raise ConfigError(f"--seeds takes integers like 0,1,2; got {args.seeds!r}") from None
+            results = {m: [] for m in methods}
             t0 = time.time()
-            for m in methods:
-                cfg = _config_from(args, [f"optimizer={m}"])
-                print0(f"\n=== {m} ===")
-                results[m] = train(cfg, os.path.join(args.out, m),
-                                   resume=("auto" if args.resume == "auto" else args.resume) if args.resume else None)
+            for seed in seeds:
+                for m in methods:
+                    extra = [f"optimizer={m}"] + ([f"seed={seed}"] if seed is not None else [])
+                    cfg = _config_from(args, extra)
+                    out = os.path.join(args.out, m) if len(seeds) == 1 else os.path.join(args.out, m, f"seed{seed}")
+                    print0(f"\n=== {m}" + (f", seed {seed}" if seed is not None else "") + " ===")
+                    results[m].append(train(cfg, out, resume=args.resume))
             table = comparison_table(results)
+            total = time.time() - t0
             if is_main():
                 with open(os.path.join(args.out, "compare.md"), "w", encoding="utf-8") as f:
-                    f.write(table + f"\n\ntotal wall time {time.time() - t0:.0f} s\n")
+                    f.write(table + f"\n\ntotal wall time {total:.0f} s\n")
+                keep = ("summary", "in_domain", "cross_domain", "steps", "train_time_s", "wall_time_s", "selected")
                 with open(os.path.join(args.out, "compare.json"), "w", encoding="utf-8") as f:
-                    json.dump({m: {k: r[k] for k in ("summary", "in_domain", "cross_domain", "steps", "train_time_s",
-                                                      "wall_time_s", "selected")} for m, r in results.items()},
-                              f, indent=2, default=float)
-            print0("\n" + table + f"\n\ntotal wall time {time.time() - t0:.0f} s  (details: {args.out}/<method>/)")
+                    json.dump({m: [{"seed": sd, **{k: r[k] for k in keep}} for sd, r in zip(seeds, rs)]
+                               for m, rs in results.items()}, f, indent=2, default=float)
+            print0("\n" + table + f"\n\ntotal wall time {total:.0f} s  (details: {args.out}/<method>/)")
         else:
             cfg = _config_from(args)
             r = train(cfg, args.out, resume=args.resume)

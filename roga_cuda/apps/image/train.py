@@ -223,6 +223,17 @@ def train(cfg, out_dir, resume=None, log=print0):
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), int(tr.checkpoint_every), int(tr.keep_checkpoints))
     step = 0
     state, rpath = ckpt.load(resume)
+    best_path = os.path.join(out_dir, "best.pt")
+    if state is None:
+        if resume:
+            log(f"[resume] no checkpoint in {ckpt.folder}: starting from step 0")
+        from ..common.checkpoint import latest_checkpoint
+        stale = latest_checkpoint(ckpt.folder)
+        if stale is not None:  # its step files would be mistaken for this run's (resume, pruning)
+            raise ValueError(f"{out_dir} holds checkpoints of an earlier run ({stale}); pass --resume to continue "
+                             "it, or choose another --out")
+        if is_main() and os.path.exists(best_path):
+            os.unlink(best_path)  # an earlier run's best weights must not be evaluated as this run's
     if state is not None:
         if state.get("config", {}).get("optimizer") not in (None, cfg.optimizer):
             raise ValueError(f"--resume {rpath}: checkpoint was trained with optimizer "
@@ -241,20 +252,13 @@ def train(cfg, out_dir, resume=None, log=print0):
     val_domains = [d for d in data.train_domains if "val" in d.splits]
     stepper = _Stepper(cfg, model, opt, amp, dist_info.enabled)
     mean, std = cfg.data.mean, cfg.data.std
-    best_path = os.path.join(out_dir, "best.pt")
     total = int(tr.steps)
     loss_sum, loss_n, t_log, t_train = 0.0, 0, time.time(), 0.0
     stopped_early = False
 
-    def fetch(step):
+    def to_device(step, raw):
         out = []
-        for d, pair in enumerate(feeds):
-            xs, ys = [], []
-            for fs, stream in pair:
-                x, y = fs.batch(stream.indices(step))
-                xs.append(x)
-                ys.append(y)
-            x, y = torch.cat(xs), torch.cat(ys)
+        for d, (x, y) in enumerate(raw):
             flip = None
             if tr.hflip:
                 g = make_generator(cfg.seed, "hflip", d, step, dist_info.rank)
@@ -278,9 +282,11 @@ def train(cfg, out_dir, resume=None, log=print0):
     # warn that the scheduler stepped before the optimizer; expected here, not a bug.
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
     bar = progress(total=total, initial=step, desc=f"{cfg.optimizer}", enabled=bool(tr.progress))
+    batches = _step_batches(feeds, step, total, int(tr.num_workers))
     while step < total:
+        raw = next(batches)
         t_step = time.time()
-        loss = stepper(fetch(step))
+        loss = stepper(to_device(step, raw))
         sched.step()
         step += 1
         loss_sum = loss_sum + loss  # a device tensor: no host sync per step
@@ -336,6 +342,35 @@ def train(cfg, out_dir, resume=None, log=print0):
     logger.close()
     barrier()
     return result
+
+
+class _StepData(torch.utils.data.Dataset):
+    """Item i = the uint8 batches of every training domain for step ``start + i`` (so
+    DataLoader workers can load whole steps ahead, in order)."""
+
+    def __init__(self, feeds, start, total):
+        self.feeds, self.start, self.total = feeds, start, total
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __getitem__(self, i):
+        step = self.start + i
+        out = []
+        for pair in self.feeds:
+            xs, ys = zip(*(fs.batch(stream.indices(step)) for fs, stream in pair))
+            out.append((torch.cat(xs), torch.cat(ys)))
+        return out
+
+
+def _step_batches(feeds, start, total, workers):
+    data = _StepData(feeds, start, total)
+    in_memory = all(fs.in_memory for pair in feeds for fs, _ in pair)
+    if in_memory or workers <= 0:
+        return (data[i] for i in range(len(data)))
+    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+                                         prefetch_factor=2)
+    return iter(loader)
 
 
 def _write_outputs(out_dir, result, raw_in, raw_x, cfg):
