@@ -10,6 +10,13 @@ from .metrics import det_curve, roc_auc, roc_curve, eer
 __all__ = ["plot_roc", "plot_det", "plot_training_curves"]
 
 
+def ndtri(p):
+    """Inverse of the standard normal CDF (probit), elementwise; stdlib only (no scipy)."""
+    from statistics import NormalDist
+    inv = np.vectorize(NormalDist().inv_cdf, otypes=[float])
+    return inv(np.asarray(p, dtype=float))
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg", force=True)
@@ -46,7 +53,6 @@ def plot_roc(curves, path, title="ROC"):
 
 def plot_det(curves, path, title="DET"):
     """curves: {name: (labels, scores)}; DET curves on normal-deviate axes, EER in the legend."""
-    from scipy.special import ndtri
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 5))
     lo, hi = 1e-3, 0.5
