@@ -435,3 +435,32 @@ def test_ddp_two_processes(tmp_path, cache_dir):
     assert got[0][1] == got[1][1]
     m = json.loads(open(os.path.join(out, "metrics.json")).read())
     assert m["conflict_rate"] == pytest.approx(got[0][1]) and m["steps_per_epoch"] == 32 // (2 * 2)
+
+
+@needs_soundfile
+def test_end_to_end_on_asvspoof_layout_with_tdcf(tmp_path):
+    """Training on the ASVspoof 2019 LA layout (+ an In-the-Wild folder as an extra test set):
+    the organisers' ASV scores are found and min t-DCF is reported for the eval set."""
+    root = tmp_path / "LA"
+    _write_asvspoof(root, [1200, 2500, 1800, 2100, 900, 2000, 1600, 2400])
+    itw = tmp_path / "itw"
+    itw.mkdir()
+    with open(itw / "meta.csv", "w") as fh:
+        fh.write("file,speaker,label\n")
+        for i in range(4):
+            sf.write(str(itw / f"{i}.wav"), (0.05 * np.random.RandomState(i).randn(1500)).astype(np.float32), 16000)
+            fh.write(f"{i}.wav,spk{i % 2},{'bona-fide' if i < 2 else 'spoof'}\n")
+    out = tmp_path / "run"
+    rc = train_main(["--preset", "smoke", "--out", str(out), "--data-root", str(root), "--in-the-wild", str(itw),
+                     "data.n_samples=2000", "train.epochs=1", "train.batch_size=4", "runtime.progress=false",
+                     "data.workers=0"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["sets"]) == {"dev", "eval", "itw"} and m["main_set"] == "eval"
+    assert set(m["per_attack_eer"]) == {"A17"} and 0 <= m["min_tdcf"]
+    # ASV trials: target 2.0, non-target -1.0 -> the package's EER operating point is the
+    # threshold -1.0 and its Pfa counts the non-target AT the threshold as accepted (>=): 1.0
+    asv = m["sets"]["eval"]["tdcf_asv"]
+    assert asv["pfa_asv"] == 1.0 and asv["pmiss_asv"] == 0.0 and asv["pmiss_spoof_asv"] == 0.0
+    assert "min_tdcf" not in m["sets"]["dev"]
+    assert (out / "scores" / "itw.txt").read_text().count("\n") == 4
