@@ -11,7 +11,7 @@ import torch
 from roga_cuda.apps.common import load_checkpoint
 from roga_cuda.apps.common.config import load_config
 from roga_cuda.apps.image import cli, data as data_mod
-from roga_cuda.apps.image.models import ResNet34, build_model, load_pretrained
+from roga_cuda.apps.image.models import ResNet34, build_model
 from roga_cuda.apps.image.synthetic import generate
 
 # Tiny runs: 3 steps, 32 px, a few videos; one synthetic dataset shared by the tests (in-process cache).
@@ -311,13 +311,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out, optimizer):
+def _ddp_worker(rank, world, port, out, optimizer, strategy):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from roga_cuda.apps.image.train import train
     from roga_cuda.apps.common.runtime import cleanup_distributed
-    cfg = load_config("smoke", overrides=TINY + [f"optimizer={optimizer}", "train.eval_every=2",
-                                                 "device=cpu"], app="image")
+    cfg = load_config("smoke", overrides=TINY + [f"optimizer={optimizer}", "train.eval_every=2", "device=cpu",
+                                                 f"optim.strategy={strategy}"], app="image")
     try:
         import roga_cuda.apps.image.train as T
         model_holder = {}
@@ -334,10 +334,10 @@ def _ddp_worker(rank, world, port, out, optimizer):
         cleanup_distributed()
 
 
-@pytest.mark.parametrize("optimizer", ["roga", "sam"])
-def test_ddp_two_gloo_processes(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,strategy", [("roga", "swap"), ("sam", "copy")])
+def test_ddp_two_gloo_processes(tmp_path, optimizer, strategy):
     out = str(tmp_path / "ddp")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), out, optimizer), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), out, optimizer, strategy), nprocs=2, join=True)
     with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)
     assert m["world_size"] == 2 and m["steps"] == 3

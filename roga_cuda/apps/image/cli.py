@@ -201,8 +201,6 @@ def _eval_parser():
 def evaluate_checkpoint(path, out_dir, overrides=(), config=None, split="test", device=None, skip_corrupt=False):
     import tempfile
 
-    import torch
-
     from ..common.checkpoint import load_checkpoint
     from ..common.runtime import Amp, select_device, set_num_threads
     from .data import build_image_data

@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..common.runtime import hash_str, print0
 
@@ -52,7 +51,7 @@ def load_image(path, size):
         with Image.open(path) as im:
             im = im.convert("RGB")
             if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
+                im = im.resize((size, size), getattr(Image, "Resampling", Image).BILINEAR)
             arr = np.asarray(im, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"cannot read image {path}: {e}") from e
@@ -379,8 +378,3 @@ def to_input(x_uint8, device, mean, std, flip=None):
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     return (x - m) / s
 
-
-def resize_batch(x, size):
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

@@ -48,7 +48,6 @@ Everything is a pure function of ``(seed, sizes)``: each quantity is drawn from 
 """
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
