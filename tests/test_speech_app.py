@@ -392,6 +392,9 @@ def test_cli_errors(tmp_path, capsys):
     assert train_main(["--preset", "smoke", "--out", str(tmp_path), "data.source=asvspoof2019"]) == 2
     assert "data.root" in capsys.readouterr().err
     assert eval_main(["--out", str(tmp_path)]) == 2
+    assert train_main(["--preset", "smoke", "--out", str(tmp_path), "--compare", "dpda,dpda:pcgrad"]) == 2
+    assert "listed twice" in capsys.readouterr().err
+    assert train_main(["--preset", "smoke", "--out", str(tmp_path), "--compare", "baseline:pcgrad"]) == 2
 
 
 def _ddp_worker(rank, world, port, overrides, out, results):

@@ -131,6 +131,8 @@ def compare(cfg, runs, out, resume=None):
         if align:
             c.align = align
         validate(c)
+        if run_label(c) in [run_label(x) for x in cfgs]:
+            raise ConfigError(f"--compare: {run_label(c)} is listed twice")
         cfgs.append(c)
     t0 = time.time()
     data = build_data(cfg.data, log=print0)

@@ -41,7 +41,7 @@ def plot_conflicts(steps, cosines, conflicts, running, epoch_rates, path, title=
     if epoch_rates:
         e, r = zip(*epoch_rates)
         ax.bar(e, r, color="tab:red", alpha=0.7)
-    ax.set(xlabel="epoch", ylabel="fraction of steps with <g_clean, g_aug> < 0", title="conflict rate per epoch",
+    ax.set(xlabel="epoch", ylabel="conflict rate", title="steps with <g_clean, g_aug> < 0, per epoch",
            ylim=(0, 1))
     ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)

@@ -342,6 +342,7 @@ class Trainer:
                  f"{self.steps_per_epoch} steps/epoch, {t.epochs} epochs; device {self.device}")
         self.model.train()
         bar = self._bar(None, desc=run_label(cfg), total=self.total_steps)
+        self._active_bar = bar
         bar.update(self.step)
         t_start = time.time() - self.train_time
         stopped = False
@@ -365,6 +366,7 @@ class Trainer:
                 self._flush(steps_log)
                 self.ckpt.save(self.step, self._state())
         bar.close()
+        self._active_bar = None
         steps_log.close()
         epoch_log.close()
         return self.finish()
@@ -385,7 +387,8 @@ class Trainer:
         self.history.append(rec)
         epoch_log.log(self.step, **rec)
         mark = " *" if improved else ""
-        self.log(f"[{run_label(cfg)}] epoch {epoch:3d}  dev EER {100 * dev_eer:6.2f}%  dev loss {dev_loss:.4f}  "
+        say = getattr(getattr(self, "_active_bar", None), "write", None) if self.log is print0 else None
+        (say or self.log)(f"[{run_label(cfg)}] epoch {epoch:3d}  dev EER {100 * dev_eer:6.2f}%  dev loss {dev_loss:.4f}  "
                  f"conflict rate {conf if not math.isnan(conf) else float('nan'):.3f}  ({self.train_time:.0f}s){mark}")
         return bool(cfg.train.patience and self.bad_epochs >= cfg.train.patience)
 
