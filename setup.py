@@ -66,7 +66,8 @@ def extensions():
     define = [("ROGA_TORCH_VERSION", f'"{torch.__version__}"')]
     # -ffp-contract=off: no silent FMA contraction, so the AVX2 and baseline loops (and the
     # reference) round identically.
-    cxx = opt + ["-std=c++17", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
+    std = cxx_std()
+    cxx = opt + [std, "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
     sources = ["csrc/frontend.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp"]
     cuda, why_not = want_cuda()
     if cuda:
@@ -75,12 +76,10 @@ def extensions():
         cu = sorted(os.path.join("csrc/cuda", f) for f in os.listdir(os.path.join(HERE, "csrc/cuda"))
                     if f.endswith(".cu"))
         define.append(("ROGA_WITH_CUDA", None))
-        std = cxx_std()
         ext = cpp_extension.CUDAExtension(
             "roga_cuda._C", sources + cu,
             define_macros=define,
-            extra_compile_args={"cxx": [std if f == "-std=c++17" else f for f in cxx],
-                                "nvcc": opt + [std, "-lineinfo", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": opt + [std, "-lineinfo", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
         print(f"roga_cuda: building CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPU')})")
@@ -114,9 +113,9 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "matplotlib", "scikit-learn", "pillow"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "soundfile"],
         "audio": ["soundfile"],
-        "image": ["pillow", "timm"],
+        "timm": ["timm"],  # EfficientNet-B4 backbone; pulls torchvision
     },
     entry_points={
         "console_scripts": [

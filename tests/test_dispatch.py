@@ -46,12 +46,26 @@ def _run(code, env=None):
 
 
 BLOCK_C = """
-    import importlib.abc, sys
+    import importlib.abc, importlib.machinery, sys
+    class Broken(importlib.abc.Loader):  # found, but fails to load (e.g. an undefined symbol)
+        def create_module(self, spec):
+            raise ImportError("simulated: undefined symbol")
+        def exec_module(self, module):
+            pass
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
             if name == "roga_cuda._C":
-                raise ImportError("simulated: extension not built")
+                return importlib.machinery.ModuleSpec(name, Broken())
     sys.meta_path.insert(0, Block())
+"""
+
+MISSING_C = """
+    import importlib.abc, sys
+    class Missing(importlib.abc.MetaPathFinder):  # as if the .so had never been built
+        def find_spec(self, name, path, target=None):
+            if name == "roga_cuda._C":
+                raise ModuleNotFoundError(name)
+    sys.meta_path.insert(0, Missing())
 """
 
 
@@ -59,7 +73,7 @@ def test_missing_extension_falls_back_with_one_warning():
     r = _run(BLOCK_C + """
     import warnings, torch, roga_cuda
     info = roga_cuda.backends()
-    assert not info["cpu"]["available"] and "simulated: extension not built" in info["cpu"]["reason"], info
+    assert not info["cpu"]["available"] and "simulated: undefined symbol" in info["cpu"]["reason"], info
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         x = [torch.ones(4), torch.ones(5)]
@@ -67,6 +81,16 @@ def test_missing_extension_falls_back_with_one_warning():
             assert abs(roga_cuda.ops.norm(x).item() - 3.0) < 1e-6
     msgs = [str(m.message) for m in w if issubclass(m.category, RuntimeWarning)]
     assert len(msgs) == 1 and "falls back to 'foreach'" in msgs[0] and "simulated" in msgs[0], msgs
+    print("ok")
+    """)
+    assert "ok" in r.stdout
+
+
+def test_unbuilt_extension_is_reported_as_not_built():
+    r = _run(MISSING_C + """
+    import roga_cuda
+    info = roga_cuda.backends()["cpu"]
+    assert not info["available"] and "is not built" in info["reason"], info
     print("ok")
     """)
     assert "ok" in r.stdout

@@ -13,8 +13,17 @@ _reason = None
 try:
     from .. import _C
 except Exception as e:  # ImportError, or an undefined symbol from a torch ABI mismatch
-    _reason = (f"the compiled module roga_cuda._C failed to import ({type(e).__name__}: {e}); "
-               "rebuild with `pip install --no-build-isolation -e .` against the installed torch")
+    import importlib.util
+    try:
+        built = importlib.util.find_spec("roga_cuda._C") is not None
+    except (ImportError, ValueError):
+        built = False
+    if not built:
+        _reason = ("the compiled module roga_cuda._C is not built; build it with "
+                   "`pip install --no-build-isolation -e .` against the installed torch")
+    else:
+        _reason = (f"the compiled module roga_cuda._C failed to import ({type(e).__name__}: {e}); "
+                   "rebuild with `pip install --no-build-isolation -e .` against the installed torch")
 else:
     if _C.TORCH_VERSION.split("+")[0] != torch.__version__.split("+")[0]:
         _reason = (f"roga_cuda._C was built against torch {_C.TORCH_VERSION} but torch {torch.__version__} "
