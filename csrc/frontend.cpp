@@ -72,21 +72,30 @@ c10::optional<at::Device> check(const char* op, const std::vector<Named>& lists,
     }
   }
   // A written tensor may not share memory with another tensor at its position, except
-  // combine_'s `out`, which may *be* one of its inputs.
-  for (const auto& w : lists) {
-    if (!w.written) continue;
-    for (const auto& l : lists) {
-      if (&l == &w) continue;
+  // combine_'s `out`, which may *be* one of its inputs. Byte ranges are read once per
+  // tensor (const_data_ptr: no copy-on-write materialisation).
+  bool any_written = false;
+  for (const auto& l : lists) any_written |= l.written;
+  if (!any_written) return dev;
+  std::vector<std::vector<std::pair<const char*, int64_t>>> ranges(lists.size());
+  for (size_t j = 0; j < lists.size(); ++j) {
+    ranges[j].resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& t = (*lists[j].ts)[i];
+      ranges[j][i] = {static_cast<const char*>(t.const_data_ptr()), t.numel() * t.element_size()};
+    }
+  }
+  for (size_t wj = 0; wj < lists.size(); ++wj) {
+    if (!lists[wj].written) continue;
+    for (size_t j = 0; j < lists.size(); ++j) {
+      if (j == wj) continue;
       for (size_t i = 0; i < n; ++i) {
-        const at::Tensor& a = (*w.ts)[i];
-        const at::Tensor& b = (*l.ts)[i];
-        if (a.numel() == 0) continue;
-        auto a0 = static_cast<const char*>(a.data_ptr());
-        auto b0 = static_cast<const char*>(b.data_ptr());
-        const int64_t bytes = a.numel() * a.element_size();
+        const auto [a0, bytes] = ranges[wj][i];
+        const char* b0 = ranges[j][i].first;
+        if (bytes == 0) continue;
         if (a0 < b0 + bytes && b0 < a0 + bytes)
-          TORCH_CHECK_VALUE(alias_ok && a0 == b0, op, ": ", w.name, "[", i, "] shares memory with ",
-                            l.name, "[", i, "]", alias_ok ? " without being the same tensor" : "");
+          TORCH_CHECK_VALUE(alias_ok && a0 == b0, op, ": ", lists[wj].name, "[", i, "] shares memory with ",
+                            lists[j].name, "[", i, "]", alias_ok ? " without being the same tensor" : "");
       }
     }
   }
