@@ -6,6 +6,7 @@ PCGrad equal the single-process run on the concatenated batch; RoGA (passes unde
 no_sync, one all-reduce per step) equals the mean over ranks of per-rank RoGA gradients.
 """
 import os
+import socket
 import tempfile
 
 import pytest
@@ -31,8 +32,14 @@ def data(step, domain=0, n=8):
     return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
-def _worker(rank, kind, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, kind, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         model = model_()
@@ -69,6 +76,7 @@ def _worker(rank, kind, init_file, out_dir):
                 opt.backward([F.cross_entropy(out, y), -0.5 * F.cross_entropy(out, (y + 1) % 3)], model=ddp)
                 opt.step()
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()  # nobody tears down the group while the other rank still uses it
     finally:
         dist.destroy_process_group()
 
@@ -134,7 +142,7 @@ def test_ddp_two_processes(kind):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(kind, os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(kind, _free_port(), tmp), nprocs=WORLD, join=True)
         states = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(WORLD)]
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), f"ranks differ in {k}"

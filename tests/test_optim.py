@@ -503,6 +503,10 @@ def test_sum_method_and_stats_over_steps():
     assert flags == [False, True, False, False, True, False]
     assert opt.conflict_rate == pytest.approx(2 / 6)
     assert opt.stats["steps"] == 6
+    # an overflowing step (non-finite G, skipped by AMP) is neither a conflict nor counted
+    opt.zero_grad()
+    opt.backward([sum((p * float("inf")).sum() for p in params), sum(p.sum() for p in params)])
+    assert not bool(opt.stats["finite"]) and opt.conflict_rate == pytest.approx(2 / 6)
 
 
 def test_pcgrad_shared_graph_and_errors():

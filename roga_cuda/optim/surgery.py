@@ -192,7 +192,8 @@ class PCGrad(WrapperOptimizer):
         self._flat = None
         self._targets = None  # GradVac's EMA cosine targets (K x K)
         self._n_steps = 0
-        self._n_conflict = None  # device tensor: steps with a conflicting pair
+        self._n_conflict = None  # device tensors: steps with a conflicting pair, steps with a finite G
+        self._n_finite = None
         self.stats = {}
 
     # ---------------------------------------------------------------------------------
@@ -341,21 +342,30 @@ class PCGrad(WrapperOptimizer):
         k = G.shape[0]
         off = ~torch.eye(k, dtype=torch.bool, device=G.device)
         conflict = (G < 0) & off
-        any_conflict = conflict.any().float()
+        any_conflict = conflict.any()
+        # Steps whose Gram matrix is not finite (an AMP overflow the scaler will skip) count
+        # neither as conflicts nor in the denominator: the rate stays unbiased under fp16.
+        finite = torch.isfinite(G).all()
         if self._n_conflict is None:
             self._n_conflict = torch.zeros((), device=G.device)
-        self._n_conflict = self._n_conflict + torch.where(torch.isfinite(G).all(), any_conflict, 0.0)
+            self._n_finite = torch.zeros((), device=G.device)
+        self._n_conflict = self._n_conflict + (any_conflict & finite).float()
+        self._n_finite = self._n_finite + finite.float()
         self._n_steps += 1
-        self.stats = {"gram": G, "cosine": cos, "conflict": conflict, "any_conflict": any_conflict.bool(),
-                      "conflict_rate": self._n_conflict / self._n_steps, "steps": self._n_steps}
+        self.stats = {"gram": G, "cosine": cos, "conflict": conflict, "any_conflict": any_conflict,
+                      "finite": finite, "conflict_rate": self._n_conflict / self._n_finite.clamp_min(1),
+                      "steps": self._n_steps}
 
     @property
     def conflict_rate(self):
-        """Fraction of aligned steps with at least one conflicting pair (a Python float: syncs)."""
-        return float(self._n_conflict / self._n_steps) if self._n_steps else float("nan")
+        """Fraction of aligned steps (with a finite Gram matrix) that had at least one
+        conflicting pair; a Python float (synchronises with the device)."""
+        if self._n_conflict is None or float(self._n_finite) == 0:
+            return float("nan")
+        return float(self._n_conflict / self._n_finite)
 
     def reset_stats(self):
-        self._n_steps, self._n_conflict, self.stats = 0, None, {}
+        self._n_steps, self._n_conflict, self._n_finite, self.stats = 0, None, None, {}
 
     def step(self, closure=None):
         """The base optimizer's step on the aligned gradient in ``.grad``."""
@@ -373,7 +383,8 @@ class PCGrad(WrapperOptimizer):
     def _extra_state(self):
         return {"method": self.method, "targets": self._targets, "generator": self._gen.get_state(),
                 "n_steps": self._n_steps,
-                "n_conflict": None if self._n_conflict is None else self._n_conflict.detach().cpu()}
+                "n_conflict": None if self._n_conflict is None else self._n_conflict.detach().cpu(),
+                "n_finite": None if self._n_finite is None else self._n_finite.detach().cpu()}
 
     def _load_extra_state(self, state):
         if not state:
@@ -386,8 +397,9 @@ class PCGrad(WrapperOptimizer):
         if state.get("generator") is not None:
             self._gen.set_state(state["generator"])
         self._n_steps = state.get("n_steps", 0)
-        n = state.get("n_conflict")
+        n, f = state.get("n_conflict"), state.get("n_finite")
         self._n_conflict = None if n is None else n.to(dev)
+        self._n_finite = None if n is None else (f if f is not None else torch.tensor(float(self._n_steps))).to(dev)
 
 
 class _null:
