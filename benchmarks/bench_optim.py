@@ -152,6 +152,13 @@ class PublicPCGrad:
 def variants(m, backend="auto"):
     """{name: step function} — one whole optimizer step each, forward/backward excluded."""
     out = {}
+    base = torch.optim.SGD(m.params, lr=0.01, momentum=0.9, foreach=True)
+
+    def base_step():  # the base optimizer alone: its time and memory are in every variant below
+        m.backward(0)
+        base.step()
+        base.zero_grad()
+    out["base|sgd"] = (m.refill, base_step)
     sam_pub = PublicSAM(m.params)
     out["sam|public"] = (m.refill, lambda: (m.backward(0), sam_pub.first_step(), m.backward(1), sam_pub.second_step()))
     for strategy in ("copy", "swap"):
@@ -194,7 +201,7 @@ def variants(m, backend="auto"):
 
     def pcgrad_step():
         # what PCGrad.backward does after autograd: stash, gram, coefficients, combine
-        pc._stash = [dict(zip(m.params, m.pool[0])), dict(zip(m.params, m.task2))]
+        pc._stash = [dict(zip(map(id, m.params), m.pool[0])), dict(zip(map(id, m.params), m.task2))]
         pc._inv_scale = None
         pc.align()
         pc.step()
@@ -228,23 +235,38 @@ def format_list(name, lst):
     for key, m in rows.items():
         opt, var = key.split("|")
         pub = rows.get(f"{opt}|public")
-        lines.append(f"| {opt} | {var} | {m * 1e3:.3f} ms | {pub / m:.2f}x |")
+        lines.append(f"| {opt} | {var} | {m * 1e3:.3f} ms | {pub / m:.2f}x |" if pub else
+                     f"| {opt} (SGD momentum step alone, in every row) | {var} | {m * 1e3:.3f} ms | |")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- memory
 
+def _proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def _peak_child(variant, list_name, device, steps):
-    """Run in a fresh process: the peak memory above model + gradients for one variant."""
-    import resource
+    """Run in a fresh process: the peak memory above model + gradients for one variant.
+
+    CPU: the resident-set high-water mark (VmHWM) is reset through /proc/self/clear_refs
+    after the model and its gradients exist, so the peak counts only what the optimizer
+    steps add (its buffers, clones, temporaries). CUDA: max_memory_allocated."""
     m = Model(L.LISTS[list_name](), device)
     setup, fn = variants(m)[variant]
+    setup()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = _proc_status_kb("VmRSS") * 1024
     for _ in range(steps):
         setup()
         fn()
@@ -252,16 +274,17 @@ def _peak_child(variant, list_name, device, steps):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _proc_status_kb("VmHWM") * 1024
     param_bytes = sum(p.numel() * p.element_size() for p in m.params)
     print(json.dumps({"extra_bytes": peak - base, "param_bytes": param_bytes}))
 
 
 def memory(device="cpu", list_name="resnet34", steps=3, log=print):
-    """Peak extra memory per variant, in units of one parameter set (P). Algorithmic minimum:
-    SAM 1 P (backup, or the spare buffer); RoGA 2 P (backup + accumulator) — the accumulator
-    of the first domain is the gradient autograd produced; PCGrad 1 P beyond the K=2 task
-    gradients (none: the combination is written into one of them)."""
+    """Peak extra memory per variant over its first steps, in units of one parameter set (P),
+    including the base SGD's momentum buffer (1 P: the "base|sgd" row). Algorithmic minimum
+    on top of that: SAM 1 P (backup, or the spare buffer); RoGA 1 P (backup; the accumulator
+    is the gradient autograd produced for the first domain); PCGrad 0 beyond the K=2 task
+    gradients (the combination is written into one of them)."""
     names = list(variants(Model([(1,)], device)).keys())
     out = {}
     for v in names:

@@ -30,7 +30,8 @@ def markdown(res, command=None):
     for name, lst in res.get("optim", {}).get("lists", {}).items():
         lines.append(bench_optim.format_list(name, lst))
     if "memory_x_params" in res.get("optim", {}):
-        lines.append("\n### Peak extra memory (resnet34 list), in parameter-set sizes\n")
+        lines.append("\n### Peak extra memory over the first steps (resnet34 list), in parameter-set sizes\n\n"
+                     "Includes the base SGD's momentum buffer (the base row); see bench_optim.memory for the minimum.\n")
         lines.append("| optimizer | variant | peak extra memory |\n|---|---|---:|")
         for k, v in res["optim"]["memory_x_params"].items():
             o, var = k.split("|")
@@ -93,7 +94,7 @@ def plots(res, out_dir):
             labels, vals = [], []
             for k, v in rows.items():
                 o, var = k.split("|")
-                if var != "public":
+                if var != "public" and f"{o}|public" in rows:
                     labels.append(f"{o} {var}")
                     vals.append(rows[f"{o}|public"] / v)
             ax.bar(labels, vals, color="tab:green")

@@ -99,15 +99,44 @@ class WrapperOptimizer(torch.optim.Optimizer):
         return out
 
     def _buffers(self, kind, params):
-        """Persistent scratch tensors like each param (allocated once, reused every step)."""
+        """Persistent scratch tensors like each param (allocated once, reused every step).
+
+        The per-parameter store is keyed by id(p) (Tensor.__hash__ is a Python-level call,
+        too slow for a loop over hundreds of parameters every step); an entry keeps p, so
+        its id cannot be reused while the entry lives. The assembled list is cached per
+        parameter list (callers must not modify it)."""
+        lists = self.__dict__.setdefault("_scratch_lists", {})
+        key = (kind, tuple(map(id, params)))
+        out = lists.get(key)
+        if out is not None:
+            return out
         store = self.__dict__.setdefault("_scratch", {}).setdefault(kind, {})
         out = []
         for p in params:
-            b = store.get(p)
-            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                b = store[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-            out.append(b)
+            e = store.get(id(p))
+            if e is None or e[0] is not p or e[1].shape != p.shape or e[1].dtype != p.dtype:
+                e = store[id(p)] = (p, torch.empty_like(p, memory_format=torch.preserve_format))
+            out.append(e[1])
+        if len(lists) > 64:  # parameter lists that come and go: keep the cache bounded
+            lists.clear()
+        lists[key] = out
         return out
+
+    def _set_buffers(self, kind, params, tensors):
+        store = self._scratch[kind]
+        for p, t in zip(params, tensors):
+            store[id(p)] = (p, t)
+        self._scratch_lists = {k: v for k, v in self._scratch_lists.items() if k[0] != kind}
+
+    def _strategy(self, params):
+        """choose_strategy, cached per parameter list (its checks walk every parameter)."""
+        key = tuple(map(id, params))
+        cache = self.__dict__.setdefault("_strategy_cache", {})
+        hit = cache.get(key)
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if hit is None:
+            hit = cache[key] = choose_strategy(self.strategy, params)
+        return "copy" if capturing and self.strategy != "swap" else hit
 
     def _perturb_params(self, ps, gs, s, strategy, adaptive=False, eta=0.0):
         """Move ``ps`` (one device) to ``p + s * g`` (ASAM: ``p + s (|p|+eta)^2 g``).
@@ -122,9 +151,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
         spare = self._buffers("spare", ps)
         if adaptive:  # in place, originals to the spare buffer; the perturbed storage becomes the next spare
             ops.perturb_(ps, gs, spare, s, adaptive=True, eta=eta, backend=self.backend)
-            store = self._scratch["spare"]
-            for p in ps:
-                store[p] = p.data
+            self._set_buffers("spare", ps, [p.data for p in ps])
             return ("swap", ps, spare)
         ops.combine_(spare, [ps, gs], [1.0, s], backend=self.backend)  # spare = p + s g
         orig = [p.data for p in ps]
@@ -199,8 +226,8 @@ def by_device(*lists):
     first = lists[0]
     if not first:
         return []
-    dev0 = first[0].device
-    if all(t.device == dev0 for t in first):
+    d0 = first[0].get_device()  # an int: much cheaper to compare than torch.device objects
+    if all(t.get_device() == d0 for t in first) and (d0 >= 0 or first[0].device.type == "cpu"):
         return [lists]
     groups = {}
     for i, t in enumerate(first):

@@ -67,7 +67,7 @@ class RoGA(WrapperOptimizer):
         self.num_domains = None if num_domains is None else int(num_domains)
         self.ddp_sync = ddp_sync
         self._pending = None  # between perturb() and accumulate()
-        self._acc = {}  # param -> accumulated gradient
+        self._acc = {}  # id(param) -> (param, accumulated gradient); id keys: Tensor.__hash__ is slow
         self._count = 0  # accumulate() calls this step
         self._acc_is_mean = False  # the last accumulate() already divided by K
         self._flat = None  # (params, {dtype/device: flat buffer}, {param: view}) when syncing across processes
@@ -99,12 +99,12 @@ class RoGA(WrapperOptimizer):
         if self._count == 0 and self._flat is not None:
             views = self._flat[2]
             p0, g0 = parts[0][1][0], parts[0][2][0]
-            if views.get(p0) is g0:
+            if views.get(id(p0)) is g0:
                 raise RuntimeError("RoGA: .grad still holds the previous step's gradient; call opt.zero_grad() "
                                    "before the first backward of a step")
         norm = self._norm([(ps, gs) for _, ps, gs in parts])
         inv = inv_scale_of(scaler)
-        strategy = choose_strategy(self.strategy, [p for _, ps, _ in parts for p in ps])
+        strategy = self._strategy([p for _, ps, _ in parts for p in ps])
         moves, stash = [], {}
         for group, ps, gs in parts:
             scale = group["rho"] / (norm + 1e-12)
@@ -113,7 +113,7 @@ class RoGA(WrapperOptimizer):
             for dps, dgs in by_device(ps, gs):
                 moves.append((group["alpha"], self._perturb_params(dps, dgs, scale.to(dps[0].device), strategy)))
             if self.alignment == "hvp":
-                stash.update(zip(ps, gs))
+                stash.update((id(p), g) for p, g in zip(ps, gs))
         for _, ps, _ in parts:
             for p in ps:
                 p.grad = None
@@ -137,7 +137,7 @@ class RoGA(WrapperOptimizer):
             for alpha, (kind, ps, saved) in moves:
                 hs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
                 if self.alignment == "hvp":
-                    hs = self._hvp(ps, hs, [stash[p] for p in ps], alpha, inv)
+                    hs = self._hvp(ps, hs, [stash[id(p)] for p in ps], alpha, inv)
                 self._restore_accumulate(kind, ps, saved, hs, first=(k == 1), last=last, sync=sync)
         finally:
             for alpha, (kind, ps, saved) in moves:
@@ -164,13 +164,13 @@ class RoGA(WrapperOptimizer):
 
     def _acc_tensors(self, ps, sync):
         if not sync:
-            return [self._acc[p] for p in ps]
+            return [self._acc[id(p)][1] for p in ps]
         views = self._flat_views(ps)
-        return [views[p] for p in ps]
+        return [views[id(p)] for p in ps]
 
     def _flat_views(self, ps):
         """Accumulators as views of one flat buffer per dtype/device: one all-reduce per step."""
-        if self._flat is None or any(p not in self._flat[2] for p in ps):
+        if self._flat is None or any(id(p) not in self._flat[2] for p in ps):
             allp = list({id(p): p for g in self.param_groups for p in g["params"] if p.requires_grad}.values())
             groups = {}
             for p in allp:
@@ -180,7 +180,7 @@ class RoGA(WrapperOptimizer):
                 buf = torch.empty(sum(p.numel() for p in gp), dtype=key[0], device=key[1])
                 bufs[key] = buf
                 for p, v in zip(gp, buf.split([p.numel() for p in gp])):
-                    views[p] = v.view_as(p)
+                    views[id(p)] = v.view_as(p)
             self._flat = (allp, bufs, views)
         return self._flat[2]
 
@@ -195,13 +195,13 @@ class RoGA(WrapperOptimizer):
                         buf.zero_()
                 acc = self._acc_tensors(ps, sync)
                 ops.combine_(acc, [hs], [1.0], backend=be)
-                self._acc.update(zip(ps, acc))
+                self._acc.update((id(p), (p, a)) for p, a in zip(ps, acc))
             else:
-                self._acc.update(zip(ps, hs))  # the gradient tensors themselves: no copy
+                self._acc.update((id(p), (p, h)) for p, h in zip(ps, hs))  # the gradients themselves: no copy
             return
-        new = [p for p in ps if p not in self._acc]
+        new = [p for p in ps if id(p) not in self._acc]
         for p in new:  # a parameter without a gradient in earlier domains
-            self._acc[p] = torch.zeros_like(p) if not sync else self._flat_views([p])[p]
+            self._acc[id(p)] = (p, torch.zeros_like(p) if not sync else self._flat_views([p])[id(p)])
         acc = self._acc_tensors(ps, sync)
         if last:  # acc = (acc + h) / K in the same pass
             self._restore_params([(kind, ps, saved)])
@@ -289,9 +289,9 @@ class RoGA(WrapperOptimizer):
     def _apply(self, scaler):
         sync = self._sync()
         if sync:  # every parameter gets its (all-reduced) gradient, zero where this rank had none
-            self._acc = dict(self._flat[2])
-        ps = list(self._acc.keys())
-        accs = list(self._acc.values())
+            self._acc = {id(p): (p, self._flat[2][id(p)]) for p in self._flat[0]}
+        ps = [p for p, _ in self._acc.values()]
+        accs = [a for _, a in self._acc.values()]
         for p, a in zip(ps, accs):
             p.grad = a
         coef = 1.0 if self._acc_is_mean else 1.0 / self._count

@@ -67,7 +67,7 @@ class SAM(WrapperOptimizer):
             raise RuntimeError("SAM.first_step(): no parameter has a gradient; call loss.backward() first")
         norm = self._norm([(ps, gs) for _, ps, gs in parts],
                           adaptive=[g["eta"] if g["adaptive"] else None for g, _, _ in parts])
-        strategy = choose_strategy(self.strategy, [p for _, ps, _ in parts for p in ps])
+        strategy = self._strategy([p for _, ps, _ in parts for p in ps])
         done = []
         for group, ps, gs in parts:
             scale = group["rho"] / (norm + 1e-12)

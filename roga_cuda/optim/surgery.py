@@ -188,7 +188,7 @@ class PCGrad(WrapperOptimizer):
         self.beta, self.c, self.cagrad_rescale = beta, c, cagrad_rescale
         self.ddp_sync = ddp_sync
         self._gen = torch.Generator().manual_seed(torch.initial_seed() % (2**63) if seed is None else int(seed))
-        self._stash = None  # per task: {param: gradient} until align()
+        self._stash = None  # per task: {id(param): gradient} until align()
         self._flat = None
         self._targets = None  # GradVac's EMA cosine targets (K x K)
         self._n_steps = 0
@@ -218,7 +218,7 @@ class PCGrad(WrapperOptimizer):
                     buf = torch.zeros(sum(p.numel() for p in gp), dtype=dt, device=dev)
                     bufs.append(buf)
                     for p, v in zip(gp, buf.split([p.numel() for p in gp])):
-                        views[p] = v.view_as(p)
+                        views[id(p)] = v.view_as(p)
                 tasks.append((bufs, views))
             self._flat = ([id(p) for p in params], tasks)
         return self._flat[1][:k]
@@ -264,11 +264,11 @@ class PCGrad(WrapperOptimizer):
             for t, loss in enumerate(losses):
                 for p in params:  # accumulate into the pending sums / flat views, or let autograd allocate
                     if flat is not None:
-                        p.grad = flat[t][1][p]
+                        p.grad = flat[t][1][id(p)]
                     else:
-                        p.grad = self._stash[t].get(p) if self._stash is not None else None
+                        p.grad = self._stash[t].get(id(p)) if self._stash is not None else None
                 torch.autograd.backward(loss, retain_graph=retain_graph or t < k - 1)
-                stash.append({p: p.grad for p in params if p.grad is not None})
+                stash.append({id(p): p.grad for p in params if p.grad is not None})
         for p in params:
             p.grad = None
         self._stash = stash
@@ -282,10 +282,10 @@ class PCGrad(WrapperOptimizer):
             raise RuntimeError("PCGrad.align() without backward(losses)")
         stash, self._stash = self._stash, None
         k = len(stash)
-        params = [p for p in self._params() if any(p in s for s in stash)]
+        params = [p for p in self._params() if any(id(p) in s for s in stash)]
         if not params:
             raise RuntimeError("PCGrad: no parameter received a gradient from the losses")
-        lists = [[s[p] if p in s else torch.zeros_like(p) for p in params] for s in stash]
+        lists = [[s[id(p)] if id(p) in s else torch.zeros_like(p) for p in params] for s in stash]
         if self._sync() and self._flat is not None:
             world = dist.get_world_size()
             for bufs, _ in self._flat[1][:k]:
