@@ -56,9 +56,10 @@ def plots(res, out_dir):
                 xs = [ops_res[n]["numel"] for n in sizes if be in ops_res[n]["ops"].get(op, {})]
                 ys = [ops_res[n]["ops"][op][be]["gbps"] for n in sizes if be in ops_res[n]["ops"].get(op, {})]
                 ax.plot(xs, ys, "o-", label=be)
-            for key, style in (("axpy", "--"), ("copy", ":")):
-                if key in bw:
-                    ax.axhline(bw[key], color="k", linestyle=style, label=f"{key} ceiling")
+            ceil = [ops_res[n].get("stream_gbps", bw["axpy"]) for n in sizes]
+            ax.plot([ops_res[n]["numel"] for n in sizes], ceil, "k--", label="axpy ceiling (same run)")
+            if "copy" in bw:
+                ax.axhline(bw["copy"], color="k", linestyle=":", label="copy (start of run)")
             ax.set_xscale("log")
             ax.set_title(op)
             ax.set_xlabel("parameters in the list")
