@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from roga_cuda import PCGrad, RoGA, freeze_bn_stats
 
-from .bench_optim import PublicRoGA
+from .bench_optim import PublicRoGA, public_pc_project
 from .timing import interleaved, machine, median
 
 DEFAULTS = {  # realistic batch sizes on a GPU, scaled down to stay affordable on 2 CPU cores
@@ -126,13 +126,7 @@ def speech_variants(device, batch, length, backend="auto"):
         for i, l in enumerate((l1, l2)):
             gs = torch.autograd.grad(l, params, retain_graph=i == 0, allow_unused=True)
             grads.append(torch.cat([(t if t is not None else torch.zeros_like(p)).flatten() for t, p in zip(gs, params)]))
-        pcs = [t.clone() for t in grads]
-        for g_i in pcs:
-            for g_j in grads:
-                d = torch.dot(g_i, g_j)
-                if d < 0:
-                    g_i -= d * g_j / (g_j.norm() ** 2)
-        merged = torch.stack(pcs).sum(0)
+        merged = public_pc_project(grads)
         idx = 0
         for p in params:
             p.grad = merged[idx:idx + p.numel()].view_as(p).clone()

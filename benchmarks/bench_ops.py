@@ -10,7 +10,6 @@ in C++ and are included).
 """
 import argparse
 import json
-import random
 import sys
 
 import torch
@@ -20,6 +19,7 @@ from roga_cuda.ops import foreach as fe
 from roga_cuda.optim import pcgrad_weights
 
 from . import lists as L
+from .bench_optim import public_pc_project
 from .timing import interleaved, machine, median, op_bytes, stream_bandwidth, sync
 
 RHO, ALPHA = 0.1, 2e-4
@@ -122,15 +122,7 @@ def loop_variants(st):
                 a.add_(h)
 
     def pcgrad_pair():  # flatten (torch.cat), project, sum, unflatten into .grad
-        grads = [torch.cat([g.flatten() for g in G]), torch.cat([h.flatten() for h in H])]
-        pc = [g.clone() for g in grads]
-        for g_i in pc:
-            random.shuffle(grads)
-            for g_j in grads:
-                d = torch.dot(g_i, g_j)
-                if d < 0:
-                    g_i -= d * g_j / (g_j.norm() ** 2)
-        merged = torch.stack(pc).sum(dim=0) * 0.5
+        merged = public_pc_project([torch.cat([g.flatten() for g in G]), torch.cat([h.flatten() for h in H])]) * 0.5
         idx = 0
         for h in H:
             n = h.numel()

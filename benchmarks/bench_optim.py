@@ -119,6 +119,21 @@ class PublicRoGA(PublicSAM):
             p.grad = None
 
 
+@torch.no_grad()
+def public_pc_project(flat_grads):
+    """pc_backward's core as the PyTorch PCGrad port writes it, on flattened task gradients:
+    each g_i projected off every conflicting g_j (in shuffled order), then summed."""
+    grads = list(flat_grads)
+    pc = [g.clone() for g in grads]
+    for g_i in pc:
+        random.shuffle(grads)
+        for g_j in grads:
+            d = torch.dot(g_i, g_j)
+            if d < 0:
+                g_i -= d * g_j / (g_j.norm() ** 2)
+    return torch.stack(pc).sum(dim=0)
+
+
 class PublicPCGrad:
     """The PyTorch PCGrad port's pc_backward: flatten with torch.cat, project, unflatten."""
 
@@ -128,15 +143,7 @@ class PublicPCGrad:
 
     @torch.no_grad()
     def backward_and_step(self, task_grads):
-        grads = [torch.cat([g.flatten() for g in tg]) for tg in task_grads]
-        pc = [g.clone() for g in grads]
-        for g_i in pc:
-            random.shuffle(grads)
-            for g_j in grads:
-                d = torch.dot(g_i, g_j)
-                if d < 0:
-                    g_i -= d * g_j / (g_j.norm() ** 2)
-        merged = torch.stack(pc).sum(dim=0)
+        merged = public_pc_project([torch.cat([g.flatten() for g in tg]) for tg in task_grads])
         idx = 0
         for p in self.params:
             n = p.numel()

@@ -1,20 +1,7 @@
 """Speech-specific figure: gradient cosine, conflict flags and conflict rate over training."""
 import math
-import os
 
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return path
+from ..common.plots import _plt, _save
 
 
 def plot_conflicts(steps, cosines, conflicts, running, epoch_rates, path, title="clean vs augmented gradients"):
