@@ -127,14 +127,13 @@ Scalar make_scalar(const char* op, const char* name, double value, const c10::op
   return s;
 }
 
+#ifdef ROGA_WITH_CUDA
+#define ROGA_DISPATCH(dev, fn, ...) ((dev).is_cuda() ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
+#else
 void require_cpu(const at::Device& dev) {
   TORCH_CHECK_VALUE(!dev.is_cuda(), "roga_cuda._C was built without CUDA kernels; "
                                     "use backend='foreach' or 'triton' for CUDA tensors");
 }
-
-#ifdef ROGA_WITH_CUDA
-#define ROGA_DISPATCH(dev, fn, ...) ((dev).is_cuda() ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
-#else
 #define ROGA_DISPATCH(dev, fn, ...) (require_cpu(dev), cpu::fn(__VA_ARGS__))
 #endif
 
