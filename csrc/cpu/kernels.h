@@ -125,7 +125,7 @@ double sumsq(const void* xv, const void* pv, int64_t n, double eta_d) {
 
 // b <- p; p += s * g   (adaptive: p += s * ((|p| + eta)^2 * g))
 template <typename T>
-void perturb(void* pv, const void* gv, void* bv, int64_t n, double s_d, bool adaptive, double eta_d) {
+void perturb(void* pv, const void* gv, void* bv, int64_t n, double s_d, bool adaptive, double eta_d, bool stream) {
   using C = typename IO<T>::C;
   T* p = static_cast<T*>(pv);
   const T* g = static_cast<const T*>(gv);
@@ -133,7 +133,7 @@ void perturb(void* pv, const void* gv, void* bv, int64_t n, double s_d, bool ada
   const C s = static_cast<C>(s_d), eta = static_cast<C>(eta_d);
   alignas(64) C pb[kBlock], gb[kBlock], ob[kBlock];
   ROGA_BLOCKS(n) {
-    std::memcpy(b + o, p + o, m * sizeof(T));
+    copy_out(b + o, p + o, m * sizeof(T), stream);  // the backup is write-only
     const C* pf = IO<T>::load(p + o, pb, m);
     const C* gf = IO<T>::load(g + o, gb, m);
     C* of = IO<T>::dst_buf(p + o, ob);
@@ -194,7 +194,7 @@ void gram(const void* const* xs, int k, int64_t n, double* out) {
 
 // out = sum_a w[a] * x_a; a block is fully read before it is written, so out may be an x_a
 template <typename T>
-void combine(void* outv, const void* const* xs, const double* w_d, int k, int64_t n) {
+void combine(void* outv, const void* const* xs, const double* w_d, int k, int64_t n, bool stream) {
   using C = typename IO<T>::C;
   T* out = static_cast<T*>(outv);
   alignas(64) C acc[kBlock], xb[kBlock];
@@ -210,7 +210,10 @@ void combine(void* outv, const void* const* xs, const double* w_d, int k, int64_
         for (int64_t j = 0; j < m; ++j) acc[j] += w * xf[j];
       }
     }
-    IO<T>::store(out + o, acc, m);
+    if (std::is_same<T, C>::value)
+      copy_out(out + o, acc, m * sizeof(T), stream);  // stream only when out is none of the inputs
+    else
+      IO<T>::store(out + o, acc, m);
   }
 }
 

@@ -19,13 +19,41 @@
 namespace roga {
 namespace cpu {
 
+// Copies an output the op does not read. stream=true uses non-temporal stores: the
+// destination's cache lines are not read first (a write-allocate would move 50% more
+// bytes for a copy) and the caches keep the inputs. For lists far larger than the caches
+// only (ops.cpp decides): streamed data is not in cache afterwards.
+inline void copy_out(void* dst, const void* src, int64_t bytes, bool stream) {
+#ifdef ROGA_X86
+  if (stream && bytes >= 256) {
+    char* d = static_cast<char*>(dst);
+    const char* s = static_cast<const char*>(src);
+    int64_t head = static_cast<int64_t>((16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15);
+    std::memcpy(d, s, head);
+    int64_t i = head;
+    for (; i + 16 <= bytes; i += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    std::memcpy(d + i, s + i, bytes - i);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
+// Orders the non-temporal stores before anything that follows (e.g. another thread's reads).
+inline void stream_fence() {
+#ifdef ROGA_X86
+  _mm_sfence();
+#endif
+}
+
 // Kernels over one contiguous segment of n elements of one storage dtype.
 struct SegmentKernels {
   double (*sumsq)(const void* x, const void* p_or_null, int64_t n, double eta);
-  void (*perturb)(void* p, const void* g, void* b, int64_t n, double s, bool adaptive, double eta);
+  void (*perturb)(void* p, const void* g, void* b, int64_t n, double s, bool adaptive, double eta, bool stream);
   void (*accumulate)(void* a, const void* g, int64_t n, double w);
   void (*gram)(const void* const* xs, int k, int64_t n, double* lower_triangle);
-  void (*combine)(void* out, const void* const* xs, const double* w, int k, int64_t n);
+  void (*combine)(void* out, const void* const* xs, const double* w, int k, int64_t n, bool stream);
 };
 
 struct KernelTable {
