@@ -27,10 +27,9 @@ def test_primitive(benchmark, lst, backend, op):
     fns = bench_ops.loop_variants(st) if backend == "loop" else bench_ops.primitive_variants(st, backend)
     if op not in fns:
         pytest.skip(f"no {backend} variant of {op}")
-    fn = fns[op]
-    if DEVICE == "cuda":
-        def fn(f=fns[op]):
-            f()
+    def fn(f=fns[op]):
+        f()
+        if DEVICE == "cuda":
             torch.cuda.synchronize()
     benchmark.extra_info["bytes"] = bench_ops.op_bytes(op, st.numel)
     benchmark(fn)

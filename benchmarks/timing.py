@@ -108,6 +108,4 @@ def stream_bandwidth(device="cpu", numel=None, reps=15):
     b = torch.randn(numel, device=dev)
     c = torch.empty_like(a)
     t = interleaved({"axpy": lambda: a.add_(b, alpha=1e-3), "copy": lambda: c.copy_(a)}, reps=reps, device=dev)
-    out = {"axpy": 12 * numel / median(t["axpy"]) / 1e9, "copy": 8 * numel / median(t["copy"]) / 1e9}
-    del a, b, c
-    return out
+    return {"axpy": 12 * numel / median(t["axpy"]) / 1e9, "copy": 8 * numel / median(t["copy"]) / 1e9}

@@ -2,7 +2,6 @@
 import json
 import os
 
-import pytest
 
 from benchmarks import lists as L
 from benchmarks.timing import BYTES_PER_ELEMENT, op_bytes

@@ -7,6 +7,7 @@ no_sync, one all-reduce per step) equals the mean over ranks of per-rank RoGA gr
 """
 import os
 import socket
+import sys
 import tempfile
 
 import pytest
@@ -76,9 +77,15 @@ def _worker(rank, kind, port, out_dir):
                 opt.backward([F.cross_entropy(out, y), -0.5 * F.cross_entropy(out, (y + 1) % 3)], model=ddp)
                 opt.step()
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()  # nobody tears down the group while the other rank still uses it
-    finally:
+        dist.barrier()  # both results are on disk
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave without tearing gloo down: its teardown at exit aborts a rank now and then
+    # ("terminate called without an active exception", seen 2 in ~30 runs), after the
+    # results are written; that is not what this test checks.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def single_process(kind):

@@ -12,8 +12,7 @@ import torch
 from roga_cuda import ops
 
 from conftest import backend_cases
-from util import (EPS, SHAPES, Lists, assert_bits_equal, assert_elementwise, dtypes_for, f64,
-                  reduction_rtol)
+from util import SHAPES, Lists, assert_bits_equal, assert_elementwise, f64, reduction_rtol
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, "mixed"]

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roga_cuda import PCGrad, RoGA, SAM, freeze_bn_stats, ops
-from roga_cuda.optim import cagrad_weights, mgda_weights
+from roga_cuda import PCGrad, RoGA, SAM, freeze_bn_stats
+from roga_cuda.optim import mgda_weights
 
 from conftest import backend_cases
 

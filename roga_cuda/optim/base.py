@@ -10,6 +10,7 @@ import inspect
 import math
 
 import torch
+import torch.distributed as dist
 
 from .. import ops
 
@@ -98,6 +99,17 @@ class WrapperOptimizer(torch.optim.Optimizer):
             out.append((group, ps, gs))
         return out
 
+    def _sync(self):
+        """All-reduce across processes? ``ddp_sync`` (RoGA, PCGrad) if given, else whether
+        torch.distributed runs with more than one process."""
+        if getattr(self, "ddp_sync", None) is not None:
+            return bool(self.ddp_sync)
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _params(self):
+        """Every trainable parameter once, in param-group order."""
+        return list({id(p): p for g in self.param_groups for p in g["params"] if p.requires_grad}.values())
+
     def _buffers(self, kind, params):
         """Persistent scratch tensors like each param (allocated once, reused every step).
 
@@ -159,36 +171,20 @@ class WrapperOptimizer(torch.optim.Optimizer):
             p.data = b
         return ("swap", ps, orig)
 
-    def _restore_params(self, moves, skip_copy=False):
-        """Undo _perturb_params for every move (``skip_copy``: only swap storage back)."""
+    def _restore_params(self, moves):
+        """Undo _perturb_params for every move."""
         for kind, ps, saved in moves:
             if kind == "copy":
-                if not skip_copy:
-                    ops.restore_(ps, saved, backend=self.backend)
+                ops.restore_(ps, saved, backend=self.backend)
             else:
                 for p, t in zip(ps, saved):
                     p.data = t
 
     def _norm(self, pairs, adaptive=None):
-        """Global L2 norm of several (params, grads) lists, as a 0-d tensor.
-
-        adaptive: per list, None or eta (ASAM norm || (|p| + eta) g ||)."""
-        parts = []
-        for i, (ps, gs) in enumerate(pairs):
-            eta = None if adaptive is None else adaptive[i]
-            for dps, dgs in by_device(ps, gs):
-                parts.append(ops.norm(dgs, params=dps if eta is not None else None, eta=eta or 0.0,
-                                      backend=self.backend))
-        if len(parts) == 1:
-            return parts[0]
-        dev = parts[0].device
-        return torch.stack([p.to(dev, torch.float64) for p in parts]).norm().to(parts[0].dtype)
+        return global_norm(pairs, self.backend, adaptive)
 
     def _scale_grads_(self, grads_by_dev, coef):
-        """grads *= coef (a float or a 0-d device tensor), one fused pass per device."""
-        for gs in grads_by_dev:
-            if gs:
-                ops.combine_(gs, [gs], [coef], backend=self.backend)
+        scale_(grads_by_dev, coef, self.backend)
 
     def _clip_coef(self, pairs, pre_scale=None):
         """min(1, max_grad_norm / ||pre_scale * g||) as a 0-d device tensor (no host sync)."""
@@ -196,6 +192,46 @@ class WrapperOptimizer(torch.optim.Optimizer):
         if pre_scale is not None:
             n = n * pre_scale
         return (self.max_grad_norm / (n + 1e-6)).clamp(max=1.0)
+
+
+def global_norm(pairs, backend="auto", adaptive=None):
+    """Global L2 norm of several (params, grads) lists, one fused call per list and device,
+    as a 0-d tensor on the first list's device (no host sync).
+
+    adaptive: per list, None or eta (ASAM norm || (|p| + eta) g ||)."""
+    parts = []
+    for i, (ps, gs) in enumerate(pairs):
+        eta = None if adaptive is None else adaptive[i]
+        for dps, dgs in by_device(ps, gs):
+            parts.append(ops.norm(dgs, params=dps if eta is not None else None, eta=eta or 0.0, backend=backend))
+    if len(parts) == 1:
+        return parts[0]
+    dev = parts[0].device
+    return torch.stack([p.to(dev, torch.float64) for p in parts]).norm().to(parts[0].dtype)
+
+
+def scale_(grad_lists, coef, backend="auto"):
+    """grads *= coef (a float or a 0-d tensor) for each list of one device, one fused pass each."""
+    for gs in grad_lists:
+        if gs:
+            c = coef.to(gs[0].device) if isinstance(coef, torch.Tensor) else coef
+            ops.combine_(gs, [gs], [c], backend=backend)
+
+
+def flat_views(params, zero=False):
+    """Views of one flat buffer per (dtype, device) shaped like each param: a whole gradient
+    set all-reduced in one collective per buffer. Returns (buffers, {id(param): view})."""
+    groups = {}
+    for p in params:
+        groups.setdefault((p.dtype, p.device), []).append(p)
+    bufs, views = [], {}
+    for (dt, dev), gp in groups.items():
+        alloc = torch.zeros if zero else torch.empty
+        buf = alloc(sum(p.numel() for p in gp), dtype=dt, device=dev)
+        bufs.append(buf)
+        for p, v in zip(gp, buf.split([p.numel() for p in gp])):
+            views[id(p)] = v.view_as(p)
+    return bufs, views
 
 
 def _build_base(cls, groups, kwargs):
@@ -274,12 +310,8 @@ def clip_grad_norm_(parameters, max_norm, backend="auto"):
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    parts = by_device(grads)
-    norms = [ops.norm(gs, backend=backend) for (gs,) in parts]
-    total = norms[0] if len(norms) == 1 else torch.stack([n.to(norms[0].device) for n in norms]).norm()
-    coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
-    for (gs,) in parts:
-        ops.combine_(gs, [gs], [coef.to(gs[0].device)], backend=backend)
+    total = global_norm([(grads, grads)], backend)
+    scale_([gs for (gs,) in by_device(grads)], (float(max_norm) / (total + 1e-6)).clamp(max=1.0), backend)
     return total
 
 

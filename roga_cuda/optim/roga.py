@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from .base import WrapperOptimizer, by_device, choose_strategy, freeze_bn_stats, inv_scale_of
+from .base import WrapperOptimizer, by_device, choose_strategy, flat_views, freeze_bn_stats, inv_scale_of
 
 
 class RoGA(WrapperOptimizer):
@@ -73,11 +73,6 @@ class RoGA(WrapperOptimizer):
         self._flat = None  # (params, {dtype/device: flat buffer}, {param: view}) when syncing across processes
 
     # ---------------------------------------------------------------------------------
-    def _sync(self):
-        if self.ddp_sync is not None:
-            return bool(self.ddp_sync)
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
     @staticmethod
     def no_sync(model):
         """``model.no_sync()`` for a DistributedDataParallel model, else a no-op context."""
@@ -171,17 +166,8 @@ class RoGA(WrapperOptimizer):
     def _flat_views(self, ps):
         """Accumulators as views of one flat buffer per dtype/device: one all-reduce per step."""
         if self._flat is None or any(id(p) not in self._flat[2] for p in ps):
-            allp = list({id(p): p for g in self.param_groups for p in g["params"] if p.requires_grad}.values())
-            groups = {}
-            for p in allp:
-                groups.setdefault((p.dtype, p.device), []).append(p)
-            bufs, views = {}, {}
-            for key, gp in groups.items():
-                buf = torch.empty(sum(p.numel() for p in gp), dtype=key[0], device=key[1])
-                bufs[key] = buf
-                for p, v in zip(gp, buf.split([p.numel() for p in gp])):
-                    views[id(p)] = v.view_as(p)
-            self._flat = (allp, bufs, views)
+            allp = self._params()
+            self._flat = (allp, *flat_views(allp))
         return self._flat[2]
 
     def _restore_accumulate(self, kind, ps, saved, hs, first, last, sync):
@@ -191,7 +177,7 @@ class RoGA(WrapperOptimizer):
             if sync:  # copy into the flat buffer (zeros for parameters without a gradient this step)
                 if len(self._acc) == 0:
                     self._flat_views(ps)
-                    for buf in self._flat[1].values():
+                    for buf in self._flat[1]:
                         buf.zero_()
                 acc = self._acc_tensors(ps, sync)
                 ops.combine_(acc, [hs], [1.0], backend=be)
@@ -298,7 +284,7 @@ class RoGA(WrapperOptimizer):
         self._acc, self._count, self._acc_is_mean = {}, 0, False
         if sync:
             world = dist.get_world_size()
-            for buf in self._flat[1].values():
+            for buf in self._flat[1]:
                 dist.all_reduce(buf)  # one collective per dtype/device: the whole step's gradient
             coef = coef / world
         amp = scaler is not None and scaler.is_enabled()

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from .base import WrapperOptimizer, by_device, inv_scale_of
+from .base import WrapperOptimizer, by_device, flat_views, inv_scale_of
 
 METHODS = ("pcgrad", "gradvac", "cagrad", "mgda", "sum")
 
@@ -197,29 +197,10 @@ class PCGrad(WrapperOptimizer):
         self.stats = {}
 
     # ---------------------------------------------------------------------------------
-    def _sync(self):
-        if self.ddp_sync is not None:
-            return bool(self.ddp_sync)
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-    def _params(self):
-        return list({id(p): p for g in self.param_groups for p in g["params"] if p.requires_grad}.values())
-
     def _flat_views(self, params, k):
         """Per task, gradients as views of one flat buffer per dtype/device (one all-reduce each)."""
         if self._flat is None or self._flat[0] != [id(p) for p in params] or len(self._flat[1]) < k:
-            tasks = []
-            for _ in range(k):
-                groups = {}
-                for p in params:
-                    groups.setdefault((p.dtype, p.device), []).append(p)
-                bufs, views = [], {}
-                for (dt, dev), gp in groups.items():
-                    buf = torch.zeros(sum(p.numel() for p in gp), dtype=dt, device=dev)
-                    bufs.append(buf)
-                    for p, v in zip(gp, buf.split([p.numel() for p in gp])):
-                        views[id(p)] = v.view_as(p)
-                tasks.append((bufs, views))
+            tasks = [flat_views(params, zero=True) for _ in range(k)]
             self._flat = ([id(p) for p in params], tasks)
         return self._flat[1][:k]
 
