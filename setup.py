@@ -110,19 +110,22 @@ setup(
     package_data={"roga_cuda": ["apps/*/presets/*.yaml"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "matplotlib", "scikit-learn", "pillow"],
+    # The library (ops, optimizers) needs torch and numpy only; the training apps' packages
+    # are the [apps] extra (roga-train / dpda-train say so when they are missing).
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "soundfile"],
+        "apps": ["pyyaml", "tqdm", "matplotlib", "pillow", "soundfile"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "scikit-learn"],
         "audio": ["soundfile"],
         "timm": ["timm"],  # EfficientNet-B4 backbone; pulls torchvision
     },
     entry_points={
         "console_scripts": [
-            "roga-train=roga_cuda.apps.image.cli:train_main",
-            "roga-eval=roga_cuda.apps.image.cli:eval_main",
-            "dpda-train=roga_cuda.apps.speech.cli:train_main",
-            "dpda-eval=roga_cuda.apps.speech.cli:eval_main",
+            "roga-train=roga_cuda.apps.launch:roga_train",
+            "roga-eval=roga_cuda.apps.launch:roga_eval",
+            "dpda-train=roga_cuda.apps.launch:dpda_train",
+            "dpda-eval=roga_cuda.apps.launch:dpda_eval",
         ]
     },
 )
