@@ -15,7 +15,7 @@ from roga_cuda.apps.image.models import ResNet34, build_model
 from roga_cuda.apps.image.synthetic import generate
 
 # Tiny runs: 3 steps, 32 px, a few videos; one synthetic dataset shared by the tests (in-process cache).
-TINY = ["num_threads=1", "train.steps=3", "train.eval_every=0", "train.log_every=1", "train.progress=false",
+TINY = ["runtime.threads=1", "train.steps=3", "train.eval_every=0", "train.log_every=1", "runtime.progress=false",
         "data.synthetic.videos=[4,2,2]", "data.synthetic.frames=4"]
 
 
@@ -32,8 +32,8 @@ def _params(path):
 
 @pytest.mark.parametrize("optimizer", ["erm", "sam", "roga"])
 def test_end_to_end_per_optimizer(tmp_path, optimizer):
-    m = _train(tmp_path, f"optimizer={optimizer}")
-    assert m["optimizer"] == optimizer and m["steps"] == 3
+    m = _train(tmp_path, f"method={optimizer}")
+    assert m["method"] == optimizer and m["steps"] == 3
     assert set(m["in_domain"]) == {"blend", "color"} and set(m["cross_domain"]) == {"upsample", "hq"}
     for part in ("in_domain", "cross_domain"):
         for dom, res in m[part].items():
@@ -44,7 +44,7 @@ def test_end_to_end_per_optimizer(tmp_path, optimizer):
               "scores/hq.csv"):
         assert (tmp_path / f).is_file(), f
     cfg = load_config(path=str(tmp_path / "config.yaml"), app="image")  # the resolved config round-trips
-    assert cfg.optimizer == optimizer and cfg.train.steps == 3
+    assert cfg.method == optimizer and cfg.train.steps == 3
     # the parameters moved from the seed's initialisation and are finite; the loss was finite
     torch.manual_seed(0)
     init = build_model("resnet34", 32, 8).state_dict()
@@ -57,15 +57,15 @@ def test_end_to_end_per_optimizer(tmp_path, optimizer):
 
 
 def test_roga_hvp_alignment_and_clipping_run(tmp_path):
-    m = _train(tmp_path, "optimizer=roga", "optim.alignment=hvp", "optim.max_grad_norm=1.0", "train.steps=2")
+    m = _train(tmp_path, "method=roga", "optim.alignment=hvp", "optim.max_grad_norm=1.0", "train.steps=2")
     assert m["steps"] == 2 and np.isfinite(m["summary"]["in_domain"]["auc_mean"])
 
 
 def test_early_stopping(tmp_path):
     # lr 0: only BatchNorm statistics move, the validation AUC soon stops improving
     from roga_cuda.apps.common import read_log
-    m = _train(tmp_path, "optimizer=erm", "optim.lr=0.0", "train.steps=60", "train.eval_every=1",
-               "train.early_stopping_patience=2", "eval.select=best")
+    m = _train(tmp_path, "method=erm", "optim.lr=0.0", "train.steps=60", "train.eval_every=1",
+               "train.patience=2", "eval.select=best")
     assert m["stopped_early"] and m["steps"] < 60
     log = read_log(str(tmp_path / "log.csv"))
     vals = [(int(s), v) for s, v in zip(log["step"], log["val_auc_mean"]) if v is not None]
@@ -90,14 +90,14 @@ def test_python_m_entry_point(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (AMP is off on CPU)")
 @pytest.mark.parametrize("optimizer", ["erm", "sam", "roga"])
 def test_cuda_amp(tmp_path, optimizer):
-    m = _train(tmp_path, f"optimizer={optimizer}", "device=cuda", "train.amp=true", "train.steps=4")
+    m = _train(tmp_path, f"method={optimizer}", "runtime.device=cuda", "runtime.amp=true", "train.steps=4")
     assert m["device"].startswith("cuda") and np.isfinite(m["summary"]["in_domain"]["auc_mean"])
 
 
 def test_training_is_deterministic_and_optimizers_differ(tmp_path):
-    _train(tmp_path / "a", "optimizer=roga")
-    _train(tmp_path / "b", "optimizer=roga")
-    _train(tmp_path / "c", "optimizer=sam")
+    _train(tmp_path / "a", "method=roga")
+    _train(tmp_path / "b", "method=roga")
+    _train(tmp_path / "c", "method=sam")
     pa, pb, pc = (_params(tmp_path / n / "final.pt") for n in "abc")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert not torch.equal(pa["fc.weight"], pc["fc.weight"])
@@ -105,7 +105,7 @@ def test_training_is_deterministic_and_optimizers_differ(tmp_path):
 
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
     from roga_cuda.apps.common import training
-    extra = ["optimizer=roga", "train.steps=6", "train.checkpoint_every=2", "train.eval_every=3",
+    extra = ["method=roga", "train.steps=6", "train.checkpoint_every=2", "train.eval_every=3",
              "train.keep_checkpoints=0", "data.synthetic.videos=[4,2,2]"]
     _train(tmp_path / "full", *extra)
     # a fresh run into a folder with an earlier run's checkpoints is refused (they would mix)
@@ -203,7 +203,7 @@ def test_folder_layout_trains_and_roga_eval(tmp_path, faces):
     root = tmp_path / "faces"
     _make_folder(str(root), faces, videos=8)
     ov = [f"data.root={root}", "data.source=folder", "data.train_domains=[dfA,dfB]", "data.test_domains=[heldout]",
-          "data.split=[0.5,0.25,0.25]", "train.num_workers=0", "optimizer=roga", "eval.select=last"]
+          "data.split=[0.5,0.25,0.25]", "data.workers=0", "method=roga", "eval.select=last"]
     m = _train(tmp_path / "run", *ov)
     assert set(m["cross_domain"]) == {"heldout"}
     assert "path" in (tmp_path / "run" / "scores" / "heldout.csv").read_text().splitlines()[0]
@@ -316,7 +316,7 @@ def _ddp_worker(rank, world, port, out, optimizer, strategy):
                       MASTER_PORT=str(port))
     from roga_cuda.apps.image.train import train
     from roga_cuda.apps.common.runtime import cleanup_distributed
-    cfg = load_config("smoke", overrides=TINY + [f"optimizer={optimizer}", "train.eval_every=2", "device=cpu",
+    cfg = load_config("smoke", overrides=TINY + [f"method={optimizer}", "train.eval_every=2", "runtime.device=cpu",
                                                  f"optim.strategy={strategy}"], app="image")
     try:
         import roga_cuda.apps.image.train as T

@@ -305,7 +305,7 @@ def test_ssl_front_end_local_only(tmp_path):
 # -------------------------------------------------------------------------- end to end
 
 TINY = ["data.n_samples=2000", "data.synthetic.scale=0.05", "train.epochs=2", "train.batch_size=8",
-        "train.eval_batch_size=32", "runtime.progress=false", "runtime.tensorboard=false"]
+        "eval.batch_size=32", "runtime.progress=false", "runtime.tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
@@ -315,16 +315,16 @@ def cache_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("mode,extra", [
     ("baseline", ["train.probe_conflict_every=2"]),
-    ("dpda", ["align=pcgrad"]),
-    ("dpda", ["align=sum", "train.forward=separate", "model.name=rawnet2"]),
+    ("dpda", ["optim.align=pcgrad"]),
+    ("dpda", ["optim.align=sum", "train.forward=separate", "model.name=rawnet2"]),
 ])
 def test_end_to_end(tmp_path, cache_dir, mode, extra):
     out = tmp_path / "run"
-    rc = train_main(["--preset", "smoke", "--out", str(out), "--mode", mode,
+    rc = train_main(["--preset", "smoke", "--out", str(out), "--method", mode,
                      f"data.synthetic.cache_dir={cache_dir}"] + TINY + extra)
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["mode"] == mode and 0 <= m["eer"] <= 1
+    assert m["method"] == mode and 0 <= m["eer"] <= 1
     assert 0 <= m["conflict_rate"] <= 1 and len(m["conflict_rate_by_epoch"]) == 2
     assert set(m["per_attack_eer"]) == set(synth.ATTACKS)            # main set = eval: seen + unseen
     assert set(m["sets"]) == {"dev", "eval", "wild"} and "min_tdcf" not in m
@@ -354,10 +354,10 @@ def test_resume_continues_exactly(tmp_path, cache_dir, monkeypatch):
     """A run that crashes mid-epoch and is resumed from its last checkpoint ends with the same
     weights, conflict statistics and scores as an uninterrupted run."""
     from roga_cuda.apps.speech import train as strain
-    args = ["--preset", "smoke", "--mode", "dpda", f"data.synthetic.cache_dir={cache_dir}",
-            "train.ckpt_every_steps=3", "train.average_best=1", "runtime.device=cpu"] + TINY  # CPU: bit-exact
+    args = ["--preset", "smoke", "--method", "dpda", f"data.synthetic.cache_dir={cache_dir}",
+            "train.checkpoint_every=3", "train.average_best=1", "runtime.device=cpu"] + TINY  # CPU: bit-exact
     assert train_main(args + ["--out", str(tmp_path / "full")]) == 0
-    original = strain.Trainer._train_step
+    original = strain.SpeechTrainer.train_step
     calls = {"n": 0}
 
     def crashing(self, *a, **k):
@@ -366,10 +366,10 @@ def test_resume_continues_exactly(tmp_path, cache_dir, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return original(self, *a, **k)
 
-    monkeypatch.setattr(strain.Trainer, "_train_step", crashing)
+    monkeypatch.setattr(strain.SpeechTrainer, "train_step", crashing)
     with pytest.raises(KeyboardInterrupt):
         train_main(args + ["--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(strain.Trainer, "_train_step", original)
+    monkeypatch.setattr(strain.SpeechTrainer, "train_step", original)
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["step_00000003.pt"]
     assert train_main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
     a = torch.load(tmp_path / "full" / "model_avg.pt", weights_only=True)["model"]
@@ -403,8 +403,8 @@ def _ddp_worker(rank, world, port, overrides, out, results):
     torch.set_num_threads(1)
     try:
         from roga_cuda.apps.common.runtime import cleanup_distributed
-        from roga_cuda.apps.speech.train import Trainer
-        tr = Trainer(load_config("smoke", overrides=overrides, app="speech"), out)
+        from roga_cuda.apps.speech.train import SpeechTrainer
+        tr = SpeechTrainer(load_config("smoke", overrides=overrides, app="speech"), out)
         tr.fit()
         flat = torch.cat([p.detach().flatten().double() for p in tr.model.parameters()]).numpy()  # by value
         results.put((rank, flat, tr.opt.conflict_rate))
@@ -423,7 +423,7 @@ def test_ddp_two_processes(tmp_path, cache_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "ddp")
-    overrides = ["mode=dpda", f"data.synthetic.cache_dir={cache_dir}", "runtime.device=cpu"] + TINY + \
+    overrides = ["method=dpda", f"data.synthetic.cache_dir={cache_dir}", "runtime.device=cpu"] + TINY + \
         ["train.batch_size=4"]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
