@@ -34,10 +34,13 @@ from .runtime import (Amp, barrier, init_distributed, is_main, print0, progress,
 from .training import Checkpointer, EarlyStopping, MetricLogger, build_scheduler, capture_state, restore_state
 from .config import save_config
 
-__all__ = ["Trainer", "RuntimeInfo", "setup_runtime", "make_optimizer", "BASE_OPTIMIZERS", "CHECKPOINT_FORMAT"]
+__all__ = ["Trainer", "RuntimeInfo", "setup_runtime", "make_optimizer", "check_app", "BASE_OPTIMIZERS",
+           "CHECKPOINT_FORMAT", "SCHEDULER_WARNING"]
 
 BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
 CHECKPOINT_FORMAT = "roga_cuda.train/2"
+# torch's warning when a GradScaler-skipped step is followed by scheduler.step() (a regex)
+SCHEDULER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -51,9 +54,13 @@ class RuntimeInfo:
 def setup_runtime(cfg):
     """Threads, DDP process group (under torchrun), device, seeds and AMP from ``cfg.runtime``."""
     rt = cfg.runtime
-    set_num_threads(rt.threads)
     wants_cuda = str(rt.device).startswith("cuda") or (rt.device == "auto" and torch.cuda.is_available())
     dist = init_distributed("cuda" if wants_cuda else "cpu")
+    threads = rt.threads
+    if not threads and dist.enabled and not wants_cuda:  # N CPU processes share the cores instead of N x all
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+        threads = max(1, (os.cpu_count() or 1) // max(1, local))
+    set_num_threads(threads)
     device = select_device(rt.device, dist.local_rank)
     seed_everything(cfg.seed, rt.deterministic)
     return RuntimeInfo(device, dist, Amp(device, rt.amp, rt.amp_dtype))
@@ -198,39 +205,42 @@ class Trainer:
         self.start()
         bar = progress(total=self.total_steps, initial=self.step, desc=self.label, enabled=bool(rt.progress))
         self.bar = bar
-        t = self.cfg.train
-        log_every = max(1, int(t.log_every))
-        t_start, self._t_window = time.time() - self.train_time, time.time()
-        # With AMP the GradScaler skips the first steps while it calibrates, which makes torch
-        # warn that the scheduler stepped before the optimizer; expected here, not a bug.
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         try:
-            while self.step < self.total_steps:
-                rec = dict(self.train_step(self.step))
-                self.sched.step()
-                self.step += 1
-                rec["step"] = self.step  # rows are numbered by steps done (as checkpoints are)
-                self.pending.append(rec)
-                bar.update(1)
-                validate = self.eval_due(self.step)
-                if len(self.pending) >= log_every or validate or self.step == self.total_steps:
-                    self._flush()
-                if validate:
-                    self._validate()
-                self.train_time = time.time() - t_start
-                if self.ckpt.due(self.step) or (validate and self.checkpoint_on_eval) or \
-                        (self.stopped_early and self.ckpt.every):
-                    self.ckpt.save(self.step, self._state())
-                if self.stopped_early:
-                    self.log(f"[{self.label}] early stop: no better {self.monitor_key} in {self.es.patience} "
-                             f"evaluation(s); stopping at step {self.step}")
-                    break
+            with warnings.catch_warnings():
+                # With AMP the GradScaler skips the first steps while it calibrates, which makes torch
+                # warn that the scheduler stepped before the optimizer; expected here, not a bug.
+                warnings.filterwarnings("ignore", message=SCHEDULER_WARNING)
+                self._loop(bar)
         finally:
             bar.close()
             self.bar = None
             self.train_log.close()
             self.eval_log.close()
         return self.finish()
+
+    def _loop(self, bar):
+        log_every = max(1, int(self.cfg.train.log_every))
+        t_start, self._t_window = time.time() - self.train_time, time.time()
+        while self.step < self.total_steps and not self.stopped_early:
+            rec = dict(self.train_step(self.step))
+            self.sched.step()
+            self.step += 1
+            rec["step"] = self.step  # rows are numbered by steps done (as checkpoints are)
+            self.pending.append(rec)
+            bar.update(1)
+            validate = self.eval_due(self.step)
+            if len(self.pending) >= log_every or validate or self.step == self.total_steps:
+                self._flush()
+            if validate:
+                self._validate()
+            self.train_time = time.time() - t_start
+            if self.ckpt.due(self.step) or (validate and self.checkpoint_on_eval) or \
+                    (self.stopped_early and self.ckpt.every):
+                self.ckpt.save(self.step, self._state())
+            if self.stopped_early:
+                self.say(f"[{self.label}] early stop: no better {self.monitor_key} in {self.es.patience} "
+                         f"evaluation(s); stopping at step {self.step}")
+                break
 
     def say(self, text):
         """Print a line without breaking the progress bar."""

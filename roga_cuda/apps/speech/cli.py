@@ -16,8 +16,10 @@ from ..common import ConfigError, list_presets, load_config
 from ..common.cli import (RUN_FLAGS, USER_ERRORS, add_run_args, flag_overrides, make_parser, mean_sd, parse_args,
                           parse_seeds, seed_noise_report)
 from ..common.runtime import cleanup_distributed, is_main, print0
+from .data import AudioReadError
 
 APP = "speech"
+USER_ERRORS = USER_ERRORS + (AudioReadError,)  # errors caused by input: one line, exit status 2
 
 
 def _data_args(p):
