@@ -304,6 +304,42 @@ def test_missing_and_corrupt_files(tmp_path, faces, capsys):
     assert "skipped 1 unreadable" in capsys.readouterr().out
 
 
+def _bomb_png(path, side):
+    """A valid PNG header for a side x side 1-bit image with almost no data: Pillow knows its
+    size as soon as it opens it (a 'decompression bomb' if it were decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    row = b"\0" + bytes((side + 7) // 8)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)) +
+           chunk(b"IDAT", zlib.compress(row * 4)) + chunk(b"IEND", b""))
+    path.write_bytes(png)
+    return path
+
+
+def test_decompression_bomb_is_refused_and_skippable(tmp_path, faces):
+    from PIL import Image
+    assert 10000 ** 2 > Image.MAX_IMAGE_PIXELS  # Pillow warns above its limit and refuses above twice it
+    for side in (20000, 10000):
+        p = _bomb_png(tmp_path / f"bomb{side}.png", side)
+        assert p.stat().st_size < 50_000
+        with pytest.raises(data_mod.ImageReadError, match=f"bomb{side}.png.*decompression bomb"):
+            data_mod.load_image(str(p), 32)
+    rgb, (ffj, cdfj) = _dfb_json(tmp_path, faces)
+    victim = rgb / "cdf" / "CelebDFv2_fake" / "test" / "1" / "001.png"
+    _bomb_png(victim, 20000)
+    ov = ["data.source=deepfakebench", f"data.root={rgb}", f"data.json=[{ffj},{cdfj}]",
+          "data.train_domains=[FF-DF]", "data.test_domains=[Celeb-DF-v2]"]
+    data = data_mod.build_image_data(load_config("smoke", overrides=ov + ["data.skip_corrupt=true"], app="image"))
+    assert data.skipped == 1
+    assert str(victim) not in data.test_domains[0].splits["test"].paths
+    fs = data_mod.build_image_data(load_config("smoke", overrides=ov, app="image")).test_domains[0].splits["test"]
+    with pytest.raises(data_mod.ImageReadError, match="001.png"):
+        fs[fs.paths.index(os.path.normpath(str(victim)))]
+
+
 # ------------------------------------------------------------------------------------- DDP
 def _free_port():
     with socket.socket() as s:

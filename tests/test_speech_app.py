@@ -194,6 +194,39 @@ def test_loader_errors_name_the_file(tmp_path):
         sdata.read_audio(str(tmp_path / "missing.flac"))
 
 
+def test_non_utf8_protocol_names_the_file(tmp_path):
+    proto = tmp_path / "ASVspoof2019_LA_cm_protocols" / "ASVspoof2019.LA.cm.train.trn.txt"
+    proto.parent.mkdir()
+    proto.write_bytes("LA_0079 LA_T_1138215 - - bonafide  # Jos\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"ASVspoof2019\.LA\.cm\.train\.trn\.txt is not UTF-8 text"):
+        sdata.asvspoof2019_set(str(tmp_path), "train")
+    itw = tmp_path / "itw"
+    itw.mkdir()
+    (itw / "meta.csv").write_bytes("file,speaker,label\n0.wav,Bj\u00f6rk,spoof\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="meta.csv is not UTF-8"):
+        sdata.in_the_wild_set(str(itw))
+
+
+@needs_soundfile
+def test_nan_audio_is_caught_when_loaded(tmp_path):
+    folder = tmp_path / "itw"
+    folder.mkdir()
+    good = (0.1 * np.random.RandomState(0).randn(1500)).astype(np.float32)
+    bad = good.copy()
+    bad[700] = np.nan
+    sf.write(str(folder / "0.wav"), good, 16000, subtype="FLOAT")
+    sf.write(str(folder / "1.wav"), bad, 16000, subtype="FLOAT")
+    (folder / "meta.csv").write_text("file,speaker,label\n0.wav,a,spoof\n1.wav,b,bona-fide\n")
+    ws = sdata.in_the_wild_set(str(folder), n_samples=1000)
+    assert torch.isfinite(ws.load([0])).all()
+    with pytest.raises(ValueError, match=r"1\.wav: 1 non-finite.*at sample 700"):
+        ws.load([0, 1])
+    with pytest.raises(ValueError, match=r"1\.wav"):  # from a DataLoader worker too
+        list(sdata.iterate_batches(ws, [[0], [1]], workers=1))
+    # past the crop length the NaN is never used: not an error
+    assert torch.isfinite(sdata.in_the_wild_set(str(folder), n_samples=500).load([1])).all()
+
+
 @needs_soundfile
 def test_in_the_wild_loader(tmp_path):
     folder = tmp_path / "itw"
@@ -351,8 +384,9 @@ def test_end_to_end(tmp_path, cache_dir, mode, extra):
 
 
 def test_resume_continues_exactly(tmp_path, cache_dir, monkeypatch):
-    """A run that crashes mid-epoch and is resumed from its last checkpoint ends with the same
-    weights, conflict statistics and scores as an uninterrupted run."""
+    """A run that crashes mid-epoch, is moved to another folder and resumed from its last
+    checkpoint ends with the same weights, conflict statistics and scores as an
+    uninterrupted run."""
     from roga_cuda.apps.speech import train as strain
     args = ["--preset", "smoke", "--method", "dpda", f"data.synthetic.cache_dir={cache_dir}",
             "train.checkpoint_every=3", "train.average_best=1", "runtime.device=cpu"] + TINY  # CPU: bit-exact
@@ -371,17 +405,24 @@ def test_resume_continues_exactly(tmp_path, cache_dir, monkeypatch):
         train_main(args + ["--out", str(tmp_path / "cut")])
     monkeypatch.setattr(strain.SpeechTrainer, "train_step", original)
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["step_00000003.pt"]
-    assert train_main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
+    # the run folder is moved (another disk, another machine) before it is resumed: the kept
+    # best epochs are found under the new folder
+    import shutil
+    shutil.move(str(tmp_path / "cut"), str(tmp_path / "moved"))
+    assert train_main(args + ["--out", str(tmp_path / "moved"), "--resume"]) == 0
     a = torch.load(tmp_path / "full" / "model_avg.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "cut" / "model_avg.pt", weights_only=True)["model"]
+    moved = torch.load(tmp_path / "moved" / "model_avg.pt", weights_only=True)
+    assert moved["averaged"] == [os.path.join("best", f"epoch_{e:04d}.pt") for e in
+                                 json.loads((tmp_path / "moved" / "metrics.json").read_text())["averaged_epochs"]]
+    b = moved["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
     ma = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    mb = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "moved" / "metrics.json").read_text())
     assert ma["conflict_rate"] == mb["conflict_rate"] and ma["eer"] == mb["eer"]
     assert ma["conflict_rate_by_epoch"] == mb["conflict_rate_by_epoch"]
     steps_a = (tmp_path / "full" / "steps.csv").read_text()
-    assert steps_a == (tmp_path / "cut" / "steps.csv").read_text()
+    assert steps_a == (tmp_path / "moved" / "steps.csv").read_text()
 
 
 def test_cli_errors(tmp_path, capsys):
