@@ -53,6 +53,21 @@ def test_library_import_needs_none_of_the_app_packages():
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
 
 
+def test_setup_puts_the_app_packages_in_the_apps_extra():
+    import ast
+    from roga_cuda.apps.launch import APP_PACKAGES as LAUNCH_CHECKS
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = ast.parse(open(os.path.join(root, "setup.py"), encoding="utf-8").read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+    names = lambda reqs: {r.split(">")[0].split("=")[0].split("<")[0].strip().lower() for r in reqs}  # noqa: E731
+    core, apps = names(kw["install_requires"]), names(kw["extras_require"]["apps"])
+    assert core == {"torch", "numpy"}  # what ops/optim import
+    assert {"pyyaml", "tqdm", "matplotlib", "pillow", "soundfile"} <= apps and not apps & core
+    assert set(LAUNCH_CHECKS.values()) <= apps  # what the launcher checks is what the extra installs
+    assert "scikit-learn" in names(kw["extras_require"]["test"])  # the metrics tests' reference
+
+
 @pytest.mark.parametrize("entry,prog", [("roga_train", "roga-train"), ("dpda_eval", "dpda-eval")])
 def test_apps_without_their_packages_say_how_to_install_them(tmp_path, entry, prog):
     code = _BLOCK + textwrap.dedent(f"""

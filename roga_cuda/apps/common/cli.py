@@ -1,8 +1,14 @@
 """Command-line pieces both apps share: the common arguments, one-line user errors, and
 the multi-seed comparison statistics ("do the methods differ by more than seed noise?")."""
 import argparse
+import concurrent.futures
+import importlib
 import math
+import multiprocessing
 import os
+import sys
+import time
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -10,7 +16,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, list_presets
 
 __all__ = ["add_run_args", "parse_args", "parse_seeds", "USER_ERRORS", "paired_interval", "seed_noise_report",
-           "mean_sd"]
+           "mean_sd", "RunSpec", "default_jobs", "run_all"]
 
 # Errors caused by the input (config, files, data, checkpoints): reported in one line, exit status 2.
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, CheckpointError, ImportError, UnicodeDecodeError)
@@ -26,6 +32,9 @@ def add_run_args(p, app, method_help):
     p.add_argument("--seeds", default=None, metavar="LIST",
                    help="with --compare: repeat for these training seeds (e.g. 0,1,2): mean ± sd per method and "
                         "95%% intervals of the differences (into OUT/<method>/seed<N>/)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="with --compare on CPU: train N runs at once, each in its own process with "
+                        "runtime.threads = cores / N (default: one per core; 1 = one after the other in this process)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint file, a folder's latest, or (no value) OUT's latest")
     p.add_argument("--device", default=None, help="config: runtime.device (auto, cpu, cuda, cuda:N)")
@@ -78,6 +87,86 @@ def parse_seeds(text):
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds needs distinct integers like 0,1,2; got {text!r}")
     return seeds
+
+
+# ------------------------------------------------------------------ runs of a comparison
+class RunSpec(NamedTuple):
+    """One training run of a comparison: ``train`` ("module:function", called as
+    ``function(cfg, out, resume=resume)``) with the resolved ``config`` of ``app`` into ``out``."""
+    name: str
+    app: str
+    train: str
+    config: dict
+    out: str
+    resume: Optional[str] = None
+
+
+def default_jobs(cfg, n_runs, requested=None):
+    """How many runs to train at once. Several single-threaded processes use a CPU's cores
+    far better than one process with several threads on a shared machine (where torch's
+    threads wait for each other whenever another program takes a core); on a GPU, under
+    torchrun, or when asked for 1: one run at a time in this process."""
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {requested}")
+        return max(1, min(requested, n_runs))
+    if "WORLD_SIZE" in os.environ or n_runs < 2:
+        return 1
+    dev = str(cfg.runtime.device)
+    import torch
+    if dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available()):
+        return 1
+    return max(1, min(os.cpu_count() or 1, n_runs))
+
+
+def _run_in_worker(spec, threads):
+    """A comparison run in a worker process: its output goes to OUT/train.log."""
+    from .config import load_config
+    os.makedirs(spec.out, exist_ok=True)
+    with open(os.path.join(spec.out, "train.log"), "a", encoding="utf-8") as f:
+        sys.stdout = sys.stderr = f
+        overrides = ["runtime.progress=false"] + ([f"runtime.threads={threads}"] if threads else [])
+        cfg = load_config(None, [spec.config], overrides, app=spec.app)
+        module, func = spec.train.split(":")
+        return getattr(importlib.import_module(module), func)(cfg, spec.out, resume=spec.resume)
+
+
+def run_all(specs, jobs, say=print, describe=None):
+    """Train every :class:`RunSpec` with ``jobs`` processes at once (``jobs`` = 1: in this
+    process, one after the other). Returns the results in the order of ``specs``; the first
+    failure stops the others and is raised. ``describe(result)``: a short summary printed
+    when a run ends."""
+    if jobs <= 1:
+        results = []
+        for spec in specs:
+            from .config import load_config
+            say(f"\n=== {spec.name} ===")
+            module, func = spec.train.split(":")
+            cfg = load_config(None, [spec.config], app=spec.app)
+            results.append(getattr(importlib.import_module(module), func)(cfg, spec.out, resume=spec.resume))
+        return results
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // jobs)
+    say(f"training {len(specs)} runs, {jobs} at a time in separate processes with {threads} thread(s) each; "
+        f"each run's output goes to its folder's train.log")
+    results = [None] * len(specs)
+    t0 = time.time()
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's thread pools
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_run_in_worker, spec, threads): i for i, spec in enumerate(specs)}
+        done = 0
+        try:
+            for fut in concurrent.futures.as_completed(futures):
+                i = futures[fut]
+                results[i] = fut.result()
+                done += 1
+                summary = f": {describe(results[i])}" if describe else ""
+                say(f"[{done}/{len(specs)} done, {time.time() - t0:.0f} s] {specs[i].name}{summary}")
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    return results
 
 
 # ------------------------------------------------------------------------ seed statistics

@@ -92,7 +92,10 @@ class Trainer:
     eval_log_name = "log.csv"  # validation records (the same file or another)
     log_windows = True         # True: one row per log_every window (means); False: one row per step
     checkpoint_on_eval = False  # also checkpoint after every validation (the speech app's epoch ends)
-    monitor_mode = "max"       # how the validation value returned under ``monitor_key`` improves
+    loss_key = "loss"          # the training record checked for divergence and shown on the bar
+    monitor_key = None         # key of validate()'s result that early stopping watches
+    monitor_mode = "max"       # how that value improves: "max" or "min"
+    tiebreak_key = None        # optional: lower wins when the monitored values are equal
 
     def __init__(self, cfg, out_dir, data=None, log=print0):
         self.t_created = time.time()  # the run's wall time counts from here
@@ -159,9 +162,6 @@ class Trainer:
     def eval_due(self, step):
         """Validate after ``step`` steps?"""
         return False
-
-    monitor_key = None         # key of validate()'s result that early stopping watches
-    tiebreak_key = None        # optional: lower wins when the monitored values are equal
 
     def validate(self, step):
         """Validation metrics after ``step`` steps (logged to the eval log)."""
@@ -279,8 +279,6 @@ class Trainer:
         self.log_rows([r for _, r in rows])
         self.pending = []
         self._t_window = time.time()
-
-    loss_key = "loss"
 
     def _validate(self):
         metrics = self.validate(self.step)

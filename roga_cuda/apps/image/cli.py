@@ -18,8 +18,8 @@ import sys
 import time
 
 
-from ..common.cli import (RUN_FLAGS, USER_ERRORS, add_run_args, flag_overrides, make_parser, mean_sd, parse_args,
-                          parse_seeds, seed_noise_report)
+from ..common.cli import (RUN_FLAGS, USER_ERRORS, RunSpec, add_run_args, default_jobs, flag_overrides, make_parser,
+                          mean_sd, parse_args, parse_seeds, run_all, seed_noise_report)
 from ..common.config import ConfigError, load_config, save_config
 from ..common.runtime import cleanup_distributed, is_main, print0
 from .data import ImageReadError
@@ -110,7 +110,6 @@ def comparison_table(results):
 
 
 def train_main(argv=None):
-    from .train import train
     t0 = time.time()
     try:
         args = parse_args(_train_parser(), argv)
@@ -127,13 +126,20 @@ def train_main(argv=None):
             if args.resume not in (None, "auto"):
                 raise ConfigError("with --compare, --resume takes no value (each method resumes from its own folder)")
             seeds = seeds or [None]
-            results = {m: [] for m in methods}
+            specs = []
             for seed in seeds:
                 for m in methods:
                     cfg = _config_from(args, [f"method={m}"] + ([f"seed={seed}"] if seed is not None else []))
                     out = os.path.join(args.out, m) if len(seeds) == 1 else os.path.join(args.out, m, f"seed{seed}")
-                    print0(f"\n=== {m}" + (f", seed {seed}" if seed is not None else "") + " ===")
-                    results[m].append(train(cfg, out, resume=args.resume))
+                    specs.append(RunSpec(m + (f", seed {seed}" if seed is not None else ""), APP,
+                                         "roga_cuda.apps.image.train:train", cfg.to_dict(), out, args.resume))
+            jobs = default_jobs(cfg, len(specs), args.jobs)
+            done = run_all(specs, jobs, say=print0, describe=lambda r: (
+                f"held-out AUC {r['summary']['cross_domain']['auc_mean']:.3f}, in-domain AUC "
+                f"{r['summary']['in_domain']['auc_mean']:.3f} ({r['wall_time_s']:.0f} s)"))
+            results = {m: [] for m in methods}
+            for spec, r in zip(specs, done):
+                results[r["method"]].append(r)
             total = time.time() - t0
             report = comparison_table(results) + "\n\n" + "\n".join(noise_report(results))
             if is_main():
@@ -145,6 +151,7 @@ def train_main(argv=None):
                                for m, rs in results.items()}, f, indent=2, default=float)
             print0("\n" + report + f"\n\ntotal wall time {total:.0f} s  (details: {args.out}/<method>/)")
         else:
+            from .train import train
             cfg = _config_from(args)
             r = train(cfg, args.out, resume=args.resume)
             print0("\n" + comparison_table({cfg.method: r}))

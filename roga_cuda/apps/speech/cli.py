@@ -13,8 +13,8 @@ import sys
 import time
 
 from ..common import ConfigError, list_presets, load_config
-from ..common.cli import (RUN_FLAGS, USER_ERRORS, add_run_args, flag_overrides, make_parser, mean_sd, parse_args,
-                          parse_seeds, seed_noise_report)
+from ..common.cli import (RUN_FLAGS, USER_ERRORS, RunSpec, add_run_args, default_jobs, flag_overrides, make_parser,
+                          mean_sd, parse_args, parse_seeds, run_all, seed_noise_report)
 from ..common.runtime import cleanup_distributed, is_main, print0
 from .data import AudioReadError
 
@@ -106,7 +106,7 @@ def train_main(argv=None):
         if args.compare:
             if args.resume not in (None, "auto"):
                 raise ConfigError("with --compare, --resume takes no value (each run resumes from its own folder)")
-            compare(cfg, _parse_runs(args.compare), out, resume=args.resume, seeds=seeds)
+            compare(cfg, _parse_runs(args.compare), out, resume=args.resume, seeds=seeds, jobs=args.jobs)
         else:
             validate(cfg)
             res = train(cfg, out, resume=args.resume)
@@ -120,10 +120,11 @@ def train_main(argv=None):
     return 0
 
 
-def compare(cfg, runs, out, resume=None, seeds=None):
-    """Train each (method, align) x seed on the same data (built once) into
-    out/<run>[/seed<N>]; print and write (comparison.json, comparison.md) a table with
-    mean ± sd over seeds and the seed-noise verdict. Returns {run: [result per seed]}."""
+def compare(cfg, runs, out, resume=None, seeds=None, jobs=None):
+    """Train each (method, align) x seed on the same data into out/<run>[/seed<N>], ``jobs``
+    at once (see :func:`roga_cuda.apps.common.cli.default_jobs`); print and write
+    (comparison.json, comparison.md) a table with mean ± sd over seeds and the seed-noise
+    verdict. Returns {run: [result per seed]}."""
     import copy
 
     from .data import build_data
@@ -138,11 +139,8 @@ def compare(cfg, runs, out, resume=None, seeds=None):
         if run_label(c) in [run_label(x) for x in cfgs]:
             raise ConfigError(f"--compare: {run_label(c)} is listed twice")
         cfgs.append(c)
-    t0 = time.time()
-    data = build_data(cfg.data, log=print0)
-    print0(f"data ready in {time.time() - t0:.0f} s")
     seeds = seeds or [None]
-    results = {run_label(c): [] for c in cfgs}
+    specs = []
     for seed in seeds:
         for c in cfgs:
             c = copy.deepcopy(c)
@@ -150,9 +148,25 @@ def compare(cfg, runs, out, resume=None, seeds=None):
                 c.seed = seed
             label = run_label(c)
             folder = os.path.join(out, label) if len(seeds) == 1 else os.path.join(out, label, f"seed{seed}")
+            specs.append(RunSpec(label + (f", seed {seed}" if seed is not None else ""), APP,
+                                 "roga_cuda.apps.speech.train:train", c.to_dict(), folder, resume))
+    jobs = default_jobs(cfg, len(specs), jobs)
+    t0 = time.time()
+    data = build_data(cfg.data, log=print0)  # once; parallel runs read the synthetic corpus from its disk cache
+    print0(f"data ready in {time.time() - t0:.0f} s")
+    if jobs > 1:
+        done = run_all(specs, jobs, say=print0, describe=lambda r: (
+            f"{r['main_set']} EER {100 * r['eer']:.2f}%, best dev EER {100 * r['best_dev_eer']:.2f}% "
+            f"({r['wall_time_s']:.0f} s)"))
+    else:
+        done = []
+        for spec in specs:
             if len(seeds) > 1:
-                print0(f"\n=== {label}, seed {seed} ===")
-            results[label].append(train(c, folder, data=data, resume=resume))
+                print0(f"\n=== {spec.name} ===")
+            done.append(train(load_config(None, [spec.config], app=APP), spec.out, data=data, resume=resume))
+    results = {run_label(c): [] for c in cfgs}
+    for r in done:
+        results[r["run"]].append(r)
     print_summary(results, out)
     if is_main():
         from .train import write_json

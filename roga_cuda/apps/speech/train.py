@@ -30,8 +30,8 @@ from ... import ops
 from ...optim import PCGrad, clip_grad_norm_
 from ..common import average_checkpoints, derive_seed, eer, load_checkpoint, print0, read_log, roc_auc, save_checkpoint
 from ..common.plots import plot_det, plot_roc, plot_training_curves
-from ..common.runtime import all_gather_objects, barrier, init_distributed, is_main, select_device, set_num_threads
-from ..common.runtime import Amp
+from ..common.runtime import (Amp, all_gather_objects, barrier, init_distributed, is_main, progress, select_device,
+                              set_num_threads)
 from ..common.trainer import Trainer, make_optimizer
 from ..common.training import BatchStream
 from .data import build_data, iterate_batches
@@ -162,7 +162,6 @@ class SpeechTrainer(Trainer):
         self.epoch_conf = {"n": 0, "conflicts": 0}
 
     def _bar(self, it, desc=None, total=None):
-        from ..common.runtime import progress
         return progress(it, total=total, desc=desc, enabled=self.cfg.runtime.progress)
 
     def stale_outputs(self):
