@@ -138,7 +138,7 @@ def train_main(argv=None):
                 f"held-out AUC {r['summary']['cross_domain']['auc_mean']:.3f}, in-domain AUC "
                 f"{r['summary']['in_domain']['auc_mean']:.3f} ({r['wall_time_s']:.0f} s)"))
             results = {m: [] for m in methods}
-            for spec, r in zip(specs, done):
+            for r in done:  # in seed order
                 results[r["method"]].append(r)
             total = time.time() - t0
             report = comparison_table(results) + "\n\n" + "\n".join(noise_report(results))
