@@ -6,7 +6,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/util/Optional.h>
 
 #include <string>
 #include <tuple>
@@ -14,23 +13,24 @@
 
 namespace roga {
 
-using TensorList = std::vector<at::Tensor>;
+// A borrowed list of tensors (the dispatcher's Tensor[] and pybind11's lists both convert).
+using TensorList = at::TensorList;
 
 // A scalar argument: a host value, or a 0-d float32/float64 tensor on the lists' device
 // that kernels read themselves (no host synchronisation; CUDA-graph safe).
 struct Scalar {
   double value = 0.0;
-  const at::Tensor* tensor = nullptr;  // defined and on the device, or nullptr
+  at::Tensor tensor;  // defined: read on the device; undefined: use `value`
 };
 
-// Weights of combine_: K host values, or a 1-d float32/float64 tensor of K on the device.
+// Weights of combine_: K host values, or a contiguous 1-d float32/float64 tensor of K on the device.
 struct Weights {
   std::vector<double> values;
-  const at::Tensor* tensor = nullptr;
+  at::Tensor tensor;
 };
 
 // Result dtype of reductions: float64 if any tensor is float64, else float32.
-inline at::ScalarType reduction_dtype(const TensorList& ts) {
+inline at::ScalarType reduction_dtype(TensorList ts) {
   for (const auto& t : ts)
     if (t.scalar_type() == at::kDouble) return at::kDouble;
   return at::kFloat;

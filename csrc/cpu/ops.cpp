@@ -8,12 +8,14 @@
 // order whatever the thread count: same input, same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
 #include "../common.h"
+#include "../entry.h"
 #include "kernels.hpp"
 
 namespace roga {
@@ -317,3 +319,16 @@ void combine_(const TensorList& out, const std::vector<TensorList>& lists, const
 
 }  // namespace cpu
 }  // namespace roga
+
+// The CPU kernels of the roga_cuda operators (schemas in library.cpp).
+TORCH_LIBRARY_IMPL(roga_cuda, CPU, m) {
+  using namespace roga;
+  m.impl("norm", &entry::norm<cpu::norm>);
+  m.impl("asam_norm", &entry::asam_norm<cpu::norm>);
+  m.impl("perturb_", &entry::perturb_<cpu::perturb_>);
+  m.impl("asam_perturb_", &entry::asam_perturb_<cpu::perturb_>);
+  m.impl("restore_", &entry::restore_<cpu::restore_>);
+  m.impl("restore_accumulate_", &entry::restore_accumulate_<cpu::restore_accumulate_>);
+  m.impl("gram", &entry::gram<cpu::gram>);
+  m.impl("combine_", &entry::combine_<cpu::combine_>);
+}

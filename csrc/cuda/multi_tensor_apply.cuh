@@ -306,8 +306,8 @@ struct DevScalar {
 };
 
 inline DevScalar dev_scalar(const Scalar& s) {
-  if (s.tensor == nullptr) return {nullptr, 0, s.value};
-  return {s.tensor->data_ptr(), s.tensor->scalar_type() == at::kDouble, 0.0};
+  if (!s.tensor.defined()) return {nullptr, 0, s.value};
+  return {s.tensor.data_ptr(), s.tensor.scalar_type() == at::kDouble, 0.0};
 }
 
 // ------------------------------------------------------------------------------ host helpers

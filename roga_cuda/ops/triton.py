@@ -45,7 +45,7 @@ from operator import attrgetter
 
 import torch
 
-from . import Backend
+from .registry import Backend
 
 try:
     import triton
@@ -366,7 +366,7 @@ def backend():
     reason = _unavailable_reason()
     devices = ("cpu",) if INTERPRET else ("cuda",)
     extra = {"interpret": INTERPRET, "triton_version": getattr(triton, "__version__", None)}
-    return Backend("triton", mod, reason is None, reason, devices, validates=False, extra=extra)
+    return Backend("triton", mod, reason is None, reason, devices, extra=extra)
 
 
 # -------------------------------------------------------------------- plans and tables
