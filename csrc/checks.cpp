@@ -166,7 +166,7 @@ Scalar scalar_arg(const char* op, const char* name, double value, const std::opt
   Scalar s{value, {}};
   if (!t.has_value() || !t->defined()) return s;
   TORCH_CHECK_VALUE(t->dim() == 0, op, ": `", name, "` must be a Python number or a 0-d tensor, got shape ",
-                    t->sizes());
+                    t->sym_sizes());
   const auto dt = t->scalar_type();
   TORCH_CHECK_TYPE(!at::isComplexType(dt) && dt != at::kBool, op, ": `", name, "` has dtype ", dt,
                    "; use a real floating-point value");
@@ -178,7 +178,7 @@ Scalar scalar_arg(const char* op, const char* name, double value, const std::opt
     s.value = t->item<double>();  // a host read: nothing to synchronise with
     return s;
   }
-  s.tensor = (dt == at::kFloat || dt == at::kDouble) ? *t : t->to(at::kFloat);  // on the device: no sync
+  s.tensor = (dt == at::kFloat || dt == at::kDouble || level == CheckLevel::kMeta) ? *t : t->to(at::kFloat);
   return s;
 }
 
@@ -191,8 +191,8 @@ Weights weights_arg(const char* op, c10::ArrayRef<double> values, const std::opt
     w.values.assign(values.begin(), values.end());
     return w;
   }
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == k, op, ": `weights` must hold ", k,
-                    " values (one per list), got shape ", t->sizes());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->sym_numel() == k, op, ": `weights` must hold ", k,
+                    " values (one per list), got shape ", t->sym_sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": `weights` has dtype ", t->scalar_type(),
                    "; use a floating-point tensor");
   const bool host = t->device().is_cpu();
@@ -202,6 +202,10 @@ Weights weights_arg(const char* op, c10::ArrayRef<double> values, const std::opt
   if (host && level != CheckLevel::kMeta) {
     const at::Tensor c = t->to(at::kDouble).contiguous();
     w.values.assign(c.const_data_ptr<double>(), c.const_data_ptr<double>() + k);
+    return w;
+  }
+  if (level == CheckLevel::kMeta) {
+    w.tensor = *t;
     return w;
   }
   const bool direct = (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble) && t->is_contiguous();
@@ -254,10 +258,13 @@ Checked check_combine_(TensorList out, TensorList lists, c10::ArrayRef<double> w
                        const std::optional<at::Tensor>& weights_t, CheckLevel level) {
   // K follows from the flat list's length: K lists as long as `out`.
   const int64_t n = static_cast<int64_t>(out.size());
-  const int64_t nw = weights_t.has_value() && weights_t->defined() ? weights_t->numel() : weights.size();
+  const bool wt = weights_t.has_value() && weights_t->defined();
   TORCH_CHECK_VALUE(n > 0 ? lists.size() % n == 0 && !lists.empty() : lists.empty(), "combine_: `lists` holds ",
                     lists.size(), " tensors, not K >= 1 lists of ", n, " tensors (the length of `out`)");
-  const int64_t k = n > 0 ? static_cast<int64_t>(lists.size()) / n : nw;
+  // (with no lists, K is the number of weights; a weight tensor's length may be symbolic)
+  const int64_t k = n > 0 ? static_cast<int64_t>(lists.size()) / n
+                  : wt ? weights_t->sym_numel().guard_int(__FILE__, __LINE__)
+                       : static_cast<int64_t>(weights.size());
   Checked c;
   std::vector<ListArg> named{{"out", out, true}};
   if (n > 0) {

@@ -32,6 +32,9 @@ __all__ = [
 ]
 
 _register_all()
+if "torch.distributed.tensor" in __import__("sys").modules:  # else on first use (its import costs seconds)
+    from . import distributed as _distributed
+    _distributed.register()
 
 
 def _backend(backend, first):

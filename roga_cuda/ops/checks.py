@@ -74,7 +74,8 @@ def list_of_lists(op, lists, n=None, ref="lists[0]"):
 def scalar(op, name, s):
     """A scalar argument as (float, None) or (0.0, tensor): the tensor's checks are the ops'."""
     if isinstance(s, torch.Tensor):
-        if s.device.type == "cpu" and s.dim() == 0 and s.dtype.is_floating_point and not _compiling():
+        if (type(s) is torch.Tensor and s.device.type == "cpu" and s.dim() == 0 and s.dtype.is_floating_point
+                and not _compiling()):
             return float(s), None  # free: no device to synchronise with
         return 0.0, s.detach()
     if isinstance(s, numbers.Real) and not isinstance(s, bool):

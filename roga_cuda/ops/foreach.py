@@ -41,9 +41,12 @@ def _sig(ts):
 
 def _like(ts, tag, math=False):
     """Persistent scratch tensors shaped like ``ts`` (``math=True``: in the math dtype,
-    float32 for float16/bfloat16, so intermediates are not rounded to 16 bits)."""
+    float32 for float16/bfloat16, so intermediates are not rounded to 16 bits). Under
+    torch.compile fresh ones: the graph owns its temporaries."""
     def make():
         return [torch.empty_like(t, dtype=_math_dtype(t) if math else t.dtype) for t in ts]
+    if torch.compiler.is_compiling():
+        return make()
     return workspace.get((tag, math) + _sig(ts), make)
 
 
@@ -69,6 +72,11 @@ def _scaled_add_(dst, src, s):
         torch._foreach_add_(dst, torch._foreach_mul(src, s))
     else:
         torch._foreach_add_(dst, src, alpha=s)
+
+
+def _scaled(src, s):
+    """s * src as new tensors (s a Python float or a 0-d device tensor)."""
+    return torch._foreach_mul(src, s)
 
 
 def norm(ts, per_tensor, params, eta):
@@ -129,6 +137,10 @@ def gram(lists):
         views = [[v.view(t.shape) for v, t in zip(row, lists[0])] for row in views]
         return m, views
 
+    if torch.compiler.is_compiling():  # no persistent workspace inside a graph
+        m = torch.stack([torch.cat([t.reshape(-1).to(dt) for t in lst]) for lst in lists])
+        g = m @ m.T
+        return g.triu() + g.triu(1).T
     m, views = workspace.get(("gram", k, dt) + _sig(lists[0]), make)
     for a in range(k):
         torch._foreach_copy_(views[a], lists[a])
@@ -138,6 +150,14 @@ def gram(lists):
 
 def combine_(out, lists, weights):
     k = len(lists)
+    if torch.compiler.is_compiling():
+        # Data pointers are not traceable, so aliasing cannot be told apart: compute into
+        # temporaries first (the graph's reinplacing removes what it can).
+        acc = _scaled(lists[0], weights[0])
+        for j in range(1, k):
+            torch._foreach_add_(acc, _scaled(lists[j], weights[j]))
+        torch._foreach_copy_(out, acc)
+        return
     ptrs = [o.data_ptr() if o.numel() else None for o in out]
     hits = [[p is not None and p == x.data_ptr() for p, x in zip(ptrs, lst)] for lst in lists]
     touched = [j for j in range(k) if any(hits[j])]

@@ -65,11 +65,28 @@ def _flat(lists):
     return [t for lst in lists for t in lst]
 
 
+def _dispatch(op, name, first, inplace=True):
+    """Before a call goes through the dispatcher. DTensors: make sure the operators know
+    them (distributed.py). torch.func.functionalize's C++ functional tensors cannot run
+    list-mutating custom operators (torch.compile and export functionalise them fine, in
+    Python): say so instead of torch's message about alias annotations."""
+    if first is None or _compiling():
+        return
+    if type(first).__name__ == "DTensor":
+        from . import distributed
+        distributed.register()
+    elif inplace and type(first) is torch.Tensor and torch._is_functional_tensor(first):
+        raise TypeError(f"{op}: {name}[0] is a functional tensor of torch.func.functionalize, which cannot run "
+                        "in-place operators on tensor lists; call roga_cuda ops outside functionalize (they work "
+                        "under torch.compile and torch.export)")
+
+
 def norm(ts, per_tensor, params, eta):
     if not _compiling():
         r = _f["norm"](ts, params, eta, per_tensor)
         if r is not None:
             return (r[0], r[1]) if per_tensor else (r[0], None)
+    _dispatch("norm", "ts", ts[0] if ts else None, inplace=False)
     if params is None:
         total, per = _ops.norm(ts, per_tensor)
     else:
@@ -80,6 +97,7 @@ def norm(ts, per_tensor, params, eta):
 def perturb_(params, grads, backup, scale, scale_t, adaptive, eta):
     if not _compiling() and _f["perturb_"](params, grads, backup, scale, scale_t, adaptive, eta):
         return
+    _dispatch("perturb_", "params", params[0] if params else None)
     if adaptive:
         _ops.asam_perturb_(params, grads, backup, scale, scale_t, eta)
     else:
@@ -89,12 +107,14 @@ def perturb_(params, grads, backup, scale, scale_t, adaptive, eta):
 def restore_(params, backup):
     if not _compiling() and _f["restore_"](params, backup):
         return
+    _dispatch("restore_", "params", params[0] if params else None)
     _ops.restore_(params, backup)
 
 
 def restore_accumulate_(params, backup, acc, grads, weight, weight_t):
     if not _compiling() and _f["restore_accumulate_"](params, backup, acc, grads, weight, weight_t):
         return
+    _dispatch("restore_accumulate_", "params", params[0] if params else None)
     _ops.restore_accumulate_(params, backup, acc, grads, weight, weight_t)
 
 
@@ -103,12 +123,14 @@ def gram(lists):
         g = _f["gram"](lists)
         if g is not None:
             return g
+    _dispatch("gram", "lists", lists[0][0] if lists[0] else None, inplace=False)
     return _ops.gram(_flat(lists), len(lists))
 
 
 def combine_(out, lists, weights, weights_t):
     if not _compiling() and _f["combine_"](out, lists, weights, weights_t):
         return
+    _dispatch("combine_", "out", out[0] if out else None)
     _ops.combine_(out, _flat(lists), weights, weights_t)
 
 
