@@ -121,6 +121,12 @@ std::optional<at::Device> check_lists(const char* op, const std::vector<ListArg>
         TORCH_CHECK_VALUE(dense || at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", l.name, "[", i,
                           "] has elements that share memory (e.g. an expanded view); it cannot be written");
       }
+      if (l.steps) {
+        TORCH_CHECK_VALUE(t.sym_numel() == 1 && t.scalar_type() == at::kFloat, op, ": ", l.name, "[", i,
+                          "] must be a one-element float32 tensor (a step count), got shape ", t.sym_sizes(),
+                          " and dtype ", t.scalar_type());
+        continue;
+      }
       if (is_first) continue;
       const at::Tensor& r = first.ts[i];
       TORCH_CHECK_VALUE(t.sym_sizes() == r.sym_sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sym_sizes(),
@@ -274,6 +280,64 @@ Checked check_combine_(TensorList out, TensorList lists, c10::ArrayRef<double> w
   c.dev = check_lists("combine_", named, true, /*alias_ok=*/true, level);
   c.weights = weights_arg("combine_", weights, weights_t, k, c.dev, level);
   c.lists = views(named, 1);
+  return c;
+}
+
+Checked check_update(const char* op, TensorList params, TensorList source, TensorList grads,
+                     c10::ArrayRef<double> grad_weights, const std::optional<at::Tensor>& grad_weight_t,
+                     TensorList grad_out, const std::vector<StateArg>& states, TensorList steps, bool need_steps,
+                     double lr, const std::optional<at::Tensor>& lr_t, const std::optional<at::Tensor>& found_inf,
+                     CheckLevel level) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK_VALUE(n > 0 ? grads.size() % n == 0 && !grads.empty() : grads.empty(), op, ": `grads` holds ",
+                    grads.size(), " tensors, not K >= 1 lists of ", n, " tensors (the length of `params`)");
+  auto optional_list = [&](const char* name, TensorList ts, bool required) {
+    TORCH_CHECK_VALUE(ts.empty() ? !required || n == 0 : static_cast<int64_t>(ts.size()) == n, op, ": `", name,
+                      "` has ", ts.size(), " tensors but `params` has ", n,
+                      required ? "" : " (give it empty to leave it out)");
+  };
+  optional_list("source", source, false);
+  optional_list("grad_out", grad_out, false);
+  optional_list("steps", steps, need_steps);
+  for (const auto& st : states) {
+    optional_list(st.name, st.ts, st.required);
+    TORCH_CHECK_VALUE(st.required || st.ts.empty(), op, ": `", st.name,
+                      "` must be empty with these hyper-parameters, got ", st.ts.size(), " tensors");
+  }
+  const int64_t k = n > 0 ? static_cast<int64_t>(grads.size()) / n
+                  : grad_weight_t.has_value() && grad_weight_t->defined()
+                      ? grad_weight_t->sym_numel().guard_int(__FILE__, __LINE__)
+                      : static_cast<int64_t>(grad_weights.size());
+  std::vector<ListArg> named{{"params", params, true}};
+  if (!source.empty()) named.push_back({"source", source, false});
+  const size_t grads_at = named.size();
+  if (n > 0) {
+    auto gl = split_lists(op, "grads", grads, k, false);
+    named.insert(named.end(), gl.begin(), gl.end());
+  }
+  const size_t grads_end = named.size();
+  if (!grad_out.empty()) named.push_back({"grad_out", grad_out, true});
+  for (const auto& st : states)
+    if (!st.ts.empty()) named.push_back({st.name, st.ts, true});
+  if (!steps.empty()) named.push_back({"steps", steps, true, /*steps=*/true});
+  Checked c;
+  c.dev = check_lists(op, named, true, /*alias_ok=*/true, level);
+  for (size_t j = grads_at; j < grads_end; ++j) c.lists.push_back(named[j].ts);
+  c.weights = weights_arg(op, grad_weights, grad_weight_t, k, c.dev, level);
+  c.lr = scalar_arg(op, "lr", lr, lr_t, c.dev, level);
+  if (found_inf.has_value() && found_inf->defined()) {
+    const at::Tensor& f = *found_inf;
+    TORCH_CHECK_VALUE(f.sym_numel() == 1 && at::isFloatingType(f.scalar_type()), op,
+                      ": `found_inf` must be a one-element floating-point tensor, got shape ", f.sym_sizes(),
+                      " and dtype ", f.scalar_type());
+    if (c.dev)
+      TORCH_CHECK_VALUE(f.device() == *c.dev || f.device().is_cpu(), op, ": `found_inf` is on ", f.device(),
+                        " but the tensors are on ", *c.dev);
+    if (f.device().is_cpu() && level != CheckLevel::kMeta)
+      c.skip = f.item<double>() != 0.0;  // a host read: nothing to synchronise with
+    else
+      c.found_inf = f.scalar_type() == at::kFloat || level == CheckLevel::kMeta ? f : f.to(at::kFloat);
+  }
   return c;
 }
 

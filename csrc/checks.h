@@ -18,6 +18,7 @@ struct ListArg {
   std::string name;
   TensorList ts;
   bool written = false;
+  bool steps = false;  // one-element float32 step counters: no shape/dtype match with the first list
 };
 
 // What a check may look at. kMeta: metadata only (meta/fake tensors: FakeTensor tracing,
@@ -51,7 +52,10 @@ struct Checked {
   std::optional<at::Device> dev;  // nullopt: empty lists, nothing to do
   Scalar scalar;                  // perturb_'s scale, restore_accumulate_'s weight
   Weights weights;                // combine_
-  std::vector<TensorList> lists;  // gram, combine_: the K lists of the flat argument
+  std::vector<TensorList> lists;  // gram, combine_, updates: the K lists of the flat argument
+  Scalar lr;                      // updates
+  at::Tensor found_inf;           // updates: defined when it must be read on the device
+  bool skip = false;              // updates: found_inf is a host value and nonzero
 };
 
 // One validator per op (the op's contract: which lists it writes, what may alias).
@@ -64,6 +68,20 @@ Checked check_restore_accumulate_(TensorList params, TensorList backup, TensorLi
 Checked check_gram(TensorList lists, int64_t k, CheckLevel level);
 Checked check_combine_(TensorList out, TensorList lists, c10::ArrayRef<double> weights,
                        const std::optional<at::Tensor>& weights_t, CheckLevel level);
+
+// The fused updates: params, source (empty or n), grads (K * n), grad_out (empty or n), the
+// optimizer's state lists (each n, or empty when not `required`), steps (n, or empty when
+// not needed), lr, found_inf. Returns the K grad lists, weights, lr and found_inf.
+struct StateArg {
+  const char* name;
+  TensorList ts;
+  bool required;
+};
+Checked check_update(const char* op, TensorList params, TensorList source, TensorList grads,
+                     c10::ArrayRef<double> grad_weights, const std::optional<at::Tensor>& grad_weight_t,
+                     TensorList grad_out, const std::vector<StateArg>& states, TensorList steps, bool need_steps,
+                     double lr, const std::optional<at::Tensor>& lr_t, const std::optional<at::Tensor>& found_inf,
+                     CheckLevel level);
 
 // True if every tensor is a plain CPU/CUDA tensor that the kernels may touch through raw
 // pointers right now: no tensor subclass (DTensor, FakeTensor, ...), functional or

@@ -36,6 +36,32 @@ inline at::ScalarType reduction_dtype(TensorList ts) {
   return at::kFloat;
 }
 
+// Hyper-parameters of the fused base updates (torch.optim.SGD / Adam / AdamW semantics).
+struct SgdHyper {
+  double momentum = 0, dampening = 0, weight_decay = 0;
+  bool nesterov = false, maximize = false;
+};
+struct AdamHyper {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+  bool decoupled = false, amsgrad = false, maximize = false;
+};
+
+// What every fused update takes (validated by checks.cpp): the gradient is the combination
+// sum_k weights[k] * grads[k][i] (K >= 1 lists; AMP's unscaling and clipping are folded into
+// the weights); the parameter's value is read from `source` (e.g. SAM's backup: restore and
+// update in one pass) or, when it is empty, from `params`; `grad_out`, when not empty,
+// receives the combined gradient (before `maximize`). `steps` are the per-parameter step
+// counts (one-element float32 tensors, torch's state['step']): read before the update and
+// incremented after it. `found_inf` (a one-element tensor, or undefined): when nonzero
+// nothing is written at all, steps included (AMP's skipped step).
+struct UpdateArgs {
+  TensorList params, source, grad_out, steps;
+  std::vector<TensorList> grads;
+  Weights weights;
+  Scalar lr;
+  at::Tensor found_inf;
+};
+
 #define ROGA_DECLARE_OPS                                                                   \
   std::tuple<at::Tensor, at::Tensor> norm(const TensorList& ts, const TensorList* params, \
                                           double eta, bool per_tensor);                   \
@@ -47,7 +73,10 @@ inline at::ScalarType reduction_dtype(TensorList ts) {
                            const Scalar& weight);                                         \
   at::Tensor gram(const std::vector<TensorList>& lists);                                  \
   void combine_(const TensorList& out, const std::vector<TensorList>& lists,              \
-                const Weights& weights);
+                const Weights& weights);                                                  \
+  void sgd_(const UpdateArgs& a, const TensorList& momentum_buffers, const SgdHyper& h);  \
+  void adam_(const UpdateArgs& a, const TensorList& exp_avgs, const TensorList& exp_avg_sqs, \
+             const TensorList& max_exp_avg_sqs, const AdamHyper& h);
 
 namespace cpu {
 ROGA_DECLARE_OPS

@@ -17,6 +17,8 @@ using RestoreAccFn = void (*)(const TensorList&, const TensorList&, const Tensor
                               const Scalar&);
 using GramFn = at::Tensor (*)(const std::vector<TensorList>&);
 using CombineFn = void (*)(const TensorList&, const std::vector<TensorList>&, const Weights&);
+using SgdFn = void (*)(const UpdateArgs&, const TensorList&, const SgdHyper&);
+using AdamFn = void (*)(const UpdateArgs&, const TensorList&, const TensorList&, const TensorList&, const AdamHyper&);
 
 constexpr CheckLevel kReal = CheckLevel::kMemory;
 
@@ -88,6 +90,51 @@ void combine_(TensorList out, TensorList lists, c10::ArrayRef<double> weights,
   if (!c.dev) return;
   K(out, c.lists, c.weights);
   bump_versions(out);
+}
+
+inline UpdateArgs update_args(const Checked& c, TensorList params, TensorList source, TensorList grad_out,
+                              TensorList steps) {
+  return UpdateArgs{params, source, grad_out, steps, c.lists, c.weights, c.lr, c.found_inf};
+}
+
+inline void bump_update(const UpdateArgs& a, std::initializer_list<TensorList> states) {
+  bump_versions(a.params);
+  bump_versions(a.grad_out);
+  bump_versions(a.steps);
+  for (const auto& s : states) bump_versions(s);
+}
+
+template <SgdFn K>
+void sgd_(TensorList params, TensorList source, TensorList grads, c10::ArrayRef<double> grad_weights,
+          const std::optional<at::Tensor>& grad_weight_t, TensorList grad_out, TensorList momentum_buffers,
+          TensorList steps, double lr, const std::optional<at::Tensor>& lr_t, double momentum, double dampening,
+          bool nesterov, double weight_decay, bool maximize, const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK_VALUE(!nesterov || (momentum > 0 && dampening == 0),
+                    "sgd_: Nesterov momentum requires a momentum and zero dampening");
+  const Checked c = check_update("sgd_", params, source, grads, grad_weights, grad_weight_t, grad_out,
+                                 {{"momentum_buffers", momentum_buffers, momentum != 0}}, steps, momentum != 0, lr,
+                                 lr_t, found_inf, kReal);
+  if (!c.dev || c.skip) return;
+  const UpdateArgs a = update_args(c, params, source, grad_out, steps);
+  K(a, momentum_buffers, SgdHyper{momentum, dampening, weight_decay, nesterov, maximize});
+  bump_update(a, {momentum_buffers});
+}
+
+template <AdamFn K>
+void adam_(TensorList params, TensorList source, TensorList grads, c10::ArrayRef<double> grad_weights,
+           const std::optional<at::Tensor>& grad_weight_t, TensorList grad_out, TensorList exp_avgs,
+           TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList steps, double lr,
+           const std::optional<at::Tensor>& lr_t, double beta1, double beta2, double eps, double weight_decay,
+           bool decoupled, bool amsgrad, bool maximize, const std::optional<at::Tensor>& found_inf) {
+  const Checked c = check_update("adam_", params, source, grads, grad_weights, grad_weight_t, grad_out,
+                                 {{"exp_avgs", exp_avgs, true},
+                                  {"exp_avg_sqs", exp_avg_sqs, true},
+                                  {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+                                 steps, true, lr, lr_t, found_inf, kReal);
+  if (!c.dev || c.skip) return;
+  const UpdateArgs a = update_args(c, params, source, grad_out, steps);
+  K(a, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, AdamHyper{beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize});
+  bump_update(a, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs});
 }
 
 }  // namespace entry

@@ -44,6 +44,12 @@ std::vector<at::Tensor> flatten(const Lists& lists) {
   return flat;
 }
 
+bool plain_opt(std::initializer_list<c10::optional<at::Tensor>> ts) {
+  for (const auto& t : ts)
+    if (t && t->defined() && !all_plain({TensorList(*t)})) return false;
+  return true;
+}
+
 py::object fast_norm(const std::vector<at::Tensor>& ts, const c10::optional<std::vector<at::Tensor>>& params,
                      double eta, bool per_tensor) {
   if (!all_plain({ts, params ? TensorList(*params) : TensorList()})) return py::none();
@@ -104,6 +110,31 @@ bool fast_combine_(const std::vector<at::Tensor>& out, const Lists& lists, const
   return true;
 }
 
+using Vec = std::vector<at::Tensor>;
+using OptT = c10::optional<at::Tensor>;
+
+bool fast_sgd_(const Vec& params, const Vec& source, const Vec& grads, const std::vector<double>& gw, const OptT& gwt,
+               const Vec& grad_out, const Vec& bufs, const Vec& steps, double lr, const OptT& lr_t, double momentum,
+               double dampening, bool nesterov, double weight_decay, bool maximize, const OptT& found_inf) {
+  if (!all_plain({params, source, grads, grad_out, bufs, steps}) || !plain_opt({gwt, lr_t, found_inf})) return false;
+  py::gil_scoped_release nogil;
+  ROGA_ENTRY(first_device(params), sgd_, params, source, grads, gw, gwt, grad_out, bufs, steps, lr, lr_t, momentum,
+             dampening, nesterov, weight_decay, maximize, found_inf);
+  return true;
+}
+
+bool fast_adam_(const Vec& params, const Vec& source, const Vec& grads, const std::vector<double>& gw, const OptT& gwt,
+                const Vec& grad_out, const Vec& m, const Vec& v, const Vec& vmax, const Vec& steps, double lr,
+                const OptT& lr_t, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+                bool amsgrad, bool maximize, const OptT& found_inf) {
+  if (!all_plain({params, source, grads, grad_out, m, v, vmax, steps}) || !plain_opt({gwt, lr_t, found_inf}))
+    return false;
+  py::gil_scoped_release nogil;
+  ROGA_ENTRY(first_device(params), adam_, params, source, grads, gw, gwt, grad_out, m, v, vmax, steps, lr, lr_t, beta1,
+             beta2, eps, weight_decay, decoupled, amsgrad, maximize, found_inf);
+  return true;
+}
+
 }  // namespace
 }  // namespace roga
 
@@ -135,6 +166,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gram", &fast_gram, py::arg("lists"));
   m.def("combine_", &fast_combine_, py::arg("out"), py::arg("lists"), py::arg("weights"), py::arg("weight_tensor"));
 
+  m.def("sgd_", &fast_sgd_);
+  m.def("adam_", &fast_adam_);
+
   // The checks alone, for the Python backends (reference, foreach, triton): one
   // implementation of every check, one text of every message.
   const auto real = CheckLevel::kStrided;  // the Python backends take any strided layout
@@ -160,5 +194,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_combine_", [real](const std::vector<at::Tensor>& out, const Lists& lists, int64_t nweights,
                                  const c10::optional<at::Tensor>& w) {
     check_combine_(out, flatten(lists), std::vector<double>(w ? 0 : nweights, 0.0), w, real);
+  });
+  m.def("check_sgd_", [real](const Vec& params, const Vec& source, const Vec& grads, int64_t nweights, const OptT& gwt,
+                             const Vec& grad_out, const Vec& bufs, const Vec& steps, double momentum, const OptT& lr_t,
+                             const OptT& found_inf) {
+    check_update("sgd_", params, source, grads, std::vector<double>(gwt ? 0 : nweights, 0.0), gwt, grad_out,
+                 {{"momentum_buffers", bufs, momentum != 0}}, steps, momentum != 0, 0.0, lr_t, found_inf, real);
+  });
+  m.def("check_adam_", [real](const Vec& params, const Vec& source, const Vec& grads, int64_t nweights,
+                              const OptT& gwt, const Vec& grad_out, const Vec& m, const Vec& v, const Vec& vmax,
+                              const Vec& steps, bool amsgrad, const OptT& lr_t, const OptT& found_inf) {
+    check_update("adam_", params, source, grads, std::vector<double>(gwt ? 0 : nweights, 0.0), gwt, grad_out,
+                 {{"exp_avgs", m, true}, {"exp_avg_sqs", v, true}, {"max_exp_avg_sqs", vmax, amsgrad}}, steps, true,
+                 0.0, lr_t, found_inf, real);
   });
 }

@@ -57,6 +57,26 @@ void combine_meta(TensorList out, TensorList lists, c10::ArrayRef<double> weight
   check_combine_(out, lists, weights, weights_t, kMeta);
 }
 
+void sgd_meta(TensorList params, TensorList source, TensorList grads, c10::ArrayRef<double> grad_weights,
+              const std::optional<at::Tensor>& grad_weight_t, TensorList grad_out, TensorList momentum_buffers,
+              TensorList steps, double lr, const std::optional<at::Tensor>& lr_t, double momentum, double,
+              bool, double, bool, const std::optional<at::Tensor>& found_inf) {
+  check_update("sgd_", params, source, grads, grad_weights, grad_weight_t, grad_out,
+               {{"momentum_buffers", momentum_buffers, momentum != 0}}, steps, momentum != 0, lr, lr_t, found_inf,
+               kMeta);
+}
+
+void adam_meta(TensorList params, TensorList source, TensorList grads, c10::ArrayRef<double> grad_weights,
+               const std::optional<at::Tensor>& grad_weight_t, TensorList grad_out, TensorList exp_avgs,
+               TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList steps, double lr,
+               const std::optional<at::Tensor>& lr_t, double, double, double, double, bool, bool amsgrad, bool,
+               const std::optional<at::Tensor>& found_inf) {
+  check_update("adam_", params, source, grads, grad_weights, grad_weight_t, grad_out,
+               {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
+                {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+               steps, true, lr, lr_t, found_inf, kMeta);
+}
+
 }  // namespace
 }  // namespace roga
 
@@ -76,6 +96,17 @@ TORCH_LIBRARY(roga_cuda, m) {
         tags);
   m.def("gram(Tensor[] lists, int k) -> Tensor", tags);
   m.def("combine_(Tensor(a!)[] out, Tensor[] lists, float[] weights, Tensor? weight_tensor=None) -> ()", tags);
+  // The fused base updates (torch.optim.SGD / Adam / AdamW), see common.h UpdateArgs.
+  m.def("sgd_(Tensor(a!)[] params, Tensor[] source, Tensor[] grads, float[] grad_weights, "
+        "Tensor? grad_weight_tensor, Tensor(b!)[] grad_out, Tensor(c!)[] momentum_buffers, Tensor(d!)[] steps, "
+        "float lr, Tensor? lr_tensor, float momentum, float dampening, bool nesterov, float weight_decay, "
+        "bool maximize, Tensor? found_inf) -> ()",
+        tags);
+  m.def("adam_(Tensor(a!)[] params, Tensor[] source, Tensor[] grads, float[] grad_weights, "
+        "Tensor? grad_weight_tensor, Tensor(b!)[] grad_out, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+        "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, "
+        "float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? found_inf) -> ()",
+        tags);
 }
 
 TORCH_LIBRARY_IMPL(roga_cuda, Meta, m) {
@@ -88,4 +119,6 @@ TORCH_LIBRARY_IMPL(roga_cuda, Meta, m) {
   m.impl("restore_accumulate_", &restore_accumulate_meta);
   m.impl("gram", &gram_meta);
   m.impl("combine_", &combine_meta);
+  m.impl("sgd_", &sgd_meta);
+  m.impl("adam_", &adam_meta);
 }

@@ -27,7 +27,7 @@ from . import checks
 from .registry import BACKENDS, Backend, _registry, _register_all, backends, resolve_backend
 
 __all__ = [
-    "norm", "perturb_", "restore_", "restore_accumulate_", "gram", "combine_",
+    "norm", "perturb_", "restore_", "restore_accumulate_", "gram", "combine_", "sgd_", "adam_",
     "backends", "resolve_backend", "BACKENDS",
 ]
 
@@ -139,3 +139,95 @@ def combine_(out, lists, weights, *, backend="auto"):
     if out:
         with torch.no_grad():
             be.module.combine_(out, lists, ws if wt is None else wt)
+
+
+# ------------------------------------------------------------------ fused base updates
+
+def _update_inputs(op, params, grads, grad_weights, source, grad_out, found_inf):
+    """Normalises what both updates share: K gradient lists and their weights, the optional
+    lists, found_inf."""
+    params = checks.tensor_list(op, "params", params)
+    grads = checks.tensor_list(op, "grads", grads)
+    nested = bool(grads) and not isinstance(grads[0], torch.Tensor) and isinstance(grads[0], (list, tuple))
+    grads = checks.list_of_lists(op, grads if nested else [grads], len(params), "params")
+    if grad_weights is None:
+        ws, wt = [1.0] * len(grads), None
+    else:
+        ws, wt = checks.weights(op, grad_weights, len(grads))
+    source = None if source is None else checks.tensor_list(op, "source", source)
+    grad_out = None if grad_out is None else checks.tensor_list(op, "grad_out", grad_out)
+    if found_inf is not None and not isinstance(found_inf, torch.Tensor):
+        raise TypeError(f"{op}: `found_inf` must be a tensor (GradScaler's) or None, got {type(found_inf).__name__}")
+    return params, grads, ws, wt, source, grad_out
+
+
+def sgd_(params, grads, *, lr, momentum_buffers=None, steps=None, momentum=0.0, dampening=0.0, nesterov=False,
+         weight_decay=0.0, maximize=False, source=None, grad_weights=None, grad_out=None, found_inf=None,
+         backend="auto"):
+    """``torch.optim.SGD``'s update of ``params`` in one pass (per dtype, per launch).
+
+    ``grads``: a list, or K lists combined as ``sum_k grad_weights[k] * grads[k]`` in the
+    same pass (``grad_weights`` floats or a 1-d device tensor: AMP's unscaling, clipping and
+    gradient surgery's coefficients fold in here). ``source``: read the parameters' values
+    from this list instead (SAM: restore and update in one pass). ``grad_out``: also write
+    the combined gradient there (e.g. into ``.grad``). With ``momentum``,
+    ``momentum_buffers`` and ``steps`` (one-element float32 tensors: the buffer starts as the
+    gradient when the count is 0; counts are incremented) are required. ``lr`` a float or a
+    0-d device tensor; ``found_inf`` (GradScaler's): when nonzero nothing changes at all.
+    """
+    params, grads, ws, wt, source, grad_out = _update_inputs("sgd_", params, grads, grad_weights, source, grad_out,
+                                                             found_inf)
+    bufs = [] if momentum_buffers is None else checks.tensor_list("sgd_", "momentum_buffers", momentum_buffers)
+    steps = [] if steps is None else checks.tensor_list("sgd_", "steps", steps)
+    lr_v, lr_t = checks.scalar("sgd_", "lr", lr)
+    be = _backend(backend, _first(params))
+    hyper = (float(momentum), float(dampening), bool(nesterov), float(weight_decay), bool(maximize))
+    if be.compiled:
+        be.module.sgd_(params, source or [], _flat_grads(grads), ws, wt, grad_out or [], bufs, steps, lr_v, lr_t,
+                       *hyper, found_inf)
+        return
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("sgd_: Nesterov momentum requires a momentum and zero dampening")
+    checks.validate("sgd_", params, source or [], _flat_grads(grads), len(ws), wt, grad_out or [], bufs, steps,
+                    float(momentum), lr_t, found_inf)
+    if params:
+        with torch.no_grad():
+            be.module.sgd_(params, source, grads, ws if wt is None else wt, grad_out, bufs, steps,
+                           lr_v if lr_t is None else lr_t, *hyper, found_inf)
+
+
+def adam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+          decoupled=False, amsgrad=False, max_exp_avg_sqs=None, maximize=False, source=None, grad_weights=None,
+          grad_out=None, found_inf=None, backend="auto"):
+    """``torch.optim.Adam``'s update (``decoupled=True``: AdamW's) of ``params`` in one pass.
+
+    ``exp_avgs``, ``exp_avg_sqs`` (and with ``amsgrad`` ``max_exp_avg_sqs``) are the
+    optimizer's state; ``steps`` the per-parameter counts before this update (one-element
+    float32 tensors; bias corrections use count + 1, then the counts are incremented).
+    ``grads``, ``grad_weights``, ``source``, ``grad_out``, ``lr`` and ``found_inf`` as in
+    :func:`sgd_`.
+    """
+    params, grads, ws, wt, source, grad_out = _update_inputs("adam_", params, grads, grad_weights, source, grad_out,
+                                                             found_inf)
+    m = checks.tensor_list("adam_", "exp_avgs", exp_avgs)
+    v = checks.tensor_list("adam_", "exp_avg_sqs", exp_avg_sqs)
+    vmax = [] if max_exp_avg_sqs is None else checks.tensor_list("adam_", "max_exp_avg_sqs", max_exp_avg_sqs)
+    steps = checks.tensor_list("adam_", "steps", steps)
+    lr_v, lr_t = checks.scalar("adam_", "lr", lr)
+    beta1, beta2 = (float(b) for b in betas)
+    be = _backend(backend, _first(params))
+    hyper = (beta1, beta2, float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize))
+    if be.compiled:
+        be.module.adam_(params, source or [], _flat_grads(grads), ws, wt, grad_out or [], m, v, vmax, steps, lr_v,
+                        lr_t, *hyper, found_inf)
+        return
+    checks.validate("adam_", params, source or [], _flat_grads(grads), len(ws), wt, grad_out or [], m, v, vmax, steps,
+                    bool(amsgrad), lr_t, found_inf)
+    if params:
+        with torch.no_grad():
+            be.module.adam_(params, source, grads, ws if wt is None else wt, grad_out, m, v, vmax, steps,
+                            lr_v if lr_t is None else lr_t, *hyper, found_inf)
+
+
+def _flat_grads(grads):
+    return grads[0] if len(grads) == 1 else [t for lst in grads for t in lst]

@@ -121,7 +121,10 @@ def validate(op, *args):
 
 _LIST_NAMES = {"norm": ("ts", "params"), "perturb_": ("params", "grads", "backup"), "restore_": ("params", "backup"),
                "restore_accumulate_": ("params", "backup", "acc", "grads"), "gram": ("lists",),
-               "combine_": ("out", "lists")}
+               "combine_": ("out", "lists"),
+               "sgd_": ("params", "source", "grads", None, None, "grad_out", "momentum_buffers", "steps"),
+               "adam_": ("params", "source", "grads", None, None, "grad_out", "exp_avgs", "exp_avg_sqs",
+                         "max_exp_avg_sqs", "steps")}
 
 
 def _name_non_tensors(op, args):
@@ -129,7 +132,7 @@ def _name_non_tensors(op, args):
     for name, a in zip(_LIST_NAMES[op], args):
         if name == "lists":
             named += [(f"lists[{k}]", l) for k, l in enumerate(a)]
-        elif a is not None:
+        elif name is not None and isinstance(a, (list, tuple)):
             named.append((name, a))
     element_types(op, named)
 
@@ -143,7 +146,7 @@ def _plain(args):
     return True
 
 
-def _check_lists(op, named, written=(), alias_ok=False, allow_empty=True, memory=True):
+def _check_lists(op, named, written=(), alias_ok=False, allow_empty=True, memory=True, steps=()):
     """Python statement of csrc/checks.cpp check_lists (same order, same messages)."""
     (name0, first), *rest = named
     n = len(first)
@@ -173,6 +176,11 @@ def _check_lists(op, named, written=(), alias_ok=False, allow_empty=True, memory
                 if torch._debug_has_internal_overlap(t) == 1:
                     raise ValueError(f"{op}: {name}[{i}] has elements that share memory (e.g. an expanded view); "
                                      "it cannot be written")
+            if name in steps:
+                if t.numel() != 1 or t.dtype != torch.float32:
+                    raise ValueError(f"{op}: {name}[{i}] must be a one-element float32 tensor (a step count), got "
+                                     f"shape {list(t.shape)} and dtype {_dtype(t.dtype)}")
+                continue
             if lst is first:
                 continue
             r = first[i]
@@ -267,18 +275,64 @@ def _fb_gram(lists, *, memory):
 def _fb_combine(out, lists, nweights, w, *, memory):
     named = [("out", out)] + [(f"lists[{k}]", l) for k, l in enumerate(lists)]
     dev = _check_lists("combine_", named, ("out",), alias_ok=True, memory=memory)
-    k = len(lists)
+    _fb_weights("combine_", len(lists), nweights, w, dev)
+
+
+def _fb_update(op, params, source, grads, nweights, wt, grad_out, states, steps, need_steps, lr_t, found_inf, memory):
+    n = len(params)
+    if (len(grads) % n != 0 or not grads) if n else grads:
+        raise ValueError(f"{op}: `grads` holds {len(grads)} tensors, not K >= 1 lists of {n} tensors "
+                         "(the length of `params`)")
+    for name, ts, required in [("source", source, False), ("grad_out", grad_out, False),
+                               ("steps", steps, need_steps)] + states:
+        if not (len(ts) == 0 and (not required or n == 0) or len(ts) == n):
+            raise ValueError(f"{op}: `{name}` has {len(ts)} tensors but `params` has {n}"
+                             + ("" if required else " (give it empty to leave it out)"))
+    for name, ts, required in states:
+        if not required and len(ts):
+            raise ValueError(f"{op}: `{name}` must be empty with these hyper-parameters, got {len(ts)} tensors")
+    k = len(grads) // n if n else (wt.numel() if wt is not None else nweights)
+    named = [("params", params)] + ([("source", source)] if len(source) else [])
+    named += [(f"grads[{j}]", grads[j * n:(j + 1) * n]) for j in range(k)] if n else []
+    named += [("grad_out", grad_out)] if len(grad_out) else []
+    named += [(name, ts) for name, ts, _ in states if len(ts)]
+    named += [("steps", steps)] if len(steps) else []
+    written = {"params", "grad_out", "steps"} | {name for name, _, _ in states}
+    dev = _check_lists(op, named, written, alias_ok=True, memory=memory, steps=("steps",))
+    _fb_weights(op, k, nweights, wt, dev)
+    _check_scalar(op, "lr", lr_t, dev)
+    if found_inf is not None:
+        if found_inf.numel() != 1 or not found_inf.is_floating_point():
+            raise ValueError(f"{op}: `found_inf` must be a one-element floating-point tensor, got shape "
+                             f"{list(found_inf.shape)} and dtype {_dtype(found_inf.dtype)}")
+        if dev is not None and found_inf.device != dev and found_inf.device.type != "cpu":
+            raise ValueError(f"{op}: `found_inf` is on {found_inf.device} but the tensors are on {dev}")
+
+
+def _fb_weights(op, k, nweights, w, dev):
     if w is None:
         if nweights != k:
-            raise ValueError(f"combine_: got {nweights} weights for {k} lists")
+            raise ValueError(f"{op}: got {nweights} weights for {k} lists")
         return
     if w.dim() != 1 or w.numel() != k:
-        raise ValueError(f"combine_: `weights` must hold {k} values (one per list), got shape {list(w.shape)}")
+        raise ValueError(f"{op}: `weights` must hold {k} values (one per list), got shape {list(w.shape)}")
     if not w.is_floating_point():
-        raise TypeError(f"combine_: `weights` has dtype {_dtype(w.dtype)}; use a floating-point tensor")
+        raise TypeError(f"{op}: `weights` has dtype {_dtype(w.dtype)}; use a floating-point tensor")
     if dev is not None and w.device.type != "cpu" and w.device != dev:
-        raise ValueError(f"combine_: `weights` is on {w.device} but the tensors are on {dev}")
+        raise ValueError(f"{op}: `weights` is on {w.device} but the tensors are on {dev}")
+
+
+def _fb_sgd(params, source, grads, nweights, wt, grad_out, bufs, steps, momentum, lr_t, found_inf, *, memory):
+    _fb_update("sgd_", params, source, grads, nweights, wt, grad_out, [("momentum_buffers", bufs, momentum != 0)],
+               steps, momentum != 0, lr_t, found_inf, memory)
+
+
+def _fb_adam(params, source, grads, nweights, wt, grad_out, m, v, vmax, steps, amsgrad, lr_t, found_inf, *, memory):
+    _fb_update("adam_", params, source, grads, nweights, wt, grad_out,
+               [("exp_avgs", m, True), ("exp_avg_sqs", v, True), ("max_exp_avg_sqs", vmax, bool(amsgrad))],
+               steps, True, lr_t, found_inf, memory)
 
 
 _FALLBACK = {"norm": _fb_norm, "perturb_": _fb_perturb, "restore_": _fb_restore,
-             "restore_accumulate_": _fb_restore_acc, "gram": _fb_gram, "combine_": _fb_combine}
+             "restore_accumulate_": _fb_restore_acc, "gram": _fb_gram, "combine_": _fb_combine,
+             "sgd_": _fb_sgd, "adam_": _fb_adam}

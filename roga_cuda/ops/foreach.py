@@ -5,6 +5,7 @@ are unavailable. Each primitive is a handful of multi-tensor launches; temporari
 would be allocated every step (ASAM weights, the Gram matrix's flat copies) live in a
 small workspace cache keyed on the list's shapes, dtypes and device.
 """
+import math
 from collections import OrderedDict
 
 import torch
@@ -176,3 +177,83 @@ def combine_(out, lists, weights):
     for j in range(k):
         if j != alias:
             _scaled_add_(out, lists[j], weights[j])
+
+
+# ------------------------------------------------------------------ fused base updates
+# The foreach backend is the plain-PyTorch baseline: its updates read the step counts (and
+# found_inf, a tensor lr) on the host, which synchronises with a GPU once per call. The
+# compiled backends do not.
+
+def _combined(grads, weights):
+    """sum_k w_k grads[k]: grads[0] itself when that is the whole sum, else new tensors."""
+    if len(grads) == 1 and not isinstance(weights, torch.Tensor) and weights[0] == 1.0:
+        return grads[0]
+    acc = _scaled(grads[0], weights[0])
+    for k in range(1, len(grads)):
+        torch._foreach_add_(acc, _scaled(grads[k], weights[k]))
+    return acc
+
+
+def _host(x):
+    return float(x) if isinstance(x, torch.Tensor) else x
+
+
+def _front(params, source, grads, weights, grad_out, maximize):
+    g = _combined(grads, weights)
+    if grad_out is not None:
+        torch._foreach_copy_(grad_out, g)
+    if maximize:
+        g = torch._foreach_neg(g)
+    if source is not None:
+        torch._foreach_copy_(params, source)
+    return g
+
+
+def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
+         weight_decay, maximize, found_inf):
+    if found_inf is not None and _host(found_inf) != 0:
+        return
+    lr = _host(lr)
+    g = _front(params, source, grads, weights, grad_out, maximize)
+    if weight_decay != 0:
+        g = torch._foreach_add(g, params, alpha=weight_decay)
+    if momentum != 0:
+        first = torch.stack([s.reshape(()) for s in steps]).eq(0).tolist()
+        old = [i for i, f in enumerate(first) if not f]
+        new = [i for i, f in enumerate(first) if f]
+        if new:
+            torch._foreach_copy_([momentum_buffers[i] for i in new], [g[i] for i in new])
+        if old:
+            bufs = [momentum_buffers[i] for i in old]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, [g[i] for i in old], alpha=1 - dampening)
+        g = torch._foreach_add(g, momentum_buffers, alpha=momentum) if nesterov else momentum_buffers
+    torch._foreach_add_(params, g, alpha=-lr)
+    if steps:
+        torch._foreach_add_(steps, 1)
+
+
+def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
+          eps, weight_decay, decoupled, amsgrad, maximize, found_inf):
+    if found_inf is not None and _host(found_inf) != 0:
+        return
+    lr = _host(lr)
+    g = _front(params, source, grads, weights, grad_out, maximize)
+    if weight_decay != 0:
+        if decoupled:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        else:
+            g = torch._foreach_add(g, params, alpha=weight_decay)
+    torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, 1 - beta2)
+    nu = exp_avg_sqs
+    if amsgrad:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        nu = max_exp_avg_sqs
+    counts = [c + 1 for c in torch.stack([s.reshape(()) for s in steps]).tolist()]
+    denom = torch._foreach_sqrt(nu)
+    torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** c) for c in counts])
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1 ** c) for c in counts])
+    torch._foreach_add_(steps, 1)

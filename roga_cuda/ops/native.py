@@ -57,8 +57,8 @@ def _fast(name):
     return call
 
 
-_f = {n: _fast(n) for n in ("norm", "perturb_", "restore_", "restore_accumulate_", "gram", "combine_")} \
-    if _C is not None else {}
+_f = {n: _fast(n) for n in ("norm", "perturb_", "restore_", "restore_accumulate_", "gram", "combine_", "sgd_",
+                             "adam_")} if _C is not None else {}
 
 
 def _flat(lists):
@@ -132,6 +132,26 @@ def combine_(out, lists, weights, weights_t):
         return
     _dispatch("combine_", "out", out[0] if out else None)
     _ops.combine_(out, _flat(lists), weights, weights_t)
+
+
+def sgd_(params, source, grads, weights, weights_t, grad_out, momentum_buffers, steps, lr, lr_t, momentum, dampening,
+         nesterov, weight_decay, maximize, found_inf):
+    args = (params, source, grads, weights, weights_t, grad_out, momentum_buffers, steps, lr, lr_t, momentum,
+            dampening, nesterov, weight_decay, maximize, found_inf)
+    if not _compiling() and _f["sgd_"](*args):
+        return
+    _dispatch("sgd_", "params", params[0] if params else None)
+    _ops.sgd_(*args)
+
+
+def adam_(params, source, grads, weights, weights_t, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_t,
+          beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, found_inf):
+    args = (params, source, grads, weights, weights_t, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
+            lr_t, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, found_inf)
+    if not _compiling() and _f["adam_"](*args):
+        return
+    _dispatch("adam_", "params", params[0] if params else None)
+    _ops.adam_(*args)
 
 
 def backends():
