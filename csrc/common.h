@@ -52,14 +52,17 @@ struct AdamHyper {
 // update in one pass) or, when it is empty, from `params`; `grad_out`, when not empty,
 // receives the combined gradient (before `maximize`). `steps` are the per-parameter step
 // counts (one-element float32 tensors, torch's state['step']): read before the update and
-// incremented after it. `found_inf` (a one-element tensor, or undefined): when nonzero
-// nothing is written at all, steps included (AMP's skipped step).
+// incremented after it. `found_inf` (a one-element device tensor, or undefined) and `skip`
+// (the same read on the host): when nonzero the update is skipped (AMP's overflow): only
+// `source` is copied into `params`, bit-exact, so a restore folded into the update still
+// happens; nothing else is written, steps included.
 struct UpdateArgs {
   TensorList params, source, grad_out, steps;
   std::vector<TensorList> grads;
   Weights weights;
   Scalar lr;
   at::Tensor found_inf;
+  bool skip = false;
 };
 
 #define ROGA_DECLARE_OPS                                                                   \

@@ -94,7 +94,7 @@ void combine_(TensorList out, TensorList lists, c10::ArrayRef<double> weights,
 
 inline UpdateArgs update_args(const Checked& c, TensorList params, TensorList source, TensorList grad_out,
                               TensorList steps) {
-  return UpdateArgs{params, source, grad_out, steps, c.lists, c.weights, c.lr, c.found_inf};
+  return UpdateArgs{params, source, grad_out, steps, c.lists, c.weights, c.lr, c.found_inf, c.skip};
 }
 
 inline void bump_update(const UpdateArgs& a, std::initializer_list<TensorList> states) {
@@ -114,7 +114,7 @@ void sgd_(TensorList params, TensorList source, TensorList grads, c10::ArrayRef<
   const Checked c = check_update("sgd_", params, source, grads, grad_weights, grad_weight_t, grad_out,
                                  {{"momentum_buffers", momentum_buffers, momentum != 0}}, steps, momentum != 0, lr,
                                  lr_t, found_inf, kReal);
-  if (!c.dev || c.skip) return;
+  if (!c.dev) return;
   const UpdateArgs a = update_args(c, params, source, grad_out, steps);
   K(a, momentum_buffers, SgdHyper{momentum, dampening, weight_decay, nesterov, maximize});
   bump_update(a, {momentum_buffers});
@@ -131,7 +131,7 @@ void adam_(TensorList params, TensorList source, TensorList grads, c10::ArrayRef
                                   {"exp_avg_sqs", exp_avg_sqs, true},
                                   {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
                                  steps, true, lr, lr_t, found_inf, kReal);
-  if (!c.dev || c.skip) return;
+  if (!c.dev) return;
   const UpdateArgs a = update_args(c, params, source, grad_out, steps);
   K(a, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, AdamHyper{beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize});
   bump_update(a, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs});

@@ -135,6 +135,67 @@ bool fast_adam_(const Vec& params, const Vec& source, const Vec& grads, const st
   return true;
 }
 
+// ---- optimizer helpers (eager only): one C++ loop per step instead of a Python loop per
+// parameter. They read Python lists in place (no conversion of every element to a vector).
+
+const at::Tensor& tensor_at(const py::handle& seq, Py_ssize_t i, const char* what) {
+  PyObject* o = PyList_Check(seq.ptr()) ? PyList_GET_ITEM(seq.ptr(), i) : PyTuple_GET_ITEM(seq.ptr(), i);
+  TORCH_CHECK_TYPE(THPVariable_Check(o), what, "[", i, "] is not a tensor");
+  return THPVariable_Unpack(o);
+}
+
+Py_ssize_t seq_len(const py::handle& seq, const char* what) {
+  TORCH_CHECK_TYPE(PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr()), what, " must be a list or tuple");
+  return PySequence_Fast_GET_SIZE(seq.ptr());
+}
+
+// [p.grad for p in params] (None where missing) and how many are missing.
+py::tuple grads_of(const py::handle& params) {
+  const Py_ssize_t n = seq_len(params, "params");
+  py::list out(n);
+  int64_t missing = 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor& g = tensor_at(params, i, "params").grad();
+    if (g.defined()) {
+      out[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(g));
+    } else {
+      out[i] = py::none();
+      ++missing;
+    }
+  }
+  return py::make_tuple(out, missing);
+}
+
+// p.grad = g for each pair (g None: no gradient), or p.grad = None for all (grads None).
+// The caller guarantees each g matches its p (its own buffers); no Python-level checks run.
+void set_grads(const py::handle& params, const py::handle& grads) {
+  const Py_ssize_t n = seq_len(params, "params");
+  const bool clear = grads.is_none();
+  if (!clear) TORCH_CHECK_VALUE(seq_len(grads, "grads") == n, "set_grads: lengths differ");
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor& p = tensor_at(params, i, "params");
+    PyObject* g = clear ? Py_None : (PyList_Check(grads.ptr()) ? PyList_GET_ITEM(grads.ptr(), i)
+                                                               : PyTuple_GET_ITEM(grads.ptr(), i));
+    if (g == Py_None)
+      p.mutable_grad().reset();
+    else
+      p.mutable_grad() = tensor_at(grads, i, "grads");
+  }
+}
+
+// p.data = t for each pair; returns the old p.data tensors (the swap strategy's storage swap).
+py::list swap_data(const py::handle& params, const py::handle& data) {
+  const Py_ssize_t n = seq_len(params, "params");
+  TORCH_CHECK_VALUE(seq_len(data, "data") == n, "swap_data: lengths differ");
+  py::list old(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor& p = tensor_at(params, i, "params");
+    old[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(p.variable_data()));
+    p.set_data(tensor_at(data, i, "data"));
+  }
+  return old;
+}
+
 }  // namespace
 }  // namespace roga
 
@@ -168,6 +229,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("sgd_", &fast_sgd_);
   m.def("adam_", &fast_adam_);
+
+  m.def("grads_of", &grads_of, "([p.grad for p in params], number of None) in one C++ loop");
+  m.def("set_grads", &set_grads, "p.grad = g for each pair, or p.grad = None for all (grads=None)");
+  m.def("swap_data", &swap_data, "p.data = t for each pair; returns the old p.data tensors");
 
   // The checks alone, for the Python backends (reference, foreach, triton): one
   // implementation of every check, one text of every message.

@@ -365,7 +365,15 @@ char* at_off(const std::vector<char*>& v, int32_t i, int64_t off) { return v[i] 
 
 }  // namespace
 
+// AMP's skipped step (found_inf): only the folded restore happens.
+bool skipped(const UpdateArgs& a) {
+  if (!a.skip) return false;
+  if (!a.source.empty()) restore_(a.params, a.source);
+  return true;
+}
+
 void sgd_(const UpdateArgs& a, const TensorList& momentum_buffers, const SgdHyper& h) {
+  if (skipped(a)) return;
   const UpdatePlan u = update_plan(a);
   const auto buf = momentum_buffers.empty() ? std::vector<char*>(a.params.size(), nullptr) : ptrs(momentum_buffers);
   const int k = static_cast<int>(u.g.size());
@@ -383,6 +391,7 @@ void sgd_(const UpdateArgs& a, const TensorList& momentum_buffers, const SgdHype
 
 void adam_(const UpdateArgs& a, const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
            const TensorList& max_exp_avg_sqs, const AdamHyper& h) {
+  if (skipped(a)) return;
   const UpdatePlan u = update_plan(a);
   const auto m = ptrs(exp_avgs), v = ptrs(exp_avg_sqs);
   const auto vmax = max_exp_avg_sqs.empty() ? std::vector<char*>(a.params.size(), nullptr) : ptrs(max_exp_avg_sqs);

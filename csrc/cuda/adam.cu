@@ -20,7 +20,10 @@ struct AdamChunk {
   __device__ __forceinline__ void operator()(const Table<kFixedPtrs + K>& tab, int t, int64_t, int64_t lo,
                                              int64_t hi) const {
     using C = acc_t<T>;
-    if (c.skip()) return;
+    if (c.skip()) {  // AMP's skipped step: only the folded restore (source -> params) happens
+      c.restore(tab, t, lo, hi);
+      return;
+    }
     C wk[K];
     c.weights(wk);
     // Bias corrections in double from this tensor's count, as torch computes them.
@@ -65,6 +68,10 @@ struct AdamChunk {
 
 void adam_(const UpdateArgs& a, const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
            const TensorList& max_exp_avg_sqs, const AdamHyper& h) {
+  if (a.skip) {  // found_inf read on the host: only the folded restore happens
+    if (!a.source.empty()) restore_(a.params, a.source);
+    return;
+  }
   const c10::cuda::CUDAGuard guard(a.params[0].device());
   const cudaStream_t stream = current_stream();
   dispatch_k(static_cast<int>(a.grads.size()), [&](auto kc) {
@@ -90,5 +97,5 @@ void adam_(const UpdateArgs& a, const TensorList& exp_avgs, const TensorList& ex
 
 TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
   using namespace roga;
-  m.impl("adam_", &entry::adam_<cuda::adam_>);
+  m.impl("adam_", &roga::entry::adam_<roga::cuda::adam_>);
 }

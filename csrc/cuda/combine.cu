@@ -83,5 +83,5 @@ void combine_(const TensorList& out, const std::vector<TensorList>& lists, const
 
 TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
   using namespace roga;
-  m.impl("combine_", &entry::combine_<cuda::combine_>);
+  m.impl("combine_", &roga::entry::combine_<roga::cuda::combine_>);
 }

@@ -125,5 +125,5 @@ at::Tensor gram(const std::vector<TensorList>& lists) {
 
 TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
   using namespace roga;
-  m.impl("gram", &entry::gram<cuda::gram>);
+  m.impl("gram", &roga::entry::gram<roga::cuda::gram>);
 }

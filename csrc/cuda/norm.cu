@@ -135,6 +135,6 @@ std::tuple<at::Tensor, at::Tensor> norm(const TensorList& ts, const TensorList* 
 
 TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
   using namespace roga;
-  m.impl("norm", &entry::norm<cuda::norm>);
-  m.impl("asam_norm", &entry::asam_norm<cuda::norm>);
+  m.impl("norm", &roga::entry::norm<roga::cuda::norm>);
+  m.impl("asam_norm", &roga::entry::asam_norm<roga::cuda::norm>);
 }

@@ -64,6 +64,6 @@ void perturb_(const TensorList& params, const TensorList& grads, const TensorLis
 
 TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
   using namespace roga;
-  m.impl("perturb_", &entry::perturb_<cuda::perturb_>);
-  m.impl("asam_perturb_", &entry::asam_perturb_<cuda::perturb_>);
+  m.impl("perturb_", &roga::entry::perturb_<roga::cuda::perturb_>);
+  m.impl("asam_perturb_", &roga::entry::asam_perturb_<roga::cuda::perturb_>);
 }

@@ -52,5 +52,5 @@ void restore_(const TensorList& params, const TensorList& backup) {
 
 TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
   using namespace roga;
-  m.impl("restore_", &entry::restore_<cuda::restore_>);
+  m.impl("restore_", &roga::entry::restore_<roga::cuda::restore_>);
 }

@@ -57,5 +57,5 @@ void restore_accumulate_(const TensorList& params, const TensorList& backup, con
 
 TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
   using namespace roga;
-  m.impl("restore_accumulate_", &entry::restore_accumulate_<cuda::restore_accumulate_>);
+  m.impl("restore_accumulate_", &roga::entry::restore_accumulate_<roga::cuda::restore_accumulate_>);
 }

@@ -19,7 +19,10 @@ struct SgdChunk {
   __device__ __forceinline__ void operator()(const Table<kFixedPtrs + K>& tab, int t, int64_t, int64_t lo,
                                              int64_t hi) const {
     using C = acc_t<T>;
-    if (c.skip()) return;
+    if (c.skip()) {  // AMP's skipped step: only the folded restore (source -> params) happens
+      c.restore(tab, t, lo, hi);
+      return;
+    }
     C wk[K];
     c.weights(wk);
     const C lr = c.lr.template get<C>(), mom = static_cast<C>(momentum), damp = static_cast<C>(1 - dampening),
@@ -46,6 +49,10 @@ struct SgdChunk {
 }  // namespace
 
 void sgd_(const UpdateArgs& a, const TensorList& momentum_buffers, const SgdHyper& h) {
+  if (a.skip) {  // found_inf read on the host: only the folded restore happens
+    if (!a.source.empty()) restore_(a.params, a.source);
+    return;
+  }
   const c10::cuda::CUDAGuard guard(a.params[0].device());
   const cudaStream_t stream = current_stream();
   dispatch_k(static_cast<int>(a.grads.size()), [&](auto kc) {
@@ -68,5 +75,5 @@ void sgd_(const UpdateArgs& a, const TensorList& momentum_buffers, const SgdHype
 
 TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
   using namespace roga;
-  m.impl("sgd_", &entry::sgd_<cuda::sgd_>);
+  m.impl("sgd_", &roga::entry::sgd_<roga::cuda::sgd_>);
 }

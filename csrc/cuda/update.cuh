@@ -31,6 +31,14 @@ struct Common {
 
   __device__ __forceinline__ bool skip() const { return found_inf != nullptr && *found_inf != 0.0f; }
 
+  // params <- source, bit-exact (a skipped update still undoes a perturbation it folded in)
+  __device__ __forceinline__ void restore(const Table<kFixedPtrs + K>& tab, int t, int64_t lo, int64_t hi) const {
+    T* p = static_cast<T*>(tab.ptr[0][t]);
+    const T* src = static_cast<const T*>(tab.ptr[1][t]);
+    if (src == p) return;
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) p[i] = src[i];
+  }
+
   __device__ __forceinline__ void weights(C (&out)[K]) const {
 #pragma unroll
     for (int a = 0; a < K; ++a)

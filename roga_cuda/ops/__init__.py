@@ -149,7 +149,7 @@ def _update_inputs(op, params, grads, grad_weights, source, grad_out, found_inf)
     params = checks.tensor_list(op, "params", params)
     grads = checks.tensor_list(op, "grads", grads)
     nested = bool(grads) and not isinstance(grads[0], torch.Tensor) and isinstance(grads[0], (list, tuple))
-    grads = checks.list_of_lists(op, grads if nested else [grads], len(params), "params")
+    grads = checks.list_of_lists(op, grads if nested else [grads], len(params), "params", name="grads")
     if grad_weights is None:
         ws, wt = [1.0] * len(grads), None
     else:
@@ -173,7 +173,8 @@ def sgd_(params, grads, *, lr, momentum_buffers=None, steps=None, momentum=0.0, 
     the combined gradient there (e.g. into ``.grad``). With ``momentum``,
     ``momentum_buffers`` and ``steps`` (one-element float32 tensors: the buffer starts as the
     gradient when the count is 0; counts are incremented) are required. ``lr`` a float or a
-    0-d device tensor; ``found_inf`` (GradScaler's): when nonzero nothing changes at all.
+    0-d device tensor. ``found_inf`` (GradScaler's): when nonzero the update is skipped and
+    only ``source`` (if given) is copied into ``params``, so a folded restore still happens.
     """
     params, grads, ws, wt, source, grad_out = _update_inputs("sgd_", params, grads, grad_weights, source, grad_out,
                                                              found_inf)

@@ -52,22 +52,22 @@ def element_types(op, named):
                 raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a Tensor")
 
 
-def list_of_lists(op, lists, n=None, ref="lists[0]"):
+def list_of_lists(op, lists, n=None, ref="lists[0]", name="lists"):
     """K >= 1 tensor lists of one length (``n``, the length of ``ref``, when given)."""
     if isinstance(lists, torch.Tensor):
-        raise TypeError(f"{op}: `lists` must be a sequence of tensor lists, not a Tensor")
+        raise TypeError(f"{op}: `{name}` must be a sequence of tensor lists, not a Tensor")
     try:
         lists = list(lists)
     except TypeError:
-        raise TypeError(f"{op}: `lists` must be a sequence of tensor lists, got {type(lists).__name__}") from None
+        raise TypeError(f"{op}: `{name}` must be a sequence of tensor lists, got {type(lists).__name__}") from None
     if not lists:
-        raise ValueError(f"{op}: `lists` is empty; give at least one tensor list")
-    lists = [tensor_list(op, f"lists[{k}]", l) for k, l in enumerate(lists)]
+        raise ValueError(f"{op}: `{name}` is empty; give at least one tensor list")
+    lists = [tensor_list(op, f"{name}[{k}]", l) for k, l in enumerate(lists)]
     if n is None:
         n = len(lists[0])
     for k, l in enumerate(lists):
         if len(l) != n:
-            raise ValueError(f"{op}: `lists[{k}]` has {len(l)} tensors but `{ref}` has {n}")
+            raise ValueError(f"{op}: `{name}[{k}]` has {len(l)} tensors but `{ref}` has {n}")
     return lists
 
 

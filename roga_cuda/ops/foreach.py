@@ -198,6 +198,14 @@ def _host(x):
     return float(x) if isinstance(x, torch.Tensor) else x
 
 
+def _skipped(found_inf, params, source):
+    if found_inf is None or _host(found_inf) == 0:
+        return False
+    if source is not None:  # a restore folded into the update still happens
+        torch._foreach_copy_(params, source)
+    return True
+
+
 def _front(params, source, grads, weights, grad_out, maximize):
     g = _combined(grads, weights)
     if grad_out is not None:
@@ -211,7 +219,7 @@ def _front(params, source, grads, weights, grad_out, maximize):
 
 def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
          weight_decay, maximize, found_inf):
-    if found_inf is not None and _host(found_inf) != 0:
+    if _skipped(found_inf, params, source):
         return
     lr = _host(lr)
     g = _front(params, source, grads, weights, grad_out, maximize)
@@ -235,7 +243,7 @@ def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, 
 
 def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
           eps, weight_decay, decoupled, amsgrad, maximize, found_inf):
-    if found_inf is not None and _host(found_inf) != 0:
+    if _skipped(found_inf, params, source):
         return
     lr = _host(lr)
     g = _front(params, source, grads, weights, grad_out, maximize)

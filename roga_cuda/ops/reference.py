@@ -79,20 +79,25 @@ def combine_(out, lists, weights):
 # sum_k weights[k] * grads[k][i]. source: None (read params) or the list the parameter
 # values are read from. grad_out: None or a list receiving the combined gradient. steps:
 # None or one-element float32 tensors, the counts before this update; incremented after.
-# found_inf: None or a one-element tensor; nonzero means: change nothing at all.
+# found_inf: None or a one-element tensor; nonzero skips the update: only source (when
+# given) is copied into params, so a restore folded into the update still happens.
 
 def _update_grad(grads, weights, i, m):
     return sum(weights[k] * grads[k][i].to(m) for k in range(len(grads)))
 
 
-def _skip(found_inf):
-    return found_inf is not None and bool(found_inf.reshape(()) != 0)
+def _skip(found_inf, params, source):
+    if found_inf is None or not bool(found_inf.reshape(()) != 0):
+        return False
+    for p, s in zip(params, source or ()):
+        p.copy_(s)
+    return True
 
 
 def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
          weight_decay, maximize, found_inf):
     """torch.optim.SGD's update (the momentum buffer starts as the gradient at step 0)."""
-    if _skip(found_inf):
+    if _skip(found_inf, params, source):
         return
     for i, p in enumerate(params):
         m = _math_dtype(p)
@@ -117,7 +122,7 @@ def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, 
 def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
           eps, weight_decay, decoupled, amsgrad, maximize, found_inf):
     """torch.optim.Adam's update (AdamW: decoupled=True), bias-corrected by each step count."""
-    if _skip(found_inf):
+    if _skip(found_inf, params, source):
         return
     for i, p in enumerate(params):
         m = _math_dtype(p)

@@ -36,6 +36,7 @@ call and CUDA-graph device time, against a copy of the same bytes): the measurem
 ``auto``'s order between ``cuda`` and ``triton`` is to be set from.
 """
 import contextlib
+import math
 import struct
 import sys
 import time
@@ -328,6 +329,136 @@ if triton is not None:
                         x = tl.multiple_of(x, 16)
                     y += tl.load(w_ptr + k).to(ACC) * tl.load(x + idx, mask=m).to(ACC)
                 tl.store(o + idx, y.to(DT), mask=m)
+
+    # The fused updates. Pointer-table rows: 0 params, 1 source (= params without one),
+    # 2 grad_out, 3..5 optimizer state, 6 the step count (one float per tensor, not offset),
+    # 7.. the K gradients. Rows a flag leaves unused hold the params' pointers. All tiles
+    # are masked (found_inf folds into the mask: a skipped update only copies the source).
+    @triton.jit(do_not_specialize=["T", "lr_bits", "mom_bits", "damp_bits", "wd_bits"])
+    def _sgd_kernel(ptrs, meta, T, w_ptr, lr_ptr, lr_bits, found_ptr, mom_bits, damp_bits, wd_bits,
+                    K: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr, HAS_SRC: tl.constexpr,
+                    HAS_GOUT: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WD: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, FOUND: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        t = tl.load(meta + 3 * pid)
+        off = tl.load(meta + 3 * pid + 1)
+        n = tl.load(meta + 3 * pid + 2)
+        p = tl.load(ptrs + t).to(tl.pointer_type(DT)) + off
+        src = tl.load(ptrs + T + t).to(tl.pointer_type(DT)) + off
+        gout = tl.load(ptrs + 2 * T + t).to(tl.pointer_type(DT)) + off
+        buf = tl.load(ptrs + 3 * T + t).to(tl.pointer_type(DT)) + off
+        step = tl.load(tl.load(ptrs + 6 * T + t).to(tl.pointer_type(tl.float32)))
+        if LR_PTR:
+            lr = tl.load(lr_ptr).to(ACC)
+        else:
+            lr = lr_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+        mom = mom_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+        damp = (1.0 - damp_bits.to(tl.int64).to(tl.float64, bitcast=True)).to(ACC)  # 1 - dampening
+        wd = wd_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+        r = tl.arange(0, BLOCK)
+        live = r >= 0  # a block of True (found_inf, when given, is broadcast over the tile)
+        if FOUND:
+            live = (tl.zeros([BLOCK], tl.float32) + tl.load(found_ptr).to(tl.float32)) == 0.0
+        dead = live == 0
+        for i in range(0, n, BLOCK):
+            idx = i + r
+            m = idx < n
+            mu = m & live
+            g = tl.zeros([BLOCK], ACC)
+            for k in tl.static_range(K):
+                x = tl.load(ptrs + (7 + k) * T + t).to(tl.pointer_type(DT)) + off
+                g += tl.load(w_ptr + k).to(ACC) * tl.load(x + idx, mask=mu, other=0.0).to(ACC)
+            if HAS_GOUT:
+                tl.store(gout + idx, g.to(DT), mask=mu)
+            if MAXIMIZE:
+                g = -g
+            xv = tl.load(src + idx, mask=m, other=0.0)
+            xa = xv.to(ACC)
+            if WD:
+                g = g + wd * xa
+            if MOMENTUM:
+                b = mom * tl.load(buf + idx, mask=mu, other=0.0).to(ACC) + damp * g
+                b = tl.where(step == 0.0, g, b)
+                tl.store(buf + idx, b.to(DT), mask=mu)
+                if NESTEROV:
+                    g = g + mom * b
+                else:
+                    g = b
+            tl.store(p + idx, (xa - lr * g).to(DT), mask=mu)
+            if HAS_SRC and FOUND:  # a skipped update still restores
+                tl.store(p + idx, xv, mask=m & dead)
+
+    @triton.jit(do_not_specialize=["T", "lr_bits", "b1_bits", "b2_bits", "lb1_bits", "lb2_bits", "eps_bits",
+                                   "wd_bits"])
+    def _adam_kernel(ptrs, meta, T, w_ptr, lr_ptr, lr_bits, found_ptr, b1_bits, b2_bits, lb1_bits, lb2_bits,
+                     eps_bits, wd_bits, K: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr, HAS_SRC: tl.constexpr,
+                     HAS_GOUT: tl.constexpr, WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                     MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, FOUND: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        t = tl.load(meta + 3 * pid)
+        off = tl.load(meta + 3 * pid + 1)
+        n = tl.load(meta + 3 * pid + 2)
+        p = tl.load(ptrs + t).to(tl.pointer_type(DT)) + off
+        src = tl.load(ptrs + T + t).to(tl.pointer_type(DT)) + off
+        gout = tl.load(ptrs + 2 * T + t).to(tl.pointer_type(DT)) + off
+        mp = tl.load(ptrs + 3 * T + t).to(tl.pointer_type(DT)) + off
+        vp = tl.load(ptrs + 4 * T + t).to(tl.pointer_type(DT)) + off
+        qp = tl.load(ptrs + 5 * T + t).to(tl.pointer_type(DT)) + off
+        step = tl.load(tl.load(ptrs + 6 * T + t).to(tl.pointer_type(tl.float32))).to(tl.float64) + 1.0
+        if LR_PTR:
+            lr = tl.load(lr_ptr).to(tl.float64)
+        else:
+            lr = lr_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        b1 = b1_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        b2 = b2_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        # beta^step as exp(step * log(beta)), in float64, as torch's host-side bias corrections
+        bc1 = 1.0 - tl.exp(step * lb1_bits.to(tl.int64).to(tl.float64, bitcast=True))
+        bc2 = 1.0 - tl.exp(step * lb2_bits.to(tl.int64).to(tl.float64, bitcast=True))
+        step_size = (lr / bc1).to(ACC)
+        bc2s = tl.sqrt(bc2).to(ACC)
+        eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+        wdd = wd_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        wd = wdd.to(ACC)
+        decay = (1.0 - lr * wdd).to(ACC)
+        a1 = (1.0 - b1).to(ACC)
+        b2a = b2.to(ACC)
+        a2 = (1.0 - b2).to(ACC)
+        r = tl.arange(0, BLOCK)
+        live = r >= 0  # a block of True (found_inf, when given, is broadcast over the tile)
+        if FOUND:
+            live = (tl.zeros([BLOCK], tl.float32) + tl.load(found_ptr).to(tl.float32)) == 0.0
+        dead = live == 0
+        for i in range(0, n, BLOCK):
+            idx = i + r
+            m = idx < n
+            mu = m & live
+            g = tl.zeros([BLOCK], ACC)
+            for k in tl.static_range(K):
+                x = tl.load(ptrs + (7 + k) * T + t).to(tl.pointer_type(DT)) + off
+                g += tl.load(w_ptr + k).to(ACC) * tl.load(x + idx, mask=mu, other=0.0).to(ACC)
+            if HAS_GOUT:
+                tl.store(gout + idx, g.to(DT), mask=mu)
+            if MAXIMIZE:
+                g = -g
+            xv = tl.load(src + idx, mask=m, other=0.0)
+            xa = xv.to(ACC)
+            if WD:
+                if DECOUPLED:
+                    xa = xa * decay
+                else:
+                    g = g + wd * xa
+            m0 = tl.load(mp + idx, mask=mu, other=0.0).to(ACC)
+            mv = m0 + a1 * (g - m0)
+            vv = b2a * tl.load(vp + idx, mask=mu, other=0.0).to(ACC) + a2 * g * g
+            tl.store(mp + idx, mv.to(DT), mask=mu)
+            tl.store(vp + idx, vv.to(DT), mask=mu)
+            q = vv
+            if AMSGRAD:
+                q = tl.maximum(tl.load(qp + idx, mask=mu, other=0.0).to(ACC), vv)
+                tl.store(qp + idx, q.to(DT), mask=mu)
+            tl.store(p + idx, (xa - step_size * (mv / (tl.sqrt(q) / bc2s + eps))).to(DT), mask=mu)
+            if HAS_SRC and FOUND:
+                tl.store(p + idx, xv, mask=m & dead)
 
     # The interpreter swaps triton.jit for its own class; CPU tensors work only then (the
     # kernels dereference raw host addresses from the pointer table).
@@ -689,6 +820,55 @@ def _weights_tensor(weights, device):
     if w is None:
         w = _weights_cache.put(key, _to_device(torch.tensor(key[1], dtype=torch.float64), device))
     return w
+
+
+# ------------------------------------------------------------------ fused base updates
+
+def _update_lists(params, source, grad_out, states, steps, grads):
+    """The pointer-table rows of the update kernels (see _sgd_kernel), the params' pointers
+    where a flag leaves a row unused."""
+    st = list(states) + [params] * (3 - len(states))
+    return [params, source if source is not None else params, grad_out if grad_out is not None else params,
+            *st, steps if steps else params, *grads]
+
+
+def _run_update(kernel, kind, params, source, grads, weights, grad_out, states, steps, lr, found_inf, **flags):
+    lists = _update_lists(params, source, grad_out, states, steps, grads)
+    plan, tables, _ = _tables(kind, kind, lists, _elementwise_block)
+    dev = plan.device
+    w = weights if isinstance(weights, torch.Tensor) else _weights_tensor(weights, dev)
+    lr_ptr, lr_bits, lr_is_ptr = _scalar_args(lr, w)
+    found = found_inf if found_inf is not None else w
+    with _device_ctx(dev):
+        for la, ptrs in zip(plan.launches, tables):
+            kernel[(la.nb,)](ptrs, la.meta, la.t, w, lr_ptr, lr_bits, found, K=len(grads), DT=la.tdt, ACC=la.acc,
+                             HAS_SRC=source is not None, HAS_GOUT=grad_out is not None, LR_PTR=lr_is_ptr,
+                             FOUND=found_inf is not None, BLOCK=la.block, num_warps=_warps(), **flags)
+    stats["launches"] += len(plan.launches)
+    if steps:  # after the update read them; a skipped update leaves them
+        torch._foreach_add_(steps, 1 if found_inf is None else (1 - found_inf.reshape(())).float())
+    for lst in (params, grad_out, steps, *states):
+        if lst:
+            torch.autograd.graph.increment_version(lst)
+
+
+def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
+         weight_decay, maximize, found_inf):
+    _run_update(_sgd_kernel, "sgd", params, source, grads, weights, grad_out,
+                [momentum_buffers] if momentum else [], steps, lr, found_inf,
+                mom_bits=_f64_bits(momentum), damp_bits=_f64_bits(dampening), wd_bits=_f64_bits(weight_decay),
+                MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), WD=weight_decay != 0, MAXIMIZE=bool(maximize))
+
+
+def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
+          eps, weight_decay, decoupled, amsgrad, maximize, found_inf):
+    states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    _run_update(_adam_kernel, "adam", params, source, grads, weights, grad_out, states, steps, lr, found_inf,
+                b1_bits=_f64_bits(beta1), b2_bits=_f64_bits(beta2), lb1_bits=_f64_bits(math.log(beta1) if beta1 > 0
+                                                                                       else -math.inf),
+                lb2_bits=_f64_bits(math.log(beta2) if beta2 > 0 else -math.inf), eps_bits=_f64_bits(eps),
+                wd_bits=_f64_bits(weight_decay), WD=weight_decay != 0, DECOUPLED=bool(decoupled),
+                AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize))
 
 
 # ------------------------------------------------------------------------------ timing

@@ -7,7 +7,8 @@
 Helpers: :func:`freeze_bn_stats` (BatchNorm statistics untouched on a perturbed pass) and
 :func:`clip_grad_norm_` (fused global-norm clipping).
 """
-from .base import WrapperOptimizer, clip_grad_norm_, freeze_bn_stats
+from ._utils import clip_grad_norm_, freeze_bn_stats
+from .base import WrapperOptimizer
 from .roga import RoGA
 from .sam import SAM
 from .surgery import METHODS, PCGrad, cagrad_weights, gradvac_weights, mgda_weights, pcgrad_weights

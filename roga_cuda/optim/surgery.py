@@ -16,6 +16,7 @@ Reductions: ``"sum"`` (the DPDA paper's choice, and the default) returns ``sum_i
 ``"mean"`` divides by K. For MGDA and CAGrad, whose natural direction is mean-like,
 ``"sum"`` multiplies it by K so the flag means the same for every method.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -23,7 +24,9 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from .base import WrapperOptimizer, by_device, flat_views, inv_scale_of
+from . import _utils
+from .base import WrapperOptimizer
+from .fused import UpdatePart
 
 METHODS = ("pcgrad", "gradvac", "cagrad", "mgda", "sum")
 
@@ -169,39 +172,57 @@ class PCGrad(WrapperOptimizer):
         ddp_sync: all-reduce the K task gradients across processes before the surgery
             (default: when torch.distributed runs with more than one process); pass the
             DDP model to backward(model=...) so the K backward passes skip DDP's own sync.
+        fused: run the base update (SGD, Adam, AdamW) as a fused primitive.
+
+    ``step(closure)`` with a closure that returns the K losses runs backward, the surgery and
+    the base update with the combination folded into the update (one pass over the K
+    gradients). Models under ``torch.compile``: the K backward passes share one compiled
+    graph, which AOTAutograd must not compile with donated buffers; constructing a PCGrad
+    turns ``torch._functorch.config.donated_buffer`` off (before the model's first compile).
     """
 
+    _step_supports_amp_scaling = True  # GradScaler.step(): unscale and skip inside the update
+
     def __init__(self, params, base_optimizer, method="pcgrad", reduction="sum", backend="auto", *,
-                 beta=0.01, c=0.5, cagrad_rescale=1, max_grad_norm=None, seed=None, ddp_sync=None, **base_kwargs):
+                 beta=0.01, c=0.5, cagrad_rescale=1, max_grad_norm=None, seed=None, ddp_sync=None, fused=True,
+                 **base_kwargs):
         if method not in METHODS:
             raise ValueError(f"PCGrad: method must be one of {METHODS}, got {method!r}")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"PCGrad: reduction must be 'sum' or 'mean', got {reduction!r}")
         if not 0 < beta <= 1:
             raise ValueError(f"PCGrad: beta must be in (0, 1], got {beta}")
-        if c < 0:
-            raise ValueError(f"PCGrad: c must be >= 0, got {c}")
+        if not (c >= 0 and math.isfinite(c)):
+            raise ValueError(f"PCGrad: c must be a finite number >= 0, got {c}")
         if cagrad_rescale not in (0, 1, 2):
             raise ValueError(f"PCGrad: cagrad_rescale must be 0, 1 or 2, got {cagrad_rescale}")
-        super().__init__(params, base_optimizer, {}, backend, max_grad_norm, **base_kwargs)
+        super().__init__(params, base_optimizer, {}, backend, max_grad_norm, fused, **base_kwargs)
         self.method, self.reduction = method, reduction
         self.beta, self.c, self.cagrad_rescale = beta, c, cagrad_rescale
         self.ddp_sync = ddp_sync
         self._gen = torch.Generator().manual_seed(torch.initial_seed() % (2**63) if seed is None else int(seed))
-        self._stash = None  # per task: {id(param): gradient} until align()
+        self._stash = None  # per task: gradients aligned with the layout's params (None: no gradient)
+        self._aligned = None  # _Aligned between a folding align() and step()
         self._flat = None
+        self._inv_scale = None
         self._targets = None  # GradVac's EMA cosine targets (K x K)
         self._n_steps = 0
         self._n_conflict = None  # device tensors: steps with a conflicting pair, steps with a finite G
         self._n_finite = None
         self.stats = {}
+        _no_donated_buffers()
 
     # ---------------------------------------------------------------------------------
-    def _flat_views(self, params, k):
-        """Per task, gradients as views of one flat buffer per dtype/device (one all-reduce each)."""
-        if self._flat is None or self._flat[0] != [id(p) for p in params] or len(self._flat[1]) < k:
-            tasks = [flat_views(params, zero=True) for _ in range(k)]
-            self._flat = ([id(p) for p in params], tasks)
+    def _task_views(self, k):
+        """Per task, gradients as views of one flat buffer per dtype/device (one all-reduce
+        each), as lists aligned with the layout's params."""
+        lay = self._layout()
+        if self._flat is None or self._flat[0] is not lay or len(self._flat[1]) < k:
+            tasks = []
+            for _ in range(k):
+                bufs, views = _utils.flat_views(lay.params, zero=True)
+                tasks.append((bufs, [views[id(p)] for p in lay.params]))
+            self._flat = (lay, tasks)
         return self._flat[1][:k]
 
     def backward(self, losses, *, align=True, scaler=None, model=None, retain_graph=False):
@@ -213,7 +234,51 @@ class PCGrad(WrapperOptimizer):
         are scaled here, and clipping uses the unscaled norm. model: a
         DistributedDataParallel model, whose own gradient sync is skipped (see ddp_sync).
         """
-        losses = list(losses) if not isinstance(losses, torch.Tensor) else list(losses.unbind())
+        losses = self._check_losses(losses)
+        k = len(losses)
+        if scaler is not None and scaler.is_enabled():
+            losses = [scaler.scale(l) for l in losses]
+            self._inv_scale = _utils.inv_scale_of(scaler)
+        else:
+            self._inv_scale = None
+        params = self._params()
+        flat = self._task_views(k) if self._sync() else None
+        if flat is not None and self._stash is None:
+            for bufs, _ in flat:
+                for b in bufs:
+                    b.zero_()
+        ctx = model.no_sync() if model is not None and hasattr(model, "no_sync") else contextlib.nullcontext()
+        stash = []
+        with ctx:
+            for t, loss in enumerate(losses):
+                # accumulate into the flat views / the pending sums, or let autograd allocate
+                if flat is not None:
+                    _utils.set_grads(params, flat[t][1])
+                else:
+                    _utils.set_grads(params, self._stash[t] if self._stash is not None else None)
+                try:
+                    torch.autograd.backward(loss, retain_graph=retain_graph or t < k - 1)
+                except RuntimeError as e:
+                    if "donated buffers" in str(e):
+                        raise RuntimeError(
+                            "PCGrad.backward: the model was compiled (torch.compile) with donated buffers, which "
+                            "forbid the K backward passes through one graph; construct the PCGrad optimizer before "
+                            "the model's first forward, or set torch._functorch.config.donated_buffer = False") from e
+                    raise
+                stash.append(_utils.grads_of(params)[0])
+        _utils.set_grads(params, None)
+        self._stash = stash
+        if align:
+            self.align()
+
+    def _check_losses(self, losses):
+        if isinstance(losses, torch.Tensor):
+            if losses.dim() == 0:
+                raise ValueError("PCGrad.backward: got one 0-d loss; give the K task losses as a list "
+                                 "(or a 1-d tensor of K losses)")
+            losses = list(losses.unbind())
+        else:
+            losses = list(losses)
         k = len(losses)
         if k < 1:
             raise ValueError("PCGrad.backward: give at least one loss")
@@ -227,54 +292,37 @@ class PCGrad(WrapperOptimizer):
                 raise ValueError(f"PCGrad.backward: losses[{i}] must be a scalar tensor")
             if not l.requires_grad:
                 raise ValueError(f"PCGrad.backward: losses[{i}] does not require grad (was it computed under no_grad?)")
-        if scaler is not None and scaler.is_enabled():
-            losses = [scaler.scale(l) for l in losses]
-            self._inv_scale = inv_scale_of(scaler)
-        else:
-            self._inv_scale = None
-        params = self._params()
-        sync = self._sync()
-        flat = self._flat_views(params, k) if sync else None
-        if flat is not None and self._stash is None:
-            for bufs, _ in flat:
-                for b in bufs:
-                    b.zero_()
-        ctx = model.no_sync() if model is not None and hasattr(model, "no_sync") else _null()
-        stash = []
-        with ctx:
-            for t, loss in enumerate(losses):
-                for p in params:  # accumulate into the pending sums / flat views, or let autograd allocate
-                    if flat is not None:
-                        p.grad = flat[t][1][id(p)]
-                    else:
-                        p.grad = self._stash[t].get(id(p)) if self._stash is not None else None
-                torch.autograd.backward(loss, retain_graph=retain_graph or t < k - 1)
-                stash.append({id(p): p.grad for p in params if p.grad is not None})
-        for p in params:
-            p.grad = None
-        self._stash = stash
-        if align:
-            self.align()
+        return losses
 
     @torch.no_grad()
-    def align(self):
-        """Gram matrix, coefficients, and the combined gradient into ``.grad``."""
+    def align(self, fold=False):
+        """Gram matrix, coefficients, and the combined gradient into ``.grad``. ``fold``:
+        leave the combination to the next step(), inside the base update (one pass)."""
         if self._stash is None:
             raise RuntimeError("PCGrad.align() without backward(losses)")
         stash, self._stash = self._stash, None
         k = len(stash)
-        params = [p for p in self._params() if any(id(p) in s for s in stash)]
-        if not params:
-            raise RuntimeError("PCGrad: no parameter received a gradient from the losses")
-        lists = [[s[id(p)] if id(p) in s else torch.zeros_like(p) for p in params] for s in stash]
+        lay = self._layout()
         if self._sync() and self._flat is not None:
             world = dist.get_world_size()
             for bufs, _ in self._flat[1][:k]:
                 for b in bufs:
                     dist.all_reduce(b)
                     b.div_(world)
-        parts = by_device(*lists)
-        grams = [ops.gram(list(part), backend=self.backend) for part in parts]
+        present = [i for i in range(len(lay.params)) if any(s[i] is not None for s in stash)] \
+            if any(g is None for s in stash for g in s) else None
+        if present is not None and not present:
+            raise RuntimeError("PCGrad: no parameter received a gradient from the losses")
+        parts = []  # (group, params, K lists)
+        for (group, ps), (a, b) in zip(lay.parts, lay.bounds):
+            idx = range(a, b) if present is None else [i for i in present if a <= i < b]
+            if not idx:
+                continue
+            plist = ps if present is None else [lay.params[i] for i in idx]
+            lists = [[s[i] if s[i] is not None else torch.zeros_like(lay.params[i]) for i in idx] for s in stash] \
+                if present is not None else [s[a:b] if len(lay.parts) > 1 else s for s in stash]
+            parts.append((group, plist, lists))
+        grams = [ops.gram(lists, backend=self.backend) for _, _, lists in parts]
         G = grams[0] if len(grams) == 1 else sum(g.to(grams[0].device) for g in grams)
         w = self._coefficients(G)
         if self.reduction == "mean":
@@ -285,11 +333,12 @@ class PCGrad(WrapperOptimizer):
                 dnorm = dnorm * self._inv_scale.to(dnorm.device, torch.float64)
             w = w * (self.max_grad_norm / (dnorm + 1e-6)).clamp(max=1.0)
         self._record(G)
-        for part in parts:
-            out = part[0]
-            ops.combine_(out, list(part), w.to(out[0].device), backend=self.backend)
-        for p, g in zip(params, lists[0]):
-            p.grad = g
+        if fold and self.fused:
+            self._aligned = [(group, ps, lists, w) for group, ps, lists in parts]
+            return
+        for group, ps, lists in parts:
+            ops.combine_(lists[0], lists, w.to(lists[0][0].device), backend=self.backend)
+            _utils.set_grads(ps, lists[0])
 
     def _orders(self, k):
         if k <= 2:
@@ -348,8 +397,13 @@ class PCGrad(WrapperOptimizer):
     def reset_stats(self):
         self._n_steps, self._n_conflict, self._n_finite, self.stats = 0, None, None, {}
 
+    @torch.no_grad()
     def step(self, closure=None):
-        """The base optimizer's step on the aligned gradient in ``.grad``."""
+        """The base optimizer's update on the aligned gradient in ``.grad``.
+
+        closure: either torch's kind (forward, backward, returns the loss) or one that
+        returns the K task losses (a list or tuple): then backward, the surgery and the
+        base update run here, the combination folded into the update."""
         if self._stash is not None:
             raise RuntimeError("PCGrad.step(): backward(..., align=False) left task gradients pending; "
                                "call align() first (before GradScaler.step with AMP)")
@@ -357,8 +411,27 @@ class PCGrad(WrapperOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.base_optimizer.step()
-        self._opt_called = True
+            if isinstance(loss, (list, tuple)):
+                with torch.enable_grad():
+                    self.backward(loss, align=False)
+                self.align(fold=True)
+        # Set by GradScaler.step() (we declare _step_supports_amp_scaling): the scale still in
+        # .grad and whether it overflowed, both on the device.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        coef = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        if self._aligned is not None:
+            aligned, self._aligned = self._aligned, None
+            updates = []
+            for group, ps, lists, w in aligned:
+                wd = w.to(lists[0][0].device)
+                if coef is not None:
+                    wd = wd * coef.to(wd.device)
+                updates.append(UpdatePart(group, ps, lists, wd, grad_out=lists[0]))
+                _utils.set_grads(ps, lists[0])
+        else:
+            updates = [UpdatePart(p.group, p.params, [p.grads], None if coef is None else
+                                  coef.to(p.params[0].device).reshape(1)) for p in self._gather()]
+        self._base_step(updates, found_inf)
         return loss
 
     def _extra_state(self):
@@ -367,11 +440,13 @@ class PCGrad(WrapperOptimizer):
                 "n_conflict": None if self._n_conflict is None else self._n_conflict.detach().cpu(),
                 "n_finite": None if self._n_finite is None else self._n_finite.detach().cpu()}
 
+    def _check_extra_state(self, state):
+        if state and state.get("method", self.method) != self.method:
+            raise ValueError(f"PCGrad.load_state_dict: state is for method {state['method']!r}, not {self.method!r}")
+
     def _load_extra_state(self, state):
         if not state:
             return
-        if state.get("method", self.method) != self.method:
-            raise ValueError(f"PCGrad.load_state_dict: state is for method {state['method']!r}, not {self.method!r}")
         dev = next((p.device for p in self._params()), torch.device("cpu"))
         t = state.get("targets")
         self._targets = None if t is None else t.to(dev)
@@ -383,9 +458,12 @@ class PCGrad(WrapperOptimizer):
         self._n_finite = None if n is None else (f if f is not None else torch.tensor(float(self._n_steps))).to(dev)
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
+def _no_donated_buffers():
+    """K backward passes through one graph need it retained, which AOTAutograd forbids for
+    graphs compiled with donated buffers (a memory optimisation): turn them off."""
+    try:
+        import torch._functorch.config as fconfig
+    except ImportError:
+        return
+    if getattr(fconfig, "donated_buffer", False):
+        fconfig.donated_buffer = False
