@@ -16,6 +16,7 @@ import time
 
 from ..common import ConfigError, list_presets, load_config
 from ..common.runtime import cleanup_distributed, is_main, print0
+from .models import MODELS
 
 APP = "speech"
 
@@ -61,7 +62,8 @@ def train_parser():
     p.add_argument("--mode", choices=["baseline", "dpda"], default=None)
     p.add_argument("--align", choices=["pcgrad", "gradvac", "cagrad", "mgda", "sum"], default=None,
                    help="dpda gradient alignment (sum = none)")
-    p.add_argument("--model", choices=["aasist", "rawnet2"], default=None)
+    p.add_argument("--model", choices=list(MODELS), default=None,
+                   help="aasist (clovaai/aasist exactly), aasist_l, aasist_ssl_readout, rawnet2")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
