@@ -364,10 +364,12 @@ class _AASISTFront(nn.Module):
         if z.shape[-1] < 1 or z.shape[-2] < 1:
             raise ValueError(f"AASIST: {x.shape[-1]} samples give no frames after the front end's 3x3 pooling")
         for i, block in enumerate(self.encoder):
+            pool = block.pool.kernel_size[1] if isinstance(block.pool, nn.MaxPool2d) else 1
+            if z.shape[-1] < pool:
+                raise ValueError(f"AASIST: encoder block {i + 1} of {len(self.encoder)} gets {z.shape[-1]} frame(s) "
+                                 f"of {x.shape[-1]} samples and would pool them by {pool} to no frames: use longer "
+                                 "clips, fewer blocks (filts) or block_pool=1")
             z = block(z)
-            if z.shape[-1] < 1:
-                raise ValueError(f"AASIST: encoder block {i + 1} of {len(self.encoder)} leaves no frames of "
-                                 f"{x.shape[-1]} samples: use longer clips, fewer blocks (filts) or block_pool=1")
         return z                                                                    # (B, C, F', T')
 
 
@@ -417,18 +419,19 @@ class AASIST(_AASISTFront):
         self.head = nn.Linear(5 * gat_dims[1], 2)
 
     def forward(self, x):
+        # max via torch.max(dim) as the original: on ties its gradient goes to one element
         z = self.encode(x).abs()                                                    # (B, C, F', T')
-        s_nodes = z.amax(-1).transpose(1, 2)                                        # (B, F', C): max over time
+        s_nodes = z.max(-1).values.transpose(1, 2)                                  # (B, F', C): max over time
         if s_nodes.shape[1] != self.pos_s.shape[1]:
             raise ValueError(f"AASIST: {s_nodes.shape[1]} spectral nodes, positional embedding for "
                              f"{self.pos_s.shape[1]}")
         s = self.pool_s(self.gat_s(s_nodes + self.pos_s))
-        t = self.pool_t(self.gat_t(z.amax(-2).transpose(1, 2)))                    # (B, T', C): max over frequency
+        t = self.pool_t(self.gat_t(z.max(-2).values.transpose(1, 2)))              # (B, T', C): max over frequency
         outs = [br(t, s, m.expand(x.shape[0], -1, -1)) for br, m in zip(self.branches, self.masters)]
         # drop_way on every branch output, in the original's order (all T, all S, all masters)
         tt, ss, mm = ([self.drop_way(o[k]) for o in outs] for k in range(3))
         tt, ss, mm = (functools.reduce(torch.maximum, v) for v in (tt, ss, mm))
-        feat = torch.cat([tt.abs().amax(1), tt.mean(1), ss.abs().amax(1), ss.mean(1), mm.squeeze(1)], dim=1)
+        feat = torch.cat([tt.abs().max(1).values, tt.mean(1), ss.abs().max(1).values, ss.mean(1), mm.squeeze(1)], 1)
         return self.head(self.drop(feat))
 
 
