@@ -16,6 +16,7 @@ import time
 
 from ..common import ConfigError, list_presets, load_config
 from ..common.runtime import cleanup_distributed, is_main, print0
+from .asvspoof5 import summary as asvspoof5_summary
 from .models import MODELS
 
 APP = "speech"
@@ -271,6 +272,6 @@ def eval_main(argv=None):
         for name, m in res["sets"].items():
             per = ", ".join(f"{a} {_fmt_pct(v).strip()}" for a, v in m["per_attack_eer"].items())
             tdcf = f", min t-DCF {m['min_tdcf']:.4f}" if "min_tdcf" in m else ""
-            print0(f"{name}: EER {_fmt_pct(m['eer']).strip()}%{tdcf}  per attack: {per}")
+            print0(f"{name}: EER {_fmt_pct(m['eer']).strip()}%{tdcf}{asvspoof5_summary(m)}  per attack: {per}")
         print0(f"metrics.json and score files under {out}")
     return 0

@@ -34,7 +34,7 @@ from .data import build_data, iterate_batches
 from .models import model_from_settings
 from .plots import plot_conflicts
 from .rawboost import ALGO_NAMES, RawBoost, RawBoostConfig
-from .scoring import set_metrics, write_score_file
+from .scoring import wave_set_metrics, write_set_scores
 
 MODES = ("baseline", "dpda")
 ALIGNS = ("pcgrad", "gradvac", "cagrad", "mgda", "sum")
@@ -453,8 +453,8 @@ def evaluate_sets(trainer, model, out_dir):
         s, loss = trainer.score(ws, model)
         labels = ws.labels.numpy()
         if is_main():
-            write_score_file(os.path.join(out_dir, "scores", f"{name}.txt"), ws.utt_ids, ws.attacks, labels, s)
-        res[name] = set_metrics(labels, s, ws.attacks, data.asv_scores.get(name))
+            write_set_scores(out_dir, name, ws, s)
+        res[name] = wave_set_metrics(ws, s, data.asv_scores.get(name))
         res[name]["loss"] = loss
         curves[name] = (labels, s)
     if is_main() and curves:
