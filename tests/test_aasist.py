@@ -68,7 +68,8 @@ def original_shapes(conf):
         p = f"HtrgGAT_layer_{name}"
         linear(f"{p}.proj_type1", din, din)
         linear(f"{p}.proj_type2", din, din)
-        for lin in ("att_proj", "att_projM", "proj_with_att", "proj_without_att", "proj_with_attM", "proj_without_attM"):
+        for lin in ("att_proj", "att_projM", "proj_with_att", "proj_without_att", "proj_with_attM",
+                    "proj_without_attM"):
             linear(f"{p}.{lin}", din, g1)
         for w in ("11", "22", "12", "M"):
             params[f"{p}.att_weight{w}"] = (g1, 1)
@@ -251,7 +252,8 @@ def test_forward_and_gradients_match_the_original(name, conf, seed, modes, grads
     # gradients of the same loss (training mode), through the same weights
     got.square().sum().backward()
     want.square().sum().backward()
-    ref_grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in ref_w.items() if v.requires_grad}
+    ref_grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v))
+                 for k, v in ref_w.items() if v.requires_grad}
     mapped = build_model(name).double()
     load_clovaai_state_dict(mapped, {**W, **ref_grads})      # the reference's gradients, by our names
     expect = dict(mapped.named_parameters())
@@ -268,7 +270,8 @@ def test_dropout_layout():
     the GATs' input Dropout(0.2) and the graph pools' Dropout(0.3), as the original."""
     drops = {n: m.p for n, m in build_model("aasist").named_modules() if isinstance(m, torch.nn.Dropout)}
     assert drops.pop("drop_way") == 0.2 and drops.pop("drop") == 0.5
-    assert drops == {**{f"{g}.drop": 0.2 for g in ("gat_s", "gat_t")}, **{f"{p}.drop": 0.3 for p in ("pool_s", "pool_t")},
+    assert drops == {**{f"{g}.drop": 0.2 for g in ("gat_s", "gat_t")},
+                     **{f"{p}.drop": 0.3 for p in ("pool_s", "pool_t")},
                      **{f"branches.{b}.{h}.drop": 0.2 for b in (0, 1) for h in ("hs1", "hs2")},
                      **{f"branches.{b}.{p}.drop": 0.3 for b in (0, 1) for p in ("pool_s", "pool_t")}}
 

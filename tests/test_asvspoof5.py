@@ -161,7 +161,8 @@ def test_protocol_readers(tmp_path):
     old = tmp_path / "ASVspoof5.train.metadata.txt"
     old.write_text("T_4850 T_0000000000 F - A05 spoof\nT_4850 T_0000000001 F - - bonafide\n")
     rows = a5.read_track1_protocol(str(old))
-    assert [(r.file, r.attack, r.key) for r in rows] == [("T_0000000000", "A05", "spoof"), ("T_0000000001", "-", "bonafide")]
+    assert [(r.file, r.attack, r.key) for r in rows] == [("T_0000000000", "A05", "spoof"),
+                                                         ("T_0000000001", "-", "bonafide")]
     old.write_text("T_4850 T_0000000000 F - A05 spoof\nT_4850 T_0000000001 F - - maybe\n")
     with pytest.raises(ValueError, match="metadata.txt:2"):
         a5.read_track1_protocol(str(old))

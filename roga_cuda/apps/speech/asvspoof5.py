@@ -183,9 +183,11 @@ def track1_metrics(labels, scores, attacks=None, codecs=None, cost=TRACK1_COST):
                              for a in sorted(set(att[labels == 0].tolist()))}
     if codecs is not None:
         cod = np.asarray(codecs)
-        out["per_codec"] = {c: _track1_core(scores[(labels == 1) & (cod == c)], scores[(labels == 0) & (cod == c)], cost)
-                            for c in sorted(set(cod.tolist()))
-                            if ((labels == 1) & (cod == c)).any() and ((labels == 0) & (cod == c)).any()}
+        out["per_codec"] = {}
+        for c in sorted(set(cod.tolist())):
+            b, s = scores[(labels == 1) & (cod == c)], scores[(labels == 0) & (cod == c)]
+            if b.size and s.size:
+                out["per_codec"][c] = _track1_core(b, s, cost)
     return out
 
 
@@ -381,7 +383,8 @@ def a_dcf_from_files(score_path, trial_path, cost=TRACK2_COST):
     if missing or len(scores) != len(trials):
         raise ValueError(f"{score_path} does not match {trial_path}: {len(missing)} trial(s) unscored "
                          f"(e.g. {missing[:1]}), {len(scores)} scores for {len(trials)} trials")
-    by_key = {k: [scores[(t.target_speaker, t.file)] for t in trials if t.key == k] for k in ("target", "nontarget", "spoof")}
+    by_key = {k: [scores[(t.target_speaker, t.file)] for t in trials if t.key == k]
+              for k in ("target", "nontarget", "spoof")}
     m = min_a_dcf(by_key["target"], by_key["nontarget"], by_key["spoof"], cost)
     return {"min_a_dcf": m.value, "threshold": m.threshold, "cost": asdict(cost),
             **{f"n_{k}": len(v) for k, v in by_key.items()}}

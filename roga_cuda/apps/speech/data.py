@@ -236,15 +236,17 @@ def asvspoof5_set(root, split, n_samples=64600, fs=16000, limit=None):
     proto = asvspoof5_protocol(root, split)
     if proto is None:
         raise FileNotFoundError(f"ASVspoof 5 {split} protocol not found under {root} or "
-                                f"{os.path.join(root, 'ASVspoof5_protocols')} (looked for {', '.join(ASV5_PROTOCOLS[split])})")
+                                f"{os.path.join(root, 'ASVspoof5_protocols')} "
+                                f"(looked for {', '.join(ASV5_PROTOCOLS[split])})")
     rows = read_track1_protocol(proto)
     if limit:
         rows = rows[:int(limit)]
     dirs = [os.path.join(root, d) for d in ASV5_AUDIO[split]]
     audio_dir = next((d for d in dirs if os.path.isdir(d)), dirs[0])
     return FileWaveSet(split, [os.path.join(audio_dir, r.file + ".flac") for r in rows],
-                       [1 if r.key == "bonafide" else 0 for r in rows], [r.attack for r in rows], [r.file for r in rows],
-                       [r.speaker for r in rows], n_samples, fs, codecs=[r.codec for r in rows], protocol="asvspoof5")
+                       [1 if r.key == "bonafide" else 0 for r in rows], [r.attack for r in rows],
+                       [r.file for r in rows], [r.speaker for r in rows], n_samples, fs,
+                       codecs=[r.codec for r in rows], protocol="asvspoof5")
 
 
 def in_the_wild_set(folder, n_samples=64600, fs=16000, name="itw", limit=None):
