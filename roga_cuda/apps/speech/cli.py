@@ -16,6 +16,8 @@ import time
 
 from ..common import ConfigError, list_presets, load_config
 from ..common.runtime import cleanup_distributed, is_main, print0
+from .asvspoof5 import summary as asvspoof5_summary
+from .models import MODELS
 
 APP = "speech"
 
@@ -61,7 +63,8 @@ def train_parser():
     p.add_argument("--mode", choices=["baseline", "dpda"], default=None)
     p.add_argument("--align", choices=["pcgrad", "gradvac", "cagrad", "mgda", "sum"], default=None,
                    help="dpda gradient alignment (sum = none)")
-    p.add_argument("--model", choices=["aasist", "rawnet2"], default=None)
+    p.add_argument("--model", choices=list(MODELS), default=None,
+                   help="aasist (clovaai/aasist exactly), aasist_l, aasist_ssl_readout, rawnet2")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -269,6 +272,6 @@ def eval_main(argv=None):
         for name, m in res["sets"].items():
             per = ", ".join(f"{a} {_fmt_pct(v).strip()}" for a, v in m["per_attack_eer"].items())
             tdcf = f", min t-DCF {m['min_tdcf']:.4f}" if "min_tdcf" in m else ""
-            print0(f"{name}: EER {_fmt_pct(m['eer']).strip()}%{tdcf}  per attack: {per}")
+            print0(f"{name}: EER {_fmt_pct(m['eer']).strip()}%{tdcf}{asvspoof5_summary(m)}  per attack: {per}")
         print0(f"metrics.json and score files under {out}")
     return 0
