@@ -28,6 +28,7 @@ import torch
 
 ENUMERATE_MAX = 10  # auto: enumerate supports up to this K (1024 supports), else active set
 ACCEPT = 1e-12      # a candidate this close to KKT ends the active-set searches early
+CHUNK = 4096        # supports solved per batch
 SOLVERS = ("auto", "enumerate", "active_set")
 
 
@@ -72,11 +73,13 @@ def _safe_div(v, s):
 # Each returns a scale-free violation (0 at an exact optimum); batched over leading dims.
 
 def box_violation(C, L, X, F):
-    """min x'Cx s.t. x >= L. Free coordinates F: x >= L and (Cx)_F = 0; bound: (Cx) >= 0."""
+    """min x'Cx s.t. x >= L. Free coordinates F: x >= L and (Cx)_F = 0; bound: (Cx) >= 0.
+    Residuals are measured against the data (|L|_1), not the candidate: a singular system's
+    huge solution along a null direction of C cannot hide its rounding behind its size."""
     CX = X @ C
     primal = torch.where(F, (L - X).clamp_min(0), torch.zeros_like(X))
     dual = torch.where(F, CX.abs(), (-CX).clamp_min(0))
-    return _inf_nan(_safe_div(torch.maximum(primal, dual).amax(-1), X.abs().sum(-1)))
+    return _inf_nan(_safe_div(torch.maximum(primal, dual).amax(-1), L.abs().sum(-1)))
 
 
 def simplex_violation(C, a, w, mu, S):
@@ -90,31 +93,50 @@ def simplex_violation(C, a, w, mu, S):
 
 def cagrad_violation(C, beta, a, c2, u, mu, S):
     """CAGrad stationarity with u = (c'/||g_w||) w: u >= 0, (C(beta + u))_i >= mu a_i with
-    equality on the support S, and u'Cu = c'^2 (c2)."""
+    equality on the support S, and u'Cu = c'^2 (c2). Measured against the data |beta|_1 + c'."""
     r = mu.unsqueeze(-1) * a - (beta + u) @ C
     primal = torch.where(S, (-u).clamp_min(0), torch.zeros_like(u))
     dual = torch.where(S, r.abs(), r.clamp_min(0))
-    v = _safe_div(torch.maximum(primal, dual).amax(-1), beta.abs().sum() + u.abs().sum(-1) + mu.abs())
+    v = _safe_div(torch.maximum(primal, dual).amax(-1), beta.abs().sum() + c2.sqrt())
     q = ((u @ C) * u).sum(-1)
     return _inf_nan(torch.maximum(v, _safe_div((q - c2).abs(), q + c2)))
 
 
 # ----------------------------------------------------------------- enumeration
 
+def _chunked(solve, k, device, nonempty):
+    """Run ``solve(masks)`` on the subsets in chunks of CHUNK and keep the best answer
+    (bounded memory for K up to 16; still no host sync: the merge is a torch.where)."""
+    S = masks(k, device, nonempty)
+    best = None
+    for start in range(0, S.shape[0], CHUNK):
+        x, v = solve(S[start:start + CHUNK])
+        if best is None:
+            best = (x, v)
+        else:
+            take = v < best[1]
+            best = (torch.where(take.unsqueeze(-1), x, best[0]), torch.where(take, v, best[1]))
+    return best
+
+
 def box_qp_enumerate(C, L):
     """For each row l of L (B, K): argmin_x x'Cx s.t. x >= l. Returns (X (B, K), violation (B,))."""
     k, B = C.shape[0], L.shape[0]
-    F = masks(k, C.device)                                   # free sets, (S, k)
     eye = torch.eye(k, dtype=C.dtype, device=C.device)
-    A = torch.where(F.unsqueeze(-1), C, eye)                 # free rows: (Cx)_i = 0; bound rows: x_i = l_i
-    R = torch.where(F.unsqueeze(-1), torch.zeros((), dtype=C.dtype, device=C.device), L.T.unsqueeze(0))
-    X = _solve(A, R).transpose(1, 2)                         # (S, B, k)
-    Fb = F.unsqueeze(1)
-    X = torch.where(Fb, X, L.unsqueeze(0))
-    viol = box_violation(C, L.unsqueeze(0), X, Fb)           # (S, B)
-    best = viol.argmin(0)
     cols = torch.arange(B, device=C.device)
-    return X[best, cols], viol[best, cols]
+
+    def solve(F):                                            # free sets, (S, k)
+        A = torch.where(F.unsqueeze(-1), C, eye)             # free rows: (Cx)_i = 0; bound rows: x_i = l_i
+        R = torch.where(F.unsqueeze(-1), torch.zeros((), dtype=C.dtype, device=C.device), L.T.unsqueeze(0))
+        X = _solve(A, R).transpose(1, 2)                     # (S, B, k)
+        Fb = F.unsqueeze(1)
+        X = torch.where(Fb, X, L.unsqueeze(0))
+        viol = box_violation(C, L.unsqueeze(0), X, Fb)       # (S, B)
+        best = viol.argmin(0)
+        return X[best, cols], viol[best, cols]
+
+    X, v = _chunked(solve, k, C.device, nonempty=False)
+    return torch.maximum(X, L), v
 
 
 def _bordered(C, a, S):
@@ -132,16 +154,20 @@ def _bordered(C, a, S):
 def simplex_qp_enumerate(C, a):
     """argmin_w w'Cw s.t. w >= 0, a'w = 1 (a > 0). Returns (w, violation)."""
     k = C.shape[0]
-    S = masks(k, C.device, nonempty=True)
-    A = _bordered(C, a, S)
-    rhs = torch.zeros(S.shape[0], k + 1, 1, dtype=C.dtype, device=C.device)
-    rhs[:, k] = 1
-    Z = _solve(A, rhs)[..., 0]
-    w = torch.where(S, Z[:, :k], torch.zeros_like(Z[:, :k]))
-    mu = Z[:, k]
-    viol = simplex_violation(C, a, w, mu, S)
-    best = viol.argmin()
-    return w[best], viol[best]
+
+    def solve(S):
+        A = _bordered(C, a, S)
+        rhs = torch.zeros(S.shape[0], k + 1, 1, dtype=C.dtype, device=C.device)
+        rhs[:, k] = 1
+        Z = _solve(A, rhs)[..., 0]
+        w = torch.where(S, Z[:, :k], torch.zeros_like(Z[:, :k]))
+        viol = simplex_violation(C, a, w, Z[:, k], S)
+        best = viol.argmin()
+        return w[best], viol[best]
+
+    w, v = _chunked(solve, k, C.device, nonempty=True)
+    w = w.clamp_min(0)  # rounding-level negatives off the support
+    return w / (w @ a), v
 
 
 def _cagrad_roots(C, u0, u1, c2):
@@ -158,24 +184,28 @@ def _cagrad_roots(C, u0, u1, c2):
 def cagrad_enumerate(C, beta, a, c2, live):
     """CAGrad's stationary points over all supports of live tasks. Returns (u, violation)."""
     k = C.shape[0]
-    S = masks(k, C.device, nonempty=True)
-    A = _bordered(C, a, S)
-    n = S.shape[0]
-    rhs = torch.zeros(n, k + 1, 2, dtype=C.dtype, device=C.device)
-    rhs[:, :k, 0] = torch.where(S, -(beta @ C), torch.zeros_like(a))
-    rhs[:, k, 1] = 1
-    Z = _solve(A, rhs)                                        # (n, k+1, 2): z0 = (u0, m0), z1 = (u1, m1)
     zero = torch.zeros((), dtype=C.dtype, device=C.device)
-    u0 = torch.where(S, Z[:, :k, 0], zero)
-    u1 = torch.where(S, Z[:, :k, 1], zero)
-    t = _cagrad_roots(C, u0, u1, c2)                          # (n, 2)
-    u = u0.unsqueeze(1) + t.unsqueeze(-1) * u1.unsqueeze(1)   # (n, 2, k)
-    mu = Z[:, k, 0].unsqueeze(1) + t * Z[:, k, 1].unsqueeze(1)
-    Sb = S.unsqueeze(1)
-    viol = cagrad_violation(C, beta, a, c2, u, mu, Sb)
-    viol = torch.where((t > 0) & ~(S & ~live).any(-1, keepdim=True), viol, torch.full_like(viol, float("inf")))
-    flat = viol.reshape(-1).argmin()
-    return u.reshape(-1, k)[flat], viol.reshape(-1)[flat]
+
+    def solve(S):
+        A = _bordered(C, a, S)
+        n = S.shape[0]
+        rhs = torch.zeros(n, k + 1, 2, dtype=C.dtype, device=C.device)
+        rhs[:, :k, 0] = torch.where(S, -(beta @ C), zero)
+        rhs[:, k, 1] = 1
+        Z = _solve(A, rhs)                                    # (n, k+1, 2): z0 = (u0, m0), z1 = (u1, m1)
+        u0 = torch.where(S, Z[:, :k, 0], zero)
+        u1 = torch.where(S, Z[:, :k, 1], zero)
+        t = _cagrad_roots(C, u0, u1, c2)                      # (n, 2)
+        u = u0.unsqueeze(1) + t.unsqueeze(-1) * u1.unsqueeze(1)   # (n, 2, k)
+        mu = Z[:, k, 0].unsqueeze(1) + t * Z[:, k, 1].unsqueeze(1)
+        viol = cagrad_violation(C, beta, a, c2, u, mu, S.unsqueeze(1))
+        ok = (t > 0) & ~(S & ~live).any(-1, keepdim=True)
+        viol = torch.where(ok, viol, torch.full_like(viol, float("inf")))
+        flat = viol.reshape(-1).argmin()
+        return u.reshape(-1, k)[flat], viol.reshape(-1)[flat]
+
+    u, v = _chunked(solve, k, C.device, nonempty=True)
+    return u.clamp_min(0), v
 
 
 # ----------------------------------------------------------------- active set (host)
@@ -277,8 +307,7 @@ def cagrad_active_set(C, beta, a, c2, live):
     u'Cu/2 + u'(C beta - m a) (Lawson-Hanson) is CAGrad's u exactly when u(m)'Cu(m) = c2;
     bisection on m finds that crossing, and the support of u(m) there gives the exact
     candidate. Returns (u, violation); u is None when no stationary point exists."""
-    Ch, bh, ah, lv = C.cpu(), beta.cpu(), a.cpu(), live.cpu()
-    c2 = float(c2)
+    Ch, bh, ah, lv, c2 = C.cpu(), beta.cpu(), a.cpu(), live.cpu(), c2.cpu()
     idx = lv.nonzero().flatten()
     Cl = Ch[idx][:, idx]
     Cb = (bh @ Ch)[idx]
@@ -299,17 +328,29 @@ def cagrad_active_set(C, beta, a, c2, live):
         return best[1] <= ACCEPT
 
     lo = float((Cb / al).min())          # u(lo) = 0, so u'Cu = 0 < c2
-    step, hi = 1.0, None
-    for _ in range(80):                  # bracket: u(hi)'Cu(hi) > c2
-        u = u_at(lo + step)
-        if consider(u):
+    # If 0 is in the hull of the live gradients, C has a null vector n >= 0 with a'n > 0 and
+    # the program is unbounded for m > 0: the crossing is at m <= 0, and at m = 0 (u(0)'Cu(0)
+    # <= c2) there is none: the optimum has g_w = 0.
+    om, _ = simplex_qp_active_set(Cl, al)
+    if float(om @ Cl @ om) <= 16 * len(idx) * torch.finfo(torch.float64).eps * float(om.abs().sum()) ** 2:
+        if lo >= 0:
             return best
-        if float(u @ Ch @ u) > c2:
-            hi = lo + step
-            break
-        step *= 2
-    if hi is None:
-        return best
+        u = u_at(0.0)
+        if consider(u) or float(u @ Ch @ u) <= c2:
+            return best
+        hi = 0.0
+    else:
+        step, hi = 1.0, None
+        for _ in range(1100):                # bracket: u(hi)'Cu(hi) > c2 (doubling reaches any float)
+            u = u_at(lo + step)
+            if consider(u):
+                return best
+            if float(u @ Ch @ u) > c2:
+                hi = lo + step
+                break
+            step *= 2
+        if hi is None:
+            return best
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if not lo < mid < hi:

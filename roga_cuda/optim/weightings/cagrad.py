@@ -59,19 +59,25 @@ class CAGradWeighting(Weighting):
         live = ~zero
         sig = torch.where(live, sigma, torch.ones_like(sigma))
         beta = sigma  # g0 = (m / K) sum_i beta_i ghat_i with ghat_i the unit gradients
-        c2 = self.c ** 2 * (beta @ C @ beta).clamp_min(0)
+        # |g0|^2 from G carries a rounding error of about K eps (sum beta)^2: below that,
+        # g0 = 0 to working precision and so is the radius (a relative test, no epsilon).
+        g02 = beta @ C @ beta
+        g02 = torch.where(g02 > 4 * k * torch.finfo(torch.float64).eps * beta.sum() ** 2, g02, torch.zeros_like(g02))
+        c2 = self.c ** 2 * g02
         smin = torch.where(live, sigma, torch.full_like(sigma, float("inf"))).amin()
         a = torch.where(live, torch.where(live.any(), smin, 1.0) / sig, torch.zeros_like(sigma))
         u, viol = _qp.cagrad_qp(C, beta, a, c2, live, self.solver)
         # A zero gradient puts 0 in the hull: the optimum over the live tasks only stands if
         # its objective (proportional to u'C beta + c'^2) is negative; else g_w = 0.
         stands = (viol <= 1e-8) & ~(zero.any() & ((u @ C @ beta) + c2 >= 0))
-        nu, _ = _qp.box_qp(with_unit_diagonal(C, zero), beta.unsqueeze(0), self.solver)
-        u_cone = nu[0] - beta
-        inside = (u_cone @ C @ u_cone) <= c2 * (1 + 1e-12)
-        u = torch.where(stands | ~inside, u, u_cone)
-        u = torch.where(c2 > 0, u, torch.zeros_like(u))
-        self.info = {"kkt": torch.where(c2 > 0, torch.where(stands | ~inside, viol, torch.zeros_like(viol)),
-                                        torch.zeros_like(viol))}
+        if G.device.type != "cpu" or not bool(stands):  # on CPU, skip what cannot be used
+            nu, cone_viol = _qp.box_qp(with_unit_diagonal(C, zero), beta.unsqueeze(0), self.solver)
+            u_cone = nu[0] - beta
+            use_cone = ~stands & ((u_cone @ C @ u_cone) <= c2 * (1 + 1e-12))
+            u = torch.where(use_cone, u_cone, u)
+            viol = torch.where(use_cone, cone_viol[0], viol)
+        live_c = c2 > 0
+        u = torch.where(live_c, u, torch.zeros_like(u))
+        self.info = {"kkt": torch.where(live_c, viol, torch.zeros_like(viol))}
         w = 1.0 + torch.where(live, u / sig, torch.zeros_like(u))
         return nan_unless(finite(G), w / RESCALE[self.rescale](self.c))

@@ -28,8 +28,8 @@ class GradVacWeighting(Weighting):
     Exact at every scale: the cosine is computed on G divided by its mean diagonal, as
     ``<g_i', g_j> / (|g_i'| |g_j|)`` with no epsilon; a pair where either vector is zero has
     no cosine and is skipped (no correction, target unchanged), as is a target of exactly
-    +-1 (no finite correction reaches it). Device code with a host order generator: no
-    host sync. A group whose G is not finite gets NaN weights and keeps its targets.
+    +-1 (no finite correction reaches it). K - 1 vectorised device steps (all tasks and
+    groups at once) with a host order generator: no host sync. A group whose G is not finite gets NaN weights and keeps its targets.
 
     Args:
         beta: EMA rate of the targets in (0, 1] (the paper: 0.01; LibMTL's default: 0.5).
@@ -74,33 +74,36 @@ class GradVacWeighting(Weighting):
         elif tuple(self.targets.shape) != (n, k, k):
             raise ValueError(f"GradVacWeighting: got {n} group(s) of {k} tasks, but the targets are for "
                              f"{self.targets.shape[0]} group(s) of {self.targets.shape[-1]}")
-        targets = self.targets.to(G.device, torch.float64).clone()
+        T = self.targets.to(G.device, torch.float64).clone()
         ok = torch.isfinite(Gs).flatten(1).all(1)                        # (n,)
         scale = Gs.diagonal(dim1=1, dim2=2).mean(1)
         scale = torch.where(ok & (scale > 0), scale, torch.ones_like(scale))
         Gn = torch.where(ok[:, None, None], Gs / scale[:, None, None], torch.zeros_like(Gs))
-        eye = torch.eye(k, dtype=torch.float64, device=G.device)
+        order = random_orders(k, self._gen, G.device)
+        rows = torch.arange(k, device=G.device)
         zero = torch.zeros((), dtype=torch.float64, device=G.device)
-        total = torch.zeros(n, k, dtype=torch.float64, device=G.device)
-        for i, order in enumerate(random_orders(k, self._gen)):
-            c = eye[i].expand(n, k)
-            for j in order:
-                gi2 = (torch.einsum("na,nab,nb->n", c, Gn, c)).clamp_min(0)
-                gj2 = Gn[:, j, j]
-                dot = (c * Gn[:, :, j]).sum(1)
-                valid = ok & (gi2 > 0) & (gj2 > 0)
-                ni = gi2.sqrt()
-                nj = torch.where(valid, gj2, torch.ones_like(gj2)).sqrt()
-                phi = torch.where(valid, dot / (torch.where(valid, ni, torch.ones_like(ni)) * nj), zero).clamp(-1, 1)
-                t = targets[:, i, j]
-                st = (1 - t * t).clamp_min(0).sqrt()
-                apply = valid & (phi < t) & (st > 0)
-                num = t * (1 - phi * phi).clamp_min(0).sqrt() - phi * st
-                w = ni * num / (nj * torch.where(st > 0, st, torch.ones_like(st)))
-                c = c + torch.where(apply, w, zero).unsqueeze(1) * eye[j]
-                moved = valid & apply if self.update == "violated" else valid
-                targets[:, i, j] = torch.where(moved, (1 - self.beta) * t + self.beta * phi, t)
-            total = total + c
+        one = torch.ones((), dtype=torch.float64, device=G.device)
+        nrm = Gn.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()             # |g_j|, (n, k)
+        c = torch.eye(k, dtype=torch.float64, device=G.device).repeat(n, 1, 1)  # [g, i]: coefficients of g_i'
+        cG = Gn.clone()                                                   # [g, i]: c_i' G
+        gi2 = Gn.diagonal(dim1=1, dim2=2).clone()                          # |g_i'|^2
+        for s in range(k - 1):                                            # all tasks i at once
+            j = order[:, s]
+            dot = cG[:, rows, j]
+            ni, nj = gi2.clamp_min(0).sqrt(), nrm[:, j]
+            valid = (ni > 0) & (nj > 0)
+            phi = torch.where(valid, dot / torch.where(valid, ni * nj, one), zero).clamp(-1, 1)
+            t = T[:, rows, j]
+            st = (1 - t * t).clamp_min(0).sqrt()
+            apply = valid & (phi < t) & (st > 0)
+            w = ni * (t * (1 - phi * phi).clamp_min(0).sqrt() - phi * st) / (nj * torch.where(st > 0, st, one))
+            w = torch.where(apply, w, zero)
+            c[:, rows, j] += w
+            cG += w.unsqueeze(-1) * Gn[:, j, :]
+            gi2 = (cG * c).sum(-1)
+            moved = apply if self.update == "violated" else valid
+            T[:, rows, j] = torch.where(moved, t + self.beta * (phi - t), t)
+        targets, total = T, c.sum(1)
         self.targets = targets
         self.info = {"targets": targets}
         w = torch.where(ok.unsqueeze(1), total, torch.full_like(total, float("nan")))

@@ -9,17 +9,17 @@ def new_generator(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def random_orders(k, gen):
-    """For each task i, the other tasks in a random order (drawn on the host generator; no
-    draw for K <= 2, where the order is fixed)."""
-    if k <= 2:
-        return [[j for j in range(k) if j != i] for i in range(k)]
+def random_orders(k, gen, device):
+    """(K, K-1) long tensor: row i lists the other tasks in a random order (drawn on the host
+    generator, one permutation per task; no draw for K <= 2, where the order is fixed).
+    Reaches the device with a non-blocking copy."""
     out = []
     for i in range(k):
         others = [j for j in range(k) if j != i]
-        perm = torch.randperm(len(others), generator=gen).tolist()
-        out.append([others[m] for m in perm])
-    return out
+        if k > 2:
+            others = [others[m] for m in torch.randperm(k - 1, generator=gen).tolist()]
+        out.append(others)
+    return torch.tensor(out, dtype=torch.long).reshape(k, k - 1).to(device, non_blocking=True)
 
 
 @register("pcgrad")
@@ -29,9 +29,9 @@ class PCGradWeighting(Weighting):
     For each task i: ``g_i' = g_i``; for j in a random order of the other tasks, if
     ``<g_i', g_j> < 0`` then ``g_i' -= <g_i', g_j> / |g_j|^2 g_j``. The update is
     ``sum_i g_i'``. Each ``g_i'`` stays a combination ``sum_k c_k g_k`` whose inner products
-    follow from G, so this is a K x K loop on the device with no host sync: the orders come
-    from a host ``torch.Generator`` (saved in ``state_dict``), the projection test is a
-    ``torch.where``.
+    follow from G, so this is K - 1 vectorised steps (all tasks at once) on the device with
+    no host sync: the orders come from a host ``torch.Generator`` (saved in
+    ``state_dict``), the projection test is a ``torch.where``.
 
     Convention: sum form, as the paper (torchjd's ``PCGradWeighting`` also sums; it draws a
     permutation of all K tasks from the global RNG, so only K = 2 matches draw for draw).
@@ -54,15 +54,15 @@ class PCGradWeighting(Weighting):
 
     def weights(self, G):
         k = G.shape[0]
-        eye = torch.eye(k, dtype=G.dtype, device=G.device)
+        order = random_orders(k, self._gen, G.device)
         diag = G.diagonal()
-        safe = torch.where(diag > 0, diag, torch.ones_like(diag))
+        pos = diag > 0
+        safe = torch.where(pos, diag, torch.ones_like(diag))
+        rows = torch.arange(k, device=G.device)
+        c = torch.eye(k, dtype=G.dtype, device=G.device)   # row i: coefficients of g_i'
         zero = torch.zeros((), dtype=G.dtype, device=G.device)
-        total = torch.zeros(k, dtype=G.dtype, device=G.device)
-        for i, order in enumerate(random_orders(k, self._gen)):
-            c = eye[i]
-            for j in order:
-                dot = c @ G[:, j]
-                c = c - torch.where((dot < 0) & (diag[j] > 0), dot / safe[j], zero) * eye[j]
-            total = total + c
-        return nan_unless(finite(G), total)
+        for s in range(k - 1):                               # all tasks i at once: step s of each order
+            j = order[:, s]
+            dot = (c * G[j]).sum(1)                          # <g_i', g_j> (G symmetric)
+            c[rows, j] -= torch.where((dot < 0) & pos[j], dot / safe[j], zero)
+        return nan_unless(finite(G), c.sum(0))

@@ -41,9 +41,14 @@ class UPGradWeighting(Weighting):
     def _options(self):
         return {"pref_vector": self.pref_vector, "solver": self.solver}
 
-    def weights(self, G):
+    def projections(self, G):
+        """(K, K): row i holds the weights v(e_i) of the projection of g_i onto the dual cone
+        (``G`` as for ``__call__``); the weighting is ``p @ projections(G)``."""
+        from .base import as_gram
+        return self._projections(as_gram(G, who="UPGradWeighting"))
+
+    def _projections(self, G):
         k = G.shape[0]
-        p = pref(self.pref_vector, k, 1.0, G.device, "UPGradWeighting")
         C, sigma, zero = scaled(G)
         eye = torch.eye(k, dtype=G.dtype, device=G.device)
         N, viol = _qp.box_qp(with_unit_diagonal(C, zero), eye, self.solver)  # row i: nu for e_i
@@ -52,4 +57,8 @@ class UPGradWeighting(Weighting):
         ratio = torch.where(live.unsqueeze(0) & live.unsqueeze(1), sig.unsqueeze(1) / sig.unsqueeze(0), torch.zeros_like(C))
         ratio = torch.where(eye.bool(), torch.ones_like(ratio), ratio)   # v_k = nu_k sigma_i / sigma_k
         self.info = {"kkt": viol.amax()}
-        return nan_unless(finite(G), p @ (N * ratio))
+        return nan_unless(finite(G), N * ratio)
+
+    def weights(self, G):
+        p = pref(self.pref_vector, G.shape[0], 1.0, G.device, "UPGradWeighting")
+        return p @ self._projections(G)
