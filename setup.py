@@ -113,7 +113,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "matplotlib", "scikit-learn", "pillow"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "soundfile"],
+        # torchjd: optional peer the weighting tests cross-check against (CPU-only deps, no torch pin)
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "soundfile", "torchjd[quadprog-projector]>=0.18"],
         "audio": ["soundfile"],
         "timm": ["timm"],  # EfficientNet-B4 backbone; pulls torchvision
     },
