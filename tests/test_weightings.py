@@ -2,7 +2,6 @@
 scale equivariance, state, and every method against a float64 reference written from its
 paper in vector space (the exact QP solvers have their own file, test_weightings_exact.py)."""
 import itertools
-import math
 
 import pytest
 import torch

@@ -68,8 +68,7 @@ def test_dualproj_kkt(solver, seed):
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("c", [0.2, 0.5, 0.9, 1.5])
+@pytest.mark.parametrize("c,seed", [(0.2, 0), (0.5, 1), (0.9, 2), (1.5, 3)])
 def test_cagrad_primal_dual_certificate(solver, seed, c):
     for k, kind, J in cases(seed):
         W = CAGradWeighting(c=c, rescale=0, solver=solver)
@@ -140,7 +139,7 @@ def test_cagrad_degenerate_radius_gives_the_mean():
 # ------------------------------------------------------------- solvers agree, K = 16
 
 def test_enumeration_and_active_set_agree():
-    for k, kind, J in cases(10):
+    for k, kind, J in cases(10, kinds=("conflict", "aligned", "rank2", "hull0")):
         G = gram(J)
         rho = J.norm(dim=1).max()
         for make in (MGDAWeighting, UPGradWeighting, DualProjWeighting, lambda solver: CAGradWeighting(solver=solver)):

@@ -416,7 +416,7 @@ def cagrad_qp(C, beta, a, c2, live, solver="auto"):
     if not _host_ok(C, beta, a, c2):
         return nan
     u, v = cagrad_active_set(C, beta, a, c2, live)
-    best = nan if u is None else (u.to(C.device), torch.tensor(v, dtype=C.dtype, device=C.device))
+    best = nan if u is None else (u.clamp_min(0).to(C.device), torch.tensor(v, dtype=C.dtype, device=C.device))
     if solver == "auto" and k <= _FALLBACK_ENUMERATE and float(best[1]) > ACCEPT:
         best = _better(best, cagrad_enumerate(C, beta, a, c2, live))
     return best

@@ -29,7 +29,10 @@ class CAGradWeighting(Weighting):
     and a multiplier, up to one quadratic, ``u' C u = c'^2``, in a scalar; every support is
     solved (K <= 10, no host sync on CUDA) or the support is found by bisection on the
     multiplier with an NNLS active set (host), and the candidate meeting the KKT conditions
-    is returned (``info["kkt"]``). All on the scale-free cosine matrix: no epsilon anywhere.
+    is returned (``info["kkt"]``). All on the scale-free cosine matrix, with no absolute
+    epsilon; the only thresholds are relative: ``|g0|^2`` below its own rounding error
+    (``4 K eps (sum_i |g_i| / K)^2``) counts as 0, and a scaled KKT violation above 1e-8 means
+    "no stationary point" (found ones are at ~1e-16).
     When the optimum has ``g_w = 0`` (0 in the hull and no conflict-averse gain) the
     direction is not defined by the formula; the primal optimum closest to ``g0`` is
     returned: ``g0`` projected onto the dual cone ``{d : <g_i, d> >= 0}``, which lies in
@@ -69,6 +72,8 @@ class CAGradWeighting(Weighting):
         u, viol = _qp.cagrad_qp(C, beta, a, c2, live, self.solver)
         # A zero gradient puts 0 in the hull: the optimum over the live tasks only stands if
         # its objective (proportional to u'C beta + c'^2) is negative; else g_w = 0.
+        # A stationary point found to rounding has a violation ~1e-16; 1e-8 only separates
+        # "found" from "none exists" (then the g_w = 0 case below).
         stands = (viol <= 1e-8) & ~(zero.any() & ((u @ C @ beta) + c2 >= 0))
         if G.device.type != "cpu" or not bool(stands):  # on CPU, skip what cannot be used
             nu, cone_viol = _qp.box_qp(with_unit_diagonal(C, zero), beta.unsqueeze(0), self.solver)

@@ -50,8 +50,8 @@ class NashMTLWeighting(Weighting):
     default 30 reaches rounding level from the start used here unless the gradients are
     close to Pareto-stationary). ``info["residual"]``: ``max |alpha_i (G alpha)_i - 1|``.
     No solution exists when 0 is in the convex hull of the gradients (a zero gradient, or
-    Pareto stationarity): the iteration then fails to converge, and the weights are 0 (no
-    update), as no direction improves every task. Zero-gradient tasks are left out of the
+    Pareto stationarity): the iteration then fails to converge (residual above 1e-9), and
+    the weights are 0 (no update), as no direction improves every task. Zero-gradient tasks are left out of the
     bargaining (weight 0).
 
     Args:
