@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from roga_cuda.optim import weightings as W
 from roga_cuda.optim.weightings import base as wbase
@@ -465,6 +466,48 @@ def test_sum_weighting():
 
 
 # ----------------------------------------------------------------------- devices
+
+SYNC_FREE = ("sum", "pcgrad", "gradvac", "mgda", "cagrad", "upgrad", "dualproj", "nash_mtl", "random")
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that read a tensor value on the host (a sync on CUDA) or have
+    data-dependent output shapes."""
+    FORBIDDEN = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.FORBIDDEN:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", SYNC_FREE)
+@pytest.mark.parametrize("k", [2, 5, 10])
+def test_device_path_reads_no_host_values(name, k, monkeypatch):
+    """The code path taken for CUDA tensors (every branch computed, selected with
+    torch.where), run on CPU under a dispatch spy: no .item()/bool()/nonzero anywhere.
+    Complements the CUDA test below, which needs a GPU."""
+    monkeypatch.setattr(wbase, "can_branch", lambda t: False)
+    J = case(k, "conflict", seed=23)
+    J[k - 1] = 0  # exercise the zero-gradient branches too
+    w = make(name)
+    w(gram(J))
+    with _HostReads() as spy:
+        w(gram(J))
+    assert spy.seen == [], spy.seen
+
+
+def test_host_read_spy_sees_the_active_set():
+    """The spy works: K > 10 exact solvers run host loops (documented: one sync on CUDA)."""
+    with _HostReads() as spy:
+        W.MGDAWeighting()(gram(case(12, "conflict", seed=24)))
+    assert spy.seen
+
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

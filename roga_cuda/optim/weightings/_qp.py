@@ -65,6 +65,11 @@ def _solve(A, R):
     return X + torch.linalg.lu_solve(LU, piv, R - A @ X)
 
 
+def _take(x, i):
+    """x[i] for a 0-d index tensor without converting it to a Python int (no host sync)."""
+    return x.index_select(0, i.reshape(1)).squeeze(0)
+
+
 def _safe_div(v, s):
     return torch.where(s > 0, v / torch.where(s > 0, s, torch.ones_like(s)), v)
 
@@ -163,7 +168,7 @@ def simplex_qp_enumerate(C, a):
         w = torch.where(S, Z[:, :k], torch.zeros_like(Z[:, :k]))
         viol = simplex_violation(C, a, w, Z[:, k], S)
         best = viol.argmin()
-        return w[best], viol[best]
+        return _take(w, best), _take(viol, best)
 
     w, v = _chunked(solve, k, C.device, nonempty=True)
     w = w.clamp_min(0)  # rounding-level negatives off the support
@@ -202,7 +207,7 @@ def cagrad_enumerate(C, beta, a, c2, live):
         ok = (t > 0) & ~(S & ~live).any(-1, keepdim=True)
         viol = torch.where(ok, viol, torch.full_like(viol, float("inf")))
         flat = viol.reshape(-1).argmin()
-        return u.reshape(-1, k)[flat], viol.reshape(-1)[flat]
+        return _take(u.reshape(-1, k), flat), _take(viol.reshape(-1), flat)
 
     u, v = _chunked(solve, k, C.device, nonempty=True)
     return u.clamp_min(0), v

@@ -104,6 +104,12 @@ def as_gram(G, batched=False, who="Weighting"):
     return 0.5 * (G + G.transpose(-1, -2))
 
 
+def can_branch(t):
+    """Whether reading a value of ``t`` on the host is free (a CPU tensor). Methods branch on
+    values only then; on CUDA they compute every branch and select with torch.where."""
+    return t.device.type == "cpu"
+
+
 def finite(G):
     """0-d bool device tensor: every entry of G is finite (no host sync)."""
     return torch.isfinite(G).all()

@@ -1,7 +1,7 @@
 """CAGrad: the conflict-averse direction, solved exactly."""
 import torch
 
-from . import _qp
+from . import _qp, base
 from .base import Weighting, finite, nan_unless, register, scaled, with_unit_diagonal
 
 RESCALE = {0: lambda c: 1.0, 1: lambda c: 1.0 + c * c, 2: lambda c: 1.0 + c}
@@ -75,7 +75,7 @@ class CAGradWeighting(Weighting):
         # A stationary point found to rounding has a violation ~1e-16; 1e-8 only separates
         # "found" from "none exists" (then the g_w = 0 case below).
         stands = (viol <= 1e-8) & ~(zero.any() & ((u @ C @ beta) + c2 >= 0))
-        if G.device.type != "cpu" or not bool(stands):  # on CPU, skip what cannot be used
+        if not base.can_branch(G) or not bool(stands):  # on CPU, skip what cannot be used
             nu, cone_viol = _qp.box_qp(with_unit_diagonal(C, zero), beta.unsqueeze(0), self.solver)
             u_cone = nu[0] - beta
             use_cone = ~stands & ((u_cone @ C @ u_cone) <= c2 * (1 + 1e-12))

@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from . import base
 from .base import Weighting, finite, nan_unless, register, scaled, with_unit_diagonal
 
 
@@ -91,7 +92,7 @@ class NashMTLWeighting(Weighting):
             raise ValueError(f"NashMTLWeighting: got {k} tasks, but the saved weights are for {self.alpha.shape[0]}")
         if self.alpha is None or self.step % self.update_weights_every == 0:
             C, sigma, zero = scaled(G)
-            gamma, residual = nash_newton(with_unit_diagonal(C, zero), self.max_iter, G.device.type == "cpu")
+            gamma, residual = nash_newton(with_unit_diagonal(C, zero), self.max_iter, base.can_branch(G))
             norms = G.diagonal().clamp_min(0).sqrt()
             alpha = torch.where(zero, torch.zeros_like(gamma), gamma / torch.where(zero, torch.ones_like(norms), norms))
             ok = residual <= 1e-9
