@@ -127,7 +127,8 @@ def test_bad_input(name):
     (W.DualProjWeighting, {"pref_vector": [[1.0]]}, "pref_vector"),
     (W.GradVacWeighting, {"beta": 0.0}, "beta"), (W.GradVacWeighting, {"update": "sometimes"}, "update"),
     (W.NashMTLWeighting, {"max_norm": -1.0}, "max_norm"), (W.NashMTLWeighting, {"update_weights_every": 0}, "update_weights_every"),
-    (W.NashMTLWeighting, {"max_iter": 0}, "max_iter"), (W.RandomWeighting, {"distribution": "cauchy"}, "distribution"),
+    (W.NashMTLWeighting, {"max_iter": 0}, "max_iter"), (W.NashMTLWeighting, {"device_iter": 1.5}, "device_iter"),
+    (W.RandomWeighting, {"distribution": "cauchy"}, "distribution"),
     (W.AlignedMTLWeighting, {"scale_mode": "max"}, "scale_mode"), (W.IMTLGWeighting, {"rtol": 1.0}, "rtol"),
     (W.ConFIGWeighting, {"rtol": -1e-3}, "rtol"),
 ])
@@ -491,14 +492,15 @@ def test_device_path_reads_no_host_values(name, k, monkeypatch):
     """The code path taken for CUDA tensors (every branch computed, selected with
     torch.where), run on CPU under a dispatch spy: no .item()/bool()/nonzero anywhere.
     Complements the CUDA test below, which needs a GPU."""
-    monkeypatch.setattr(wbase, "can_branch", lambda t: False)
     J = case(k, "conflict", seed=23)
     J[k - 1] = 0  # exercise the zero-gradient branches too
+    host = make(name)(gram(J))
+    monkeypatch.setattr(wbase, "can_branch", lambda t: False)
     w = make(name)
-    w(gram(J))
     with _HostReads() as spy:
-        w(gram(J))
+        dev = w(gram(J))
     assert spy.seen == [], spy.seen
+    assert torch.allclose(dev, host, rtol=1e-12, atol=1e-14), (dev, host)
 
 
 def test_host_read_spy_sees_the_active_set():

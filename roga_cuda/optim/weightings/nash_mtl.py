@@ -47,9 +47,11 @@ class NashMTLWeighting(Weighting):
     Exact: with ``alpha_i = gamma_i / |g_i|`` the equation becomes ``gamma_i (C gamma)_i = 1``
     on the cosine matrix (so the weights follow each gradient's scale exactly), solved by
     :func:`nash_newton`. On CPU the iteration stops when the Newton decrement is at rounding
-    level; on CUDA it runs ``max_iter`` iterations without host synchronisation (the
-    default 30 reaches rounding level from the start used here unless the gradients are
-    close to Pareto-stationary). ``info["residual"]``: ``max |alpha_i (G alpha)_i - 1|``.
+    level (at most ``max_iter``); on CUDA it runs ``device_iter`` iterations without host
+    synchronisation. Solvable random problems with K <= 8 and norms spread over 12 decades
+    reach rounding level in at most 18 iterations from the start used here; close to Pareto
+    stationarity the damped phase needs about log2 of how close more.
+    ``info["residual"]``: ``max |alpha_i (G alpha)_i - 1|``.
     No solution exists when 0 is in the convex hull of the gradients (a zero gradient, or
     Pareto stationarity): the iteration then fails to converge (residual above 1e-9), and
     the weights are 0 (no update), as no direction improves every task. Zero-gradient tasks are left out of the
@@ -58,22 +60,26 @@ class NashMTLWeighting(Weighting):
     Args:
         max_norm: clip ``|d|`` to this (0 disables; the reference's default is 1.0).
         update_weights_every: recompute the weights every this many calls (>= 1).
-        max_iter: Newton iterations at most (exactly this many on CUDA).
+        max_iter: Newton iterations at most (CPU, which stops at convergence).
+        device_iter: Newton iterations on CUDA (a fixed count: no host sync).
     """
 
-    def __init__(self, max_norm=1.0, update_weights_every=1, max_iter=30):
+    def __init__(self, max_norm=1.0, update_weights_every=1, max_iter=100, device_iter=30):
         super().__init__()
         if not (max_norm >= 0 and math.isfinite(max_norm)):
             raise ValueError(f"NashMTLWeighting: max_norm must be finite and >= 0, got {max_norm!r}")
         if not (isinstance(update_weights_every, int) and update_weights_every >= 1):
             raise ValueError(f"NashMTLWeighting: update_weights_every must be an int >= 1, got {update_weights_every!r}")
-        if not (isinstance(max_iter, int) and max_iter >= 1):
-            raise ValueError(f"NashMTLWeighting: max_iter must be an int >= 1, got {max_iter!r}")
-        self.max_norm, self.update_weights_every, self.max_iter = float(max_norm), update_weights_every, max_iter
+        for name, v in (("max_iter", max_iter), ("device_iter", device_iter)):
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"NashMTLWeighting: {name} must be an int >= 1, got {v!r}")
+        self.max_norm, self.update_weights_every = float(max_norm), update_weights_every
+        self.max_iter, self.device_iter = max_iter, device_iter
         self.reset()
 
     def _options(self):
-        return {"max_norm": self.max_norm, "update_weights_every": self.update_weights_every, "max_iter": self.max_iter}
+        return {"max_norm": self.max_norm, "update_weights_every": self.update_weights_every,
+                "max_iter": self.max_iter, "device_iter": self.device_iter}
 
     def reset(self):
         self.step = 0
@@ -92,7 +98,8 @@ class NashMTLWeighting(Weighting):
             raise ValueError(f"NashMTLWeighting: got {k} tasks, but the saved weights are for {self.alpha.shape[0]}")
         if self.alpha is None or self.step % self.update_weights_every == 0:
             C, sigma, zero = scaled(G)
-            gamma, residual = nash_newton(with_unit_diagonal(C, zero), self.max_iter, base.can_branch(G))
+            host = base.can_branch(G)
+            gamma, residual = nash_newton(with_unit_diagonal(C, zero), self.max_iter if host else self.device_iter, host)
             norms = G.diagonal().clamp_min(0).sqrt()
             alpha = torch.where(zero, torch.zeros_like(gamma), gamma / torch.where(zero, torch.ones_like(norms), norms))
             ok = residual <= 1e-9
