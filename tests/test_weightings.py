@@ -492,15 +492,18 @@ def test_device_path_reads_no_host_values(name, k, monkeypatch):
     """The code path taken for CUDA tensors (every branch computed, selected with
     torch.where), run on CPU under a dispatch spy: no .item()/bool()/nonzero anywhere.
     Complements the CUDA test below, which needs a GPU."""
-    J = case(k, "conflict", seed=23)
-    J[k - 1] = 0  # exercise the zero-gradient branches too
-    host = make(name)(gram(J))
-    monkeypatch.setattr(wbase, "can_branch", lambda t: False)
-    w = make(name)
-    with _HostReads() as spy:
-        dev = w(gram(J))
-    assert spy.seen == [], spy.seen
-    assert torch.allclose(dev, host, rtol=1e-12, atol=1e-14), (dev, host)
+    J = case(k, "conflict", seed=23, spread=2.0)
+    Jz = J.clone()
+    Jz[k - 1] = 0  # the zero-gradient branches too
+    for G in (gram(J), gram(Jz)):
+        monkeypatch.setattr(wbase, "can_branch", lambda t: True)
+        host = make(name)(G)
+        monkeypatch.setattr(wbase, "can_branch", lambda t: False)
+        w = make(name)
+        with _HostReads() as spy:
+            dev = w(G)
+        assert spy.seen == [], spy.seen
+        assert torch.allclose(dev, host, rtol=1e-12, atol=1e-14), (dev, host)
 
 
 def test_host_read_spy_sees_the_active_set():
