@@ -130,7 +130,7 @@ def test_bad_input(name):
     (W.NashMTLWeighting, {"max_iter": 0}, "max_iter"), (W.NashMTLWeighting, {"device_iter": 1.5}, "device_iter"),
     (W.RandomWeighting, {"distribution": "cauchy"}, "distribution"),
     (W.AlignedMTLWeighting, {"scale_mode": "max"}, "scale_mode"), (W.IMTLGWeighting, {"rtol": 1.0}, "rtol"),
-    (W.ConFIGWeighting, {"rtol": -1e-3}, "rtol"),
+    (W.ConFIGWeighting, {"rtol": -1e-3}, "rtol"), (W.ConFIGWeighting, {"length": "median"}, "length"),
 ])
 def test_bad_options(ctor, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -388,6 +388,18 @@ def test_config_matches_the_paper(k):
             d = combine(W.ConFIGWeighting(pref_vector=p)(gram(J)), J)
             ref = config_reference(J, p)
             assert (d - ref).norm() <= 1e-8 * ref.norm(), (kind, p)
+
+
+@pytest.mark.parametrize("length", ["min", "max", "harmonic", "arithmetic", "geometric", 2])
+def test_config_length_models(length):
+    gen = torch.Generator().manual_seed(55)
+    for kind in ("random", "conflict"):
+        J = gradients(4, kind, gen, spread=1.0)
+        d = combine(W.ConFIGWeighting(length=length)(gram(J)), J)
+        ref = config_reference(J, torch.ones(4, dtype=F64), length)
+        assert (d - ref).norm() <= 1e-8 * ref.norm(), kind
+    with pytest.raises(ValueError, match="task index"):
+        W.ConFIGWeighting(length=7)(gram(J))
 
 
 def test_config_direction_has_equal_cosines():

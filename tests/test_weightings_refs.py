@@ -253,14 +253,21 @@ def aligned_mtl_reference(J, p, mode="min"):
     return lam_r.sqrt() * (p @ U) @ Vh
 
 
-def config_reference(J, p):
-    """ConFIG (Liu et al.), the reference ConFIG_update: v = pinv(units) p, d = (sum_i <g_i,
-    v_hat>) v_hat."""
+def config_reference(J, p, length="projection"):
+    """ConFIG (Liu et al.), the reference ConFIG_update: v = pinv(units) p, and the length
+    models: d = (sum_i <g_i, v_hat>) v_hat (ProjectionLength), or every gradient rescaled to a
+    tracked norm t first: d = t (sum_i <u_i, v_hat>) v_hat (TrackMinimum, ..., TrackSpecific)."""
     nrm = J.norm(dim=1, keepdim=True)
     units = torch.where(nrm > 0, J / torch.where(nrm > 0, nrm, torch.ones_like(nrm)), torch.zeros_like(J))
     v = torch.linalg.pinv(units) @ p
     vh = v / v.norm()
-    return (J @ vh).sum() * vh
+    if length == "projection":
+        return (J @ vh).sum() * vh
+    n = nrm[:, 0]
+    t = n[length] if isinstance(length, int) else {
+        "min": n.min(), "max": n.max(), "arithmetic": n.mean(), "harmonic": len(n) / (1 / n).sum(),
+        "geometric": n.prod() ** (1 / len(n))}[length]
+    return t * (units @ vh).sum() * vh
 
 
 def combine(W, J):
