@@ -119,7 +119,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "matplotlib", "scikit-learn", "pillow"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "soundfile"],
+        # torchjd: the peer the weighting tests cross-check against (needs torch>=2.3, keeps the installed one)
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "soundfile", "torchjd[quadprog-projector]>=0.18"],
         "audio": ["soundfile"],
         "timm": ["timm"],  # EfficientNet-B4 backbone; pulls torchvision
     },
