@@ -7,7 +7,9 @@ puts in a throw-away environment, and the extension would not load into yours.
 
 Environment variables:
   ROGA_NO_CUDA=1       build the CPU kernels only, even with a CUDA build of torch
-  FORCE_CUDA=1         build the CUDA kernels even when no GPU is visible (needs CUDA_HOME)
+  FORCE_CUDA=1         require the CUDA kernels: stop with the reason instead of building the
+                       CPU kernels only when they cannot be built (CUDA kernels are built
+                       whenever they can, GPU visible or not)
   TORCH_CUDA_ARCH_LIST GPU architectures to compile for (default without a visible GPU:
                        "8.0;9.0+PTX", i.e. A100 and H100/H200 plus PTX for newer GPUs)
   MAX_JOBS             parallel compile jobs (ninja)
@@ -38,14 +40,18 @@ def flag(name):
 
 def want_cuda():
     if flag("ROGA_NO_CUDA"):
+        if flag("FORCE_CUDA"):
+            sys.exit("roga_cuda: FORCE_CUDA=1 and ROGA_NO_CUDA=1 contradict each other")
         return False, "ROGA_NO_CUDA is set"
+    why_not = None
     if torch.version.cuda is None:
-        return False, f"torch {torch.__version__} is a CPU build"
-    if cpp_extension.CUDA_HOME is None:
-        return False, "no CUDA toolkit found (set CUDA_HOME to the folder whose bin/nvcc is the compiler)"
-    # Built whether or not a GPU is visible (CI proves the CUDA build on a GPU-less machine);
-    # FORCE_CUDA=1 is accepted for compatibility with other extensions' build scripts.
-    return True, None
+        why_not = f"torch {torch.__version__} is a CPU build"
+    elif cpp_extension.CUDA_HOME is None:
+        why_not = "no CUDA toolkit found (set CUDA_HOME to the folder whose bin/nvcc is the compiler)"
+    if why_not and flag("FORCE_CUDA"):
+        sys.exit(f"roga_cuda: FORCE_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
+    # Built whether or not a GPU is visible (CI proves the CUDA build on a GPU-less machine).
+    return why_not is None, why_not
 
 
 def cxx_std():
@@ -68,7 +74,7 @@ def extensions():
     # reference) round identically.
     std = cxx_std()
     cxx = opt + [std, "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
-    sources = ["csrc/frontend.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp"]
+    sources = ["csrc/frontend.cpp", "csrc/library.cpp", "csrc/checks.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp"]
     cuda, why_not = want_cuda()
     if cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -116,7 +122,11 @@ setup(
     extras_require={
         "triton": ["triton"],
         "apps": ["pyyaml", "tqdm", "matplotlib", "pillow", "soundfile"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "scikit-learn"],
+        # the apps' packages (their tests), scikit-learn (the metrics tests' reference) and
+        # torchjd (the peer the weighting tests cross-check against; needs torch>=2.3, keeps
+        # the installed one)
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "scikit-learn", "torchjd[quadprog-projector]>=0.18",
+                 "pyyaml", "tqdm", "matplotlib", "pillow", "soundfile"],
         "audio": ["soundfile"],
         "timm": ["timm"],  # EfficientNet-B4 backbone; pulls torchvision
     },

@@ -6,7 +6,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/util/Optional.h>
 
 #include <string>
 #include <tuple>
@@ -14,27 +13,57 @@
 
 namespace roga {
 
-using TensorList = std::vector<at::Tensor>;
+// A borrowed list of tensors (the dispatcher's Tensor[] and pybind11's lists both convert).
+using TensorList = at::TensorList;
 
 // A scalar argument: a host value, or a 0-d float32/float64 tensor on the lists' device
 // that kernels read themselves (no host synchronisation; CUDA-graph safe).
 struct Scalar {
   double value = 0.0;
-  const at::Tensor* tensor = nullptr;  // defined and on the device, or nullptr
+  at::Tensor tensor;  // defined: read on the device; undefined: use `value`
 };
 
-// Weights of combine_: K host values, or a 1-d float32/float64 tensor of K on the device.
+// Weights of combine_: K host values, or a contiguous 1-d float32/float64 tensor of K on the device.
 struct Weights {
   std::vector<double> values;
-  const at::Tensor* tensor = nullptr;
+  at::Tensor tensor;
 };
 
 // Result dtype of reductions: float64 if any tensor is float64, else float32.
-inline at::ScalarType reduction_dtype(const TensorList& ts) {
+inline at::ScalarType reduction_dtype(TensorList ts) {
   for (const auto& t : ts)
     if (t.scalar_type() == at::kDouble) return at::kDouble;
   return at::kFloat;
 }
+
+// Hyper-parameters of the fused base updates (torch.optim.SGD / Adam / AdamW semantics).
+struct SgdHyper {
+  double momentum = 0, dampening = 0, weight_decay = 0;
+  bool nesterov = false, maximize = false;
+};
+struct AdamHyper {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+  bool decoupled = false, amsgrad = false, maximize = false;
+};
+
+// What every fused update takes (validated by checks.cpp): the gradient is the combination
+// sum_k weights[k] * grads[k][i] (K >= 1 lists; AMP's unscaling and clipping are folded into
+// the weights); the parameter's value is read from `source` (e.g. SAM's backup: restore and
+// update in one pass) or, when it is empty, from `params`; `grad_out`, when not empty,
+// receives the combined gradient (before `maximize`). `steps` are the per-parameter step
+// counts (one-element float32 tensors, torch's state['step']): read before the update and
+// incremented after it. `found_inf` (a one-element device tensor, or undefined) and `skip`
+// (the same read on the host): when nonzero the update is skipped (AMP's overflow): only
+// `source` is copied into `params`, bit-exact, so a restore folded into the update still
+// happens; nothing else is written, steps included.
+struct UpdateArgs {
+  TensorList params, source, grad_out, steps;
+  std::vector<TensorList> grads;
+  Weights weights;
+  Scalar lr;
+  at::Tensor found_inf;
+  bool skip = false;
+};
 
 #define ROGA_DECLARE_OPS                                                                   \
   std::tuple<at::Tensor, at::Tensor> norm(const TensorList& ts, const TensorList* params, \
@@ -47,7 +76,10 @@ inline at::ScalarType reduction_dtype(const TensorList& ts) {
                            const Scalar& weight);                                         \
   at::Tensor gram(const std::vector<TensorList>& lists);                                  \
   void combine_(const TensorList& out, const std::vector<TensorList>& lists,              \
-                const Weights& weights);
+                const Weights& weights);                                                  \
+  void sgd_(const UpdateArgs& a, const TensorList& momentum_buffers, const SgdHyper& h);  \
+  void adam_(const UpdateArgs& a, const TensorList& exp_avgs, const TensorList& exp_avg_sqs, \
+             const TensorList& max_exp_avg_sqs, const AdamHyper& h);
 
 namespace cpu {
 ROGA_DECLARE_OPS

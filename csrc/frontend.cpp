@@ -1,254 +1,207 @@
-// Python bindings for every op, plus the input checks and the CPU/CUDA dispatch they share.
+// roga_cuda._C: the fast eager entry points, the checks for the Python backends, and test knobs.
 //
-// Checks run here, once per call, in one C++ loop over the lists (a Python loop would cost
-// more than the kernels on lists of small tensors). Failures raise ValueError/TypeError
-// naming the op, the list and the position.
+// The operators themselves are torch.ops.roga_cuda.* (library.cpp). Through the dispatcher a
+// call costs a few microseconds more per list than a direct call (boxing every tensor), which
+// on lists of hundreds of small tensors is a real share of an optimizer step (measured in
+// benchmarks/bench_host.py). So eager calls on plain CPU/CUDA tensors come here and run the
+// very same entry (checks + kernel, entry.h); anything else (tensor subclasses, fake or
+// functional tensors, meta tensors, an active TorchDispatchMode) makes these return
+// False / None untouched, and roga_cuda.ops goes through the dispatcher instead.
 #include <torch/extension.h>
 
-#include <algorithm>
-#include <string>
-
-#include "common.h"
+#include "checks.h"
+#include "entry.h"
 
 namespace roga {
 namespace {
 
-struct Named {
-  std::string name;
-  const TensorList* ts;
-  bool written;
-};
-
-bool float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
-// Same element order in storage: strides agree on every dimension longer than 1.
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  return true;
-}
-
-// Validates the lists of one op; returns their device, or nullopt for empty lists (a no-op).
-c10::optional<at::Device> check(const char* op, const std::vector<Named>& lists, bool allow_empty,
-                                bool alias_ok = false) {
-  const Named& first = lists[0];
-  const size_t n = first.ts->size();
-  for (const auto& l : lists)
-    TORCH_CHECK_VALUE(l.ts->size() == n, op, ": `", l.name, "` has ", l.ts->size(),
-                      " tensors but `", first.name, "` has ", n);
-  if (n == 0) {
-    TORCH_CHECK_VALUE(allow_empty, op, ": `", first.name,
-                      "` is an empty list; there is nothing to reduce (and no device to return a result on)");
-    return c10::nullopt;
-  }
-  TORCH_CHECK_TYPE((*first.ts)[0].defined(), op, ": ", first.name, "[0] is an undefined tensor");
-  const at::Device dev = (*first.ts)[0].device();
-  for (const auto& l : lists) {
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& t = (*l.ts)[i];
-      TORCH_CHECK_TYPE(t.defined(), op, ": ", l.name, "[", i, "] is an undefined tensor");
-      TORCH_CHECK_TYPE(t.layout() == at::kStrided, op, ": ", l.name, "[", i, "] is a ", t.layout(),
-                       " tensor; only dense (strided) tensors are supported");
-      TORCH_CHECK_TYPE(float_dtype(t.scalar_type()), op, ": ", l.name, "[", i, "] has dtype ",
-                       t.scalar_type(), "; supported: float16, bfloat16, float32, float64");
-      TORCH_CHECK_VALUE(t.device() == dev, op, ": ", l.name, "[", i, "] is on ", t.device(), " but ",
-                        first.name, "[0] is on ", dev, "; all tensors must be on one device");
-      TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), op, ": ", l.name, "[", i,
-                        "] is not contiguous (sizes ", t.sizes(), ", strides ", t.strides(),
-                        "); the compiled kernels walk raw storage: pass .contiguous() tensors "
-                        "or use backend='foreach'");
-      if (&l == &first) continue;
-      const at::Tensor& r = (*first.ts)[i];
-      TORCH_CHECK_VALUE(t.sizes() == r.sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sizes(),
-                        " but ", first.name, "[", i, "] has shape ", r.sizes());
-      TORCH_CHECK_TYPE(t.scalar_type() == r.scalar_type(), op, ": ", l.name, "[", i, "] has dtype ",
-                       t.scalar_type(), " but ", first.name, "[", i, "] has ", r.scalar_type(),
-                       "; tensors at one position must share a dtype");
-      TORCH_CHECK_VALUE(same_layout(t, r), op, ": ", l.name, "[", i, "] has strides ", t.strides(),
-                        " but ", first.name, "[", i, "] has ", r.strides(),
-                        "; tensors at one position must share a memory layout");
-    }
-  }
-  // A written tensor may not share memory with another tensor at its position, except
-  // combine_'s `out`, which may *be* one of its inputs. Byte ranges are read once per
-  // tensor (const_data_ptr: no copy-on-write materialisation).
-  bool any_written = false;
-  for (const auto& l : lists) any_written |= l.written;
-  if (!any_written) return dev;
-  std::vector<std::vector<std::pair<const char*, int64_t>>> ranges(lists.size());
-  for (size_t j = 0; j < lists.size(); ++j) {
-    ranges[j].resize(n);
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& t = (*lists[j].ts)[i];
-      ranges[j][i] = {static_cast<const char*>(t.const_data_ptr()), t.numel() * t.element_size()};
-    }
-  }
-  for (size_t wj = 0; wj < lists.size(); ++wj) {
-    if (!lists[wj].written) continue;
-    for (size_t j = 0; j < lists.size(); ++j) {
-      if (j == wj) continue;
-      for (size_t i = 0; i < n; ++i) {
-        const auto [a0, bytes] = ranges[wj][i];
-        const char* b0 = ranges[j][i].first;
-        if (bytes == 0) continue;
-        if (a0 < b0 + bytes && b0 < a0 + bytes)
-          TORCH_CHECK_VALUE(alias_ok && a0 == b0, op, ": ", lists[wj].name, "[", i, "] shares memory with ",
-                            lists[j].name, "[", i, "]", alias_ok ? " without being the same tensor" : "");
-      }
-    }
-  }
-  return dev;
-}
-
-void bump_versions(const TensorList& ts) {
-  // The kernels write storage behind autograd's back: bump version counters like in-place
-  // ATen ops do, so a stale saved tensor is detected instead of silently reused.
-  for (const auto& t : ts)
-    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-}
-
-Scalar make_scalar(const char* op, const char* name, double value, const c10::optional<at::Tensor>& t,
-                   const at::Device& dev) {
-  Scalar s{value, nullptr};
-  if (t.has_value() && t->defined()) {
-    TORCH_CHECK_VALUE(t->dim() == 0, op, ": `", name, "` must be a 0-d tensor, got shape ", t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": `", name,
-                     "` must be float32 or float64, got ", t->scalar_type());
-    if (t->device().is_cpu()) {
-      s.value = t->item<double>();  // a host read: nothing to synchronise with
-    } else {
-      TORCH_CHECK_VALUE(t->device() == dev, op, ": `", name, "` is on ", t->device(),
-                        " but the tensors are on ", dev);
-      s.tensor = &*t;
-    }
-  }
-  return s;
-}
+using Lists = std::vector<std::vector<at::Tensor>>;
 
 #ifdef ROGA_WITH_CUDA
-#define ROGA_DISPATCH(dev, fn, ...) ((dev).is_cuda() ? cuda::fn(__VA_ARGS__) : cpu::fn(__VA_ARGS__))
+#define ROGA_ENTRY(dev, op, ...) \
+  ((dev).is_cuda() ? entry::op<cuda::op>(__VA_ARGS__) : entry::op<cpu::op>(__VA_ARGS__))
+#define ROGA_ENTRY2(dev, op, kernel, ...) \
+  ((dev).is_cuda() ? entry::op<cuda::kernel>(__VA_ARGS__) : entry::op<cpu::kernel>(__VA_ARGS__))
 #else
+#define ROGA_ENTRY(dev, op, ...) (require_cpu(dev), entry::op<cpu::op>(__VA_ARGS__))
+#define ROGA_ENTRY2(dev, op, kernel, ...) (require_cpu(dev), entry::op<cpu::kernel>(__VA_ARGS__))
 void require_cpu(const at::Device& dev) {
   TORCH_CHECK_VALUE(!dev.is_cuda(), "roga_cuda._C was built without CUDA kernels; "
                                     "use backend='foreach' or 'triton' for CUDA tensors");
 }
-#define ROGA_DISPATCH(dev, fn, ...) (require_cpu(dev), cpu::fn(__VA_ARGS__))
 #endif
 
-void check_device_supported(const char* op, const at::Device& dev) {
-  TORCH_CHECK_VALUE(dev.is_cpu() || dev.is_cuda(), op, ": the compiled kernels run on CPU and CUDA tensors, not ",
-                    dev.type());
+at::Device first_device(TensorList ts) {
+  return !ts.empty() && ts[0].defined() ? ts[0].device() : at::Device(at::kCPU);
 }
 
-std::vector<Named> named_lists(const char* prefix, const std::vector<TensorList>& lists) {
-  std::vector<Named> out;
-  for (size_t k = 0; k < lists.size(); ++k)
-    out.push_back({std::string(prefix) + "[" + std::to_string(k) + "]", &lists[k], false});
-  return out;
+std::vector<at::Tensor> flatten(const Lists& lists) {
+  size_t n = 0;
+  for (const auto& l : lists) n += l.size();
+  std::vector<at::Tensor> flat;
+  flat.reserve(n);
+  for (const auto& l : lists) flat.insert(flat.end(), l.begin(), l.end());
+  return flat;
+}
+
+bool plain_opt(std::initializer_list<c10::optional<at::Tensor>> ts) {
+  for (const auto& t : ts)
+    if (t && t->defined() && !all_plain({TensorList(*t)})) return false;
+  return true;
+}
+
+py::object fast_norm(const std::vector<at::Tensor>& ts, const c10::optional<std::vector<at::Tensor>>& params,
+                     double eta, bool per_tensor) {
+  if (!all_plain({ts, params ? TensorList(*params) : TensorList()})) return py::none();
+  std::tuple<at::Tensor, at::Tensor> r;
+  {
+    py::gil_scoped_release nogil;
+    r = params ? ROGA_ENTRY2(first_device(ts), asam_norm, norm, ts, *params, eta, per_tensor)
+               : ROGA_ENTRY(first_device(ts), norm, ts, per_tensor);
+  }
+  return py::make_tuple(std::get<0>(r), std::get<1>(r));
+}
+
+bool fast_perturb_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                   const std::vector<at::Tensor>& backup, double scale, const c10::optional<at::Tensor>& scale_t,
+                   bool adaptive, double eta) {
+  if (!all_plain({params, grads, backup}) || (scale_t && !all_plain({TensorList(*scale_t)}))) return false;
+  py::gil_scoped_release nogil;
+  if (adaptive)
+    ROGA_ENTRY2(first_device(params), asam_perturb_, perturb_, params, grads, backup, scale, scale_t, eta);
+  else
+    ROGA_ENTRY(first_device(params), perturb_, params, grads, backup, scale, scale_t);
+  return true;
+}
+
+bool fast_restore_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& backup) {
+  if (!all_plain({params, backup})) return false;
+  py::gil_scoped_release nogil;
+  ROGA_ENTRY(first_device(params), restore_, params, backup);
+  return true;
+}
+
+bool fast_restore_accumulate_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& backup,
+                              const std::vector<at::Tensor>& acc, const std::vector<at::Tensor>& grads, double weight,
+                              const c10::optional<at::Tensor>& weight_t) {
+  if (!all_plain({params, backup, acc, grads}) || (weight_t && !all_plain({TensorList(*weight_t)}))) return false;
+  py::gil_scoped_release nogil;
+  ROGA_ENTRY(first_device(params), restore_accumulate_, params, backup, acc, grads, weight, weight_t);
+  return true;
+}
+
+py::object fast_gram(const Lists& lists) {
+  const auto flat = flatten(lists);
+  if (!all_plain({flat})) return py::none();
+  at::Tensor g;
+  {
+    py::gil_scoped_release nogil;
+    g = ROGA_ENTRY(first_device(flat), gram, flat, static_cast<int64_t>(lists.size()));
+  }
+  return py::cast(g);
+}
+
+bool fast_combine_(const std::vector<at::Tensor>& out, const Lists& lists, const std::vector<double>& weights,
+                   const c10::optional<at::Tensor>& weights_t) {
+  const auto flat = flatten(lists);
+  if (!all_plain({out, flat}) || (weights_t && !all_plain({TensorList(*weights_t)}))) return false;
+  py::gil_scoped_release nogil;
+  ROGA_ENTRY(first_device(out), combine_, out, flat, weights, weights_t);
+  return true;
+}
+
+using Vec = std::vector<at::Tensor>;
+using OptT = c10::optional<at::Tensor>;
+
+bool fast_sgd_(const Vec& params, const Vec& source, const Vec& grads, const std::vector<double>& gw, const OptT& gwt,
+               const Vec& grad_out, const Vec& bufs, const Vec& steps, double lr, const OptT& lr_t, double momentum,
+               double dampening, bool nesterov, double weight_decay, bool maximize, const OptT& found_inf) {
+  if (!all_plain({params, source, grads, grad_out, bufs, steps}) || !plain_opt({gwt, lr_t, found_inf})) return false;
+  py::gil_scoped_release nogil;
+  ROGA_ENTRY(first_device(params), sgd_, params, source, grads, gw, gwt, grad_out, bufs, steps, lr, lr_t, momentum,
+             dampening, nesterov, weight_decay, maximize, found_inf);
+  return true;
+}
+
+bool fast_adam_(const Vec& params, const Vec& source, const Vec& grads, const std::vector<double>& gw, const OptT& gwt,
+                const Vec& grad_out, const Vec& m, const Vec& v, const Vec& vmax, const Vec& steps, double lr,
+                const OptT& lr_t, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+                bool amsgrad, bool maximize, const OptT& found_inf) {
+  if (!all_plain({params, source, grads, grad_out, m, v, vmax, steps}) || !plain_opt({gwt, lr_t, found_inf}))
+    return false;
+  py::gil_scoped_release nogil;
+  ROGA_ENTRY(first_device(params), adam_, params, source, grads, gw, gwt, grad_out, m, v, vmax, steps, lr, lr_t, beta1,
+             beta2, eps, weight_decay, decoupled, amsgrad, maximize, found_inf);
+  return true;
+}
+
+// ---- optimizer helpers (eager only): one C++ loop per step instead of a Python loop per
+// parameter. They read Python lists in place (no conversion of every element to a vector).
+
+const at::Tensor& tensor_at(const py::handle& seq, Py_ssize_t i, const char* what) {
+  PyObject* o = PyList_Check(seq.ptr()) ? PyList_GET_ITEM(seq.ptr(), i) : PyTuple_GET_ITEM(seq.ptr(), i);
+  TORCH_CHECK_TYPE(THPVariable_Check(o), what, "[", i, "] is not a tensor");
+  return THPVariable_Unpack(o);
+}
+
+Py_ssize_t seq_len(const py::handle& seq, const char* what) {
+  TORCH_CHECK_TYPE(PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr()), what, " must be a list or tuple");
+  return PySequence_Fast_GET_SIZE(seq.ptr());
+}
+
+// [p.grad for p in params] (None where missing) and how many are missing.
+py::tuple grads_of(const py::handle& params) {
+  const Py_ssize_t n = seq_len(params, "params");
+  py::list out(n);
+  int64_t missing = 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor& g = tensor_at(params, i, "params").grad();
+    if (g.defined()) {
+      out[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(g));
+    } else {
+      out[i] = py::none();
+      ++missing;
+    }
+  }
+  return py::make_tuple(out, missing);
+}
+
+// p.grad = g for each pair (g None: no gradient), or p.grad = None for all (grads None).
+// The caller guarantees each g matches its p (its own buffers); no Python-level checks run.
+void set_grads(const py::handle& params, const py::handle& grads) {
+  const Py_ssize_t n = seq_len(params, "params");
+  const bool clear = grads.is_none();
+  if (!clear) TORCH_CHECK_VALUE(seq_len(grads, "grads") == n, "set_grads: lengths differ");
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor& p = tensor_at(params, i, "params");
+    PyObject* g = clear ? Py_None : (PyList_Check(grads.ptr()) ? PyList_GET_ITEM(grads.ptr(), i)
+                                                               : PyTuple_GET_ITEM(grads.ptr(), i));
+    if (g == Py_None)
+      p.mutable_grad().reset();
+    else
+      p.mutable_grad() = tensor_at(grads, i, "grads");
+  }
+}
+
+// p.data = t for each pair; returns the old p.data tensors (the swap strategy's storage swap).
+py::list swap_data(const py::handle& params, const py::handle& data) {
+  const Py_ssize_t n = seq_len(params, "params");
+  TORCH_CHECK_VALUE(seq_len(data, "data") == n, "swap_data: lengths differ");
+  py::list old(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor& p = tensor_at(params, i, "params");
+    old[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(p.variable_data()));
+    p.set_data(tensor_at(data, i, "data"));
+  }
+  return old;
 }
 
 }  // namespace
-
-std::tuple<at::Tensor, c10::optional<at::Tensor>> py_norm(const TensorList& ts,
-                                                          const c10::optional<TensorList>& params,
-                                                          double eta, bool per_tensor) {
-  std::vector<Named> lists{{"ts", &ts, false}};
-  if (params) lists.push_back({"params", &*params, false});
-  auto dev = *check("norm", lists, /*allow_empty=*/false);
-  check_device_supported("norm", dev);
-  auto r = ROGA_DISPATCH(dev, norm, ts, params ? &*params : nullptr, eta, per_tensor);
-  if (!per_tensor) return {std::get<0>(r), c10::nullopt};
-  return {std::get<0>(r), std::get<1>(r)};
-}
-
-void py_perturb_(const TensorList& params, const TensorList& grads, const TensorList& backup, double scale,
-                 const c10::optional<at::Tensor>& scale_t, bool adaptive, double eta) {
-  auto dev = check("perturb_", {{"params", &params, true}, {"grads", &grads, false}, {"backup", &backup, true}},
-                   true);
-  if (!dev) return;
-  check_device_supported("perturb_", *dev);
-  auto s = make_scalar("perturb_", "scale", scale, scale_t, *dev);
-  ROGA_DISPATCH(*dev, perturb_, params, grads, backup, s, adaptive, eta);
-  bump_versions(params);
-  bump_versions(backup);
-}
-
-void py_restore_(const TensorList& params, const TensorList& backup) {
-  auto dev = check("restore_", {{"params", &params, true}, {"backup", &backup, false}}, true);
-  if (!dev) return;
-  check_device_supported("restore_", *dev);
-  ROGA_DISPATCH(*dev, restore_, params, backup);
-  bump_versions(params);
-}
-
-void py_restore_accumulate_(const TensorList& params, const TensorList& backup, const TensorList& acc,
-                            const TensorList& grads, double weight, const c10::optional<at::Tensor>& weight_t) {
-  auto dev = check("restore_accumulate_",
-                   {{"params", &params, true}, {"backup", &backup, false}, {"acc", &acc, true}, {"grads", &grads, false}},
-                   true);
-  if (!dev) return;
-  check_device_supported("restore_accumulate_", *dev);
-  auto w = make_scalar("restore_accumulate_", "weight", weight, weight_t, *dev);
-  ROGA_DISPATCH(*dev, restore_accumulate_, params, backup, acc, grads, w);
-  bump_versions(params);
-  bump_versions(acc);
-}
-
-at::Tensor py_gram(const std::vector<TensorList>& lists) {
-  TORCH_CHECK_VALUE(!lists.empty(), "gram: `lists` is empty; give at least one tensor list");
-  auto dev = *check("gram", named_lists("lists", lists), false);
-  check_device_supported("gram", dev);
-#ifdef ROGA_WITH_CUDA
-  TORCH_CHECK_VALUE(!dev.is_cuda() || lists.size() <= static_cast<size_t>(cuda::kMaxLists),
-                    "gram: ", lists.size(), " lists; the CUDA kernel takes at most ", cuda::kMaxLists);
-#endif
-  return ROGA_DISPATCH(dev, gram, lists);
-}
-
-void py_combine_(const TensorList& out, const std::vector<TensorList>& lists, const std::vector<double>& weights,
-                 const c10::optional<at::Tensor>& weights_t) {
-  TORCH_CHECK_VALUE(!lists.empty(), "combine_: `lists` is empty; give at least one tensor list");
-  auto named = named_lists("lists", lists);
-  named.insert(named.begin(), {"out", &out, true});
-  auto dev = check("combine_", named, true, /*alias_ok=*/true);
-  const size_t k = lists.size();
-  Weights w;
-  if (weights_t && weights_t->defined()) {
-    const at::Tensor& t = *weights_t;
-    TORCH_CHECK_VALUE(t.dim() == 1 && static_cast<size_t>(t.numel()) == k, "combine_: `weights` must hold ", k,
-                      " values (one per list), got shape ", t.sizes());
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-                     "combine_: `weights` must be float32 or float64, got ", t.scalar_type());
-    if (t.device().is_cpu() || !dev) {
-      auto c = t.to(at::kDouble).contiguous();
-      w.values.assign(c.data_ptr<double>(), c.data_ptr<double>() + k);
-    } else {
-      TORCH_CHECK_VALUE(t.device() == *dev, "combine_: `weights` is on ", t.device(), " but the tensors are on ", *dev);
-      TORCH_CHECK_VALUE(t.is_contiguous(), "combine_: `weights` must be contiguous");
-      w.tensor = &t;
-    }
-  } else {
-    TORCH_CHECK_VALUE(weights.size() == k, "combine_: got ", weights.size(), " weights for ", k, " lists");
-    w.values = weights;
-  }
-  if (!dev) return;
-  check_device_supported("combine_", *dev);
-#ifdef ROGA_WITH_CUDA
-  TORCH_CHECK_VALUE(!dev->is_cuda() || k <= static_cast<size_t>(cuda::kMaxLists), "combine_: ", k,
-                    " lists; the CUDA kernel takes at most ", cuda::kMaxLists);
-#endif
-  ROGA_DISPATCH(*dev, combine_, out, lists, w);
-  bump_versions(out);
-}
-
 }  // namespace roga
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
   using namespace roga;
-  m.doc() = "roga_cuda compiled multi-tensor kernels (C++ CPU, CUDA). Use roga_cuda.ops, not this module.";
+  m.doc() = "roga_cuda compiled kernels (C++ CPU, CUDA). Use roga_cuda.ops (or torch.ops.roga_cuda), not this module.";
   m.attr("TORCH_VERSION") = ROGA_TORCH_VERSION;
 #ifdef ROGA_WITH_CUDA
   m.attr("WITH_CUDA") = true;
@@ -263,12 +216,61 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("max_blocks") = 0,
         "Tests only: set the CUDA launch geometry (0 = default); returns the previous [chunk, max_tensors, max_blocks].");
 #endif
-  m.def("norm", &py_norm, py::arg("ts"), py::arg("params"), py::arg("eta"), py::arg("per_tensor"));
-  m.def("perturb_", &py_perturb_, py::arg("params"), py::arg("grads"), py::arg("backup"), py::arg("scale"),
-        py::arg("scale_t"), py::arg("adaptive"), py::arg("eta"));
-  m.def("restore_", &py_restore_, py::arg("params"), py::arg("backup"));
-  m.def("restore_accumulate_", &py_restore_accumulate_, py::arg("params"), py::arg("backup"), py::arg("acc"),
-        py::arg("grads"), py::arg("weight"), py::arg("weight_t"));
-  m.def("gram", &py_gram, py::arg("lists"));
-  m.def("combine_", &py_combine_, py::arg("out"), py::arg("lists"), py::arg("weights"), py::arg("weights_t"));
+  // Fast eager entries: same checks and kernels as torch.ops.roga_cuda.*, without boxing.
+  // They return None/False, having done nothing, when an input needs the dispatcher.
+  m.def("norm", &fast_norm, py::arg("ts"), py::arg("params"), py::arg("eta"), py::arg("per_tensor"));
+  m.def("perturb_", &fast_perturb_, py::arg("params"), py::arg("grads"), py::arg("backup"), py::arg("scale"),
+        py::arg("scale_tensor"), py::arg("adaptive"), py::arg("eta"));
+  m.def("restore_", &fast_restore_, py::arg("params"), py::arg("backup"));
+  m.def("restore_accumulate_", &fast_restore_accumulate_, py::arg("params"), py::arg("backup"), py::arg("acc"),
+        py::arg("grads"), py::arg("weight"), py::arg("weight_tensor"));
+  m.def("gram", &fast_gram, py::arg("lists"));
+  m.def("combine_", &fast_combine_, py::arg("out"), py::arg("lists"), py::arg("weights"), py::arg("weight_tensor"));
+
+  m.def("sgd_", &fast_sgd_);
+  m.def("adam_", &fast_adam_);
+
+  m.def("grads_of", &grads_of, "([p.grad for p in params], number of None) in one C++ loop");
+  m.def("set_grads", &set_grads, "p.grad = g for each pair, or p.grad = None for all (grads=None)");
+  m.def("swap_data", &swap_data, "p.data = t for each pair; returns the old p.data tensors");
+
+  // The checks alone, for the Python backends (reference, foreach, triton): one
+  // implementation of every check, one text of every message.
+  const auto real = CheckLevel::kStrided;  // the Python backends take any strided layout
+  m.def("check_norm", [real](const std::vector<at::Tensor>& ts, const c10::optional<std::vector<at::Tensor>>& params) {
+    const TensorList p = params ? TensorList(*params) : TensorList();
+    check_norm(ts, params ? &p : nullptr, real);
+  });
+  m.def("check_perturb_", [real](const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g,
+                                 const std::vector<at::Tensor>& b, const c10::optional<at::Tensor>& s) {
+    check_perturb_(p, g, b, 0.0, s, real);
+  });
+  m.def("check_restore_", [real](const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& b) {
+    check_restore_(p, b, real);
+  });
+  m.def("check_restore_accumulate_",
+        [real](const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& a,
+               const std::vector<at::Tensor>& g, const c10::optional<at::Tensor>& w) {
+          check_restore_accumulate_(p, b, a, g, 0.0, w, real);
+        });
+  m.def("check_gram", [real](const Lists& lists) {
+    check_gram(flatten(lists), static_cast<int64_t>(lists.size()), real);
+  });
+  m.def("check_combine_", [real](const std::vector<at::Tensor>& out, const Lists& lists, int64_t nweights,
+                                 const c10::optional<at::Tensor>& w) {
+    check_combine_(out, flatten(lists), std::vector<double>(w ? 0 : nweights, 0.0), w, real);
+  });
+  m.def("check_sgd_", [real](const Vec& params, const Vec& source, const Vec& grads, int64_t nweights, const OptT& gwt,
+                             const Vec& grad_out, const Vec& bufs, const Vec& steps, double momentum, const OptT& lr_t,
+                             const OptT& found_inf) {
+    check_update("sgd_", params, source, grads, std::vector<double>(gwt ? 0 : nweights, 0.0), gwt, grad_out,
+                 {{"momentum_buffers", bufs, momentum != 0}}, steps, momentum != 0, 0.0, lr_t, found_inf, real);
+  });
+  m.def("check_adam_", [real](const Vec& params, const Vec& source, const Vec& grads, int64_t nweights,
+                              const OptT& gwt, const Vec& grad_out, const Vec& m, const Vec& v, const Vec& vmax,
+                              const Vec& steps, bool amsgrad, const OptT& lr_t, const OptT& found_inf) {
+    check_update("adam_", params, source, grads, std::vector<double>(gwt ? 0 : nweights, 0.0), gwt, grad_out,
+                 {{"exp_avgs", m, true}, {"exp_avg_sqs", v, true}, {"max_exp_avg_sqs", vmax, amsgrad}}, steps, true,
+                 0.0, lr_t, found_inf, real);
+  });
 }

@@ -245,13 +245,15 @@ def test_channels_last_and_views(backend, device, rng):
     else:
         torch.testing.assert_close(n.cpu(), view.double().norm().float().cpu())
     other = torch.randn(20, generator=rng).to(device)
+    before = base.clone()
     try:
-        ops.combine_([view], [[view], [other]], [1.0, 1.0], backend=backend)
+        ops.combine_([view], [[view], [other]], [0.5, 2.0], backend=backend)
     except ValueError as e:
         assert "contiguous" in str(e)
-    else:
-        torch.testing.assert_close(base[::2], (base[::2] - other) + other)
-        torch.testing.assert_close(base[1::2], base[1::2])
+        assert torch.equal(base, before)  # refused before touching anything
+    else:  # the strided elements got 0.5 x + 2 y, the ones between them are untouched
+        torch.testing.assert_close(base[::2], 0.5 * before[::2] + 2.0 * other)
+        assert torch.equal(base[1::2], before[1::2])
 
 
 @pytest.mark.parametrize("backend,device", CASES)

@@ -5,7 +5,8 @@ The description (Tak et al., ICASSP 2022, and the reference code's documented be
   Hamming-windowed ideal band-stop FIR with edges fc -+ bw/2 (clipped to (0, fs/2)), scaled to
   unit gain at DC; bands convolved; the cascade scaled to a peak |H| of G dB on the 512-point
   grid w = pi k / 512;
-- LnL: sum_i filter_i(x^i), i = 1..N_f, minus its mean, divided by its peak when that exceeds 1;
+- LnL: sum_i filter_i(x^i), i = 1..N_f, minus its mean, divided by its peak when that exceeds 1; the
+  gains as the reference code draws them (its formula restated in float64 below);
 - ISD: floor(T beta / 100) samples (beta ~ U[0, P]) become x + g_sd x z; peak-normalised when > 1;
 - SSI: filtered white noise scaled to ||x|| / 10^(SNR/20), added.
 Filtering here is the centred (zero-delay) linear-phase convolution with zero padding.
@@ -117,7 +118,50 @@ def test_draws_follow_the_configured_ranges():
     p = rb.draw_lnl_params(400, cfg, g, "cpu")
     assert (p["gain_db"][:, 0] == 0).all()                      # linear term: U[min_g, max_g] = 0 dB
     nl = p["gain_db"][:, 1:]
-    assert nl.min() >= -20 and nl.max() <= -5 and nl.max() > -6 and nl.min() < -19  # U[min_g-20, max_g-5]
+    assert nl.min() >= -20 and nl.max() <= -5 and nl.max() > -6 and nl.min() < -19  # between -5 and -20
+
+
+def original_lnl_gains(rs, n_f, min_g, max_g, min_bias, max_bias):
+    """The reference LnL_convolutive_noise's gains for one utterance, in float64: its loop
+    shifts both bounds once, at i == 1, and genNotchCoeffs draws G = numpy uniform(minG, maxG)."""
+    gains = []
+    for i in range(n_f):
+        if i == 1:
+            min_g, max_g = min_g - min_bias, max_g - max_bias
+        gains.append(rs.uniform(min_g, max_g))
+    return gains
+
+
+@pytest.mark.parametrize("min_g,max_g,min_bias,max_bias,n_f", [
+    (0.0, 10.0, 5.0, 20.0, 5), (-10.0, 10.0, 5.0, 20.0, 5), (0.0, 0.0, 5.0, 20.0, 5), (3.0, 3.0, 2.0, 30.0, 3),
+    (-4.0, 6.0, 0.0, 0.0, 4), (5.0, -5.0, 1.0, 2.0, 2), (0.0, 10.0, 5.0, 20.0, 1)])
+def test_lnl_gains_follow_the_reference_formula(min_g, max_g, min_bias, max_bias, n_f):
+    """With the same uniform draws (numpy's, in the reference's order), lnl_gains gives the
+    reference's gains for every gain range, including non-default ones."""
+    cfg = RawBoostConfig(n_f=n_f, min_g=min_g, max_g=max_g, min_bias_lin_nonlin=min_bias,
+                         max_bias_lin_nonlin=max_bias)
+    batch, seed = 64, 7
+    rs = np.random.RandomState(seed)
+    want = np.array([original_lnl_gains(rs, n_f, min_g, max_g, min_bias, max_bias) for _ in range(batch)])
+    u = np.random.RandomState(seed).random_sample((batch, n_f))   # the draws numpy's uniform made above
+    got = rb.lnl_gains(torch.from_numpy(u), cfg).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    # the ranges the issue measured on the reference: (0, 10) -> [-10, -5], (-10, 10) -> [-15, -10]
+    if (min_g, max_g, min_bias, max_bias) == (0.0, 10.0, 5.0, 20.0) and n_f > 1:
+        assert want[:, 1:].min() >= -10 and want[:, 1:].max() <= -5
+    if (min_g, max_g) == (-10.0, 10.0):
+        assert want[:, 1:].min() >= -15 and want[:, 1:].max() <= -10
+
+
+def test_lnl_draws_cover_the_reference_ranges():
+    """draw_lnl_params: the linear term between min_g and max_g, every non-linear term between
+    min_g - min_bias and max_g - max_bias, both ends approached."""
+    for (min_g, max_g), (lo, hi) in [((0.0, 10.0), (-10.0, -5.0)), ((-10.0, 10.0), (-15.0, -10.0))]:
+        cfg = RawBoostConfig(min_g=min_g, max_g=max_g)
+        g = rb.draw_lnl_params(2000, cfg, torch.Generator().manual_seed(1), "cpu")["gain_db"]
+        lin, nl = g[:, 0], g[:, 1:]
+        assert lin.min() >= min_g and lin.max() <= max_g and lin.min() < min_g + 0.1 and lin.max() > max_g - 0.1
+        assert nl.min() >= lo and nl.max() <= hi and nl.min() < lo + 0.1 and nl.max() > hi - 0.1
 
 
 @pytest.mark.parametrize("ntaps,fc,bw", [(99, 1000.0, 800.0), (99, 4000.0, 600.0), (81, 6500.0, 1000.0)])

@@ -217,11 +217,136 @@ void combine(void* outv, const void* const* xs, const double* w_d, int k, int64_
   }
 }
 
+// g <- sum_a w[a] * xs[a] over one block (the fused updates' gradient)
+template <typename T>
+inline void combine_block(typename IO<T>::C* g, const void* const* xs, const double* w, int k, int64_t o, int64_t m,
+                          typename IO<T>::C* xb) {
+  using C = typename IO<T>::C;
+  for (int a = 0; a < k; ++a) {
+    const C* xf = IO<T>::load(static_cast<const T*>(xs[a]) + o, xb, m);
+    const C wa = static_cast<C>(w[a]);
+    if (a == 0) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) g[j] = wa * xf[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) g[j] += wa * xf[j];
+    }
+  }
+}
+
+// torch.optim.SGD's update, computed in C and rounded once per stored value.
+template <typename T>
+void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int k, void* goutv, void* bufv, int64_t n,
+         const SgdSeg& s) {
+  using C = typename IO<T>::C;
+  T* p = static_cast<T*>(pv);
+  const T* src = static_cast<const T*>(srcv);
+  T* gout = static_cast<T*>(goutv);
+  T* buf = static_cast<T*>(bufv);
+  const C lr = static_cast<C>(s.lr), mom = static_cast<C>(s.momentum), damp = static_cast<C>(1 - s.dampening),
+          wd = static_cast<C>(s.weight_decay);
+  alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], bb[kBlock], ob[kBlock];
+  ROGA_BLOCKS(n) {
+    combine_block<T>(g, gs, w, k, o, m, xb);
+    if (gout) IO<T>::store(gout + o, g, m);  // a separate buffer from g: store copies
+    if (s.maximize) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) g[j] = -g[j];
+    }
+    const C* x = IO<T>::load(src + o, sb, m);
+    if (s.weight_decay != 0) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) g[j] = g[j] + wd * x[j];
+    }
+    if (s.momentum != 0) {
+      C* b = IO<T>::dst_buf(buf + o, bb);
+      if (s.first) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) b[j] = g[j];
+      } else {
+        const C* bin = IO<T>::load(buf + o, bb, m);  // bb (16-bit storage) or buf itself: in place
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) b[j] = mom * bin[j] + damp * g[j];
+      }
+      IO<T>::store(buf + o, b, m);
+      if (s.nesterov) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) g[j] = g[j] + mom * b[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) g[j] = b[j];
+      }
+    }
+    C* out = IO<T>::dst_buf(p + o, ob);
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) out[j] = x[j] - lr * g[j];
+    IO<T>::store(p + o, out, m);
+  }
+}
+
+// torch.optim.Adam / AdamW's update, computed in C and rounded once per stored value.
+template <typename T>
+void adam(void* pv, const void* srcv, const void* const* gs, const double* w, int k, void* goutv, void* mv, void* vv,
+          void* vmaxv, int64_t n, const AdamSeg& s) {
+  using C = typename IO<T>::C;
+  T* p = static_cast<T*>(pv);
+  const T* src = static_cast<const T*>(srcv);
+  T *gout = static_cast<T*>(goutv), *mp = static_cast<T*>(mv), *vp = static_cast<T*>(vv),
+    *vmaxp = static_cast<T*>(vmaxv);
+  const C wd = static_cast<C>(s.weight_decay), decay = static_cast<C>(s.decay_factor),
+          a1 = static_cast<C>(1 - s.beta1), b2 = static_cast<C>(s.beta2), a2 = static_cast<C>(1 - s.beta2),
+          eps = static_cast<C>(s.eps), bc2 = static_cast<C>(s.bc2_sqrt), step = static_cast<C>(s.step_size);
+  alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], x2[kBlock], mb[kBlock], vb[kBlock], qb[kBlock], ob[kBlock];
+  ROGA_BLOCKS(n) {
+    combine_block<T>(g, gs, w, k, o, m, xb);
+    if (gout) IO<T>::store(gout + o, g, m);
+    if (s.maximize) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) g[j] = -g[j];
+    }
+    const C* x = IO<T>::load(src + o, sb, m);
+    if (s.weight_decay != 0) {
+      if (s.decoupled) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) x2[j] = x[j] * decay;
+        x = x2;
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) g[j] = g[j] + wd * x[j];
+      }
+    }
+    const C* min = IO<T>::load(mp + o, mb, m);
+    C* mo = IO<T>::dst_buf(mp + o, mb);
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) mo[j] = min[j] + a1 * (g[j] - min[j]);
+    IO<T>::store(mp + o, mo, m);
+    const C* vin = IO<T>::load(vp + o, vb, m);
+    C* vo = IO<T>::dst_buf(vp + o, vb);
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) vo[j] = b2 * vin[j] + a2 * g[j] * g[j];
+    IO<T>::store(vp + o, vo, m);
+    const C* q = vo;
+    if (s.amsgrad) {
+      const C* qin = IO<T>::load(vmaxp + o, qb, m);
+      C* qo = IO<T>::dst_buf(vmaxp + o, qb);
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) qo[j] = qin[j] > vo[j] ? qin[j] : vo[j];
+      IO<T>::store(vmaxp + o, qo, m);
+      q = qo;
+    }
+    C* out = IO<T>::dst_buf(p + o, ob);
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) out[j] = x[j] - step * (mo[j] / (std::sqrt(q[j]) / bc2 + eps));
+    IO<T>::store(p + o, out, m);
+  }
+}
+
 #undef ROGA_BLOCKS
 
 template <typename T>
 SegmentKernels make_kernels() {
-  return SegmentKernels{&sumsq<T>, &perturb<T>, &accumulate<T>, &gram<T>, &combine<T>};
+  return SegmentKernels{&sumsq<T>, &perturb<T>, &accumulate<T>, &gram<T>, &combine<T>, &sgd<T>, &adam<T>};
 }
 
 inline KernelTable make_table(const char* name) {

@@ -47,6 +47,17 @@ inline void stream_fence() {
 #endif
 }
 
+// Per-tensor constants of the fused updates (the step count makes them per tensor).
+struct SgdSeg {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize, first;  // first: the momentum buffer starts as the gradient
+};
+struct AdamSeg {
+  double weight_decay, decay_factor;  // decoupled: x * decay_factor (1 - lr * weight_decay)
+  double beta1, beta2, eps, bc2_sqrt, step_size;  // step_size = lr / (1 - beta1^step)
+  bool decoupled, amsgrad, maximize;
+};
+
 // Kernels over one contiguous segment of n elements of one storage dtype.
 struct SegmentKernels {
   double (*sumsq)(const void* x, const void* p_or_null, int64_t n, double eta);
@@ -54,6 +65,11 @@ struct SegmentKernels {
   void (*accumulate)(void* a, const void* g, int64_t n, double w);
   void (*gram)(const void* const* xs, int k, int64_t n, double* lower_triangle);
   void (*combine)(void* out, const void* const* xs, const double* w, int k, int64_t n, bool stream);
+  // p <- update(src, sum_k w[k] gs[k]); gout (may be null) <- the combined gradient
+  void (*sgd)(void* p, const void* src, const void* const* gs, const double* w, int k, void* gout, void* buf,
+              int64_t n, const SgdSeg& s);
+  void (*adam)(void* p, const void* src, const void* const* gs, const double* w, int k, void* gout, void* m, void* v,
+               void* vmax, int64_t n, const AdamSeg& s);
 };
 
 struct KernelTable {

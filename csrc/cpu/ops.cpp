@@ -8,12 +8,14 @@
 // order whatever the thread count: same input, same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
 #include "../common.h"
+#include "../entry.h"
 #include "kernels.hpp"
 
 namespace roga {
@@ -315,5 +317,115 @@ void combine_(const TensorList& out, const std::vector<TensorList>& lists, const
   });
 }
 
+namespace {
+
+// The data pointers and per-tensor constants shared by the fused updates.
+struct UpdatePlan {
+  Plan plan;
+  std::vector<Slot> sl;
+  std::vector<char*> p, src, gout;
+  std::vector<std::vector<char*>> g;
+  std::vector<double> w;
+  std::vector<float> step;  // the step count before this update, per tensor (0 without steps)
+};
+
+UpdatePlan update_plan(const UpdateArgs& a) {
+  UpdatePlan u{make_plan(a.params), slots(a.params), ptrs(a.params), {}, {}, {}, a.weights.values, {}};
+  u.src = a.source.empty() ? u.p : ptrs(a.source);
+  u.gout = a.grad_out.empty() ? std::vector<char*>(a.params.size(), nullptr) : ptrs(a.grad_out);
+  for (const auto& l : a.grads) u.g.push_back(ptrs(l));
+  u.step.assign(a.params.size(), 0.0f);
+  for (size_t i = 0; i < a.steps.size(); ++i) u.step[i] = *a.steps[i].const_data_ptr<float>();
+  return u;
+}
+
+// Runs f(piece, tensor, grads' pointers at the piece) over every piece; then the steps.
+template <class F>
+void run_update(const UpdateArgs& a, const UpdatePlan& u, std::vector<const std::vector<char*>*> extra, const F& f) {
+  Streams st{{&u.src}, &u.sl};
+  for (const auto& x : u.g) st.lists.push_back(&x);
+  for (const auto* x : extra) st.lists.push_back(x);
+  const int k = static_cast<int>(u.g.size());
+  run(u.plan, st, [&](int64_t, const Piece& pc) {
+    const int64_t off = pc.begin * u.sl[pc.tensor].elem;
+    const void* gs[64];
+    std::vector<const void*> gv;
+    const void** gp = gs;
+    if (k > 64) {
+      gv.resize(k);
+      gp = gv.data();
+    }
+    for (int j = 0; j < k; ++j) gp[j] = u.g[j][pc.tensor] + off;
+    f(pc, off, gp);
+  });
+  for (const auto& t : a.steps) *t.data_ptr<float>() += 1.0f;
+}
+
+char* at_off(const std::vector<char*>& v, int32_t i, int64_t off) { return v[i] ? v[i] + off : nullptr; }
+
+}  // namespace
+
+// AMP's skipped step (found_inf): only the folded restore happens.
+bool skipped(const UpdateArgs& a) {
+  if (!a.skip) return false;
+  if (!a.source.empty()) restore_(a.params, a.source);
+  return true;
+}
+
+void sgd_(const UpdateArgs& a, const TensorList& momentum_buffers, const SgdHyper& h) {
+  if (skipped(a)) return;
+  const UpdatePlan u = update_plan(a);
+  const auto buf = momentum_buffers.empty() ? std::vector<char*>(a.params.size(), nullptr) : ptrs(momentum_buffers);
+  const int k = static_cast<int>(u.g.size());
+  std::vector<SgdSeg> seg(a.params.size());
+  for (size_t i = 0; i < seg.size(); ++i)
+    seg[i] = SgdSeg{a.lr.value, h.momentum, h.dampening, h.weight_decay, h.nesterov, h.maximize, u.step[i] == 0.0f};
+  std::vector<const std::vector<char*>*> extra;
+  if (!momentum_buffers.empty()) extra.push_back(&buf);
+  run_update(a, u, extra, [&](const Piece& pc, int64_t off, const void** gp) {
+    const int32_t i = pc.tensor;
+    u.sl[i].k->sgd(u.p[i] + off, u.src[i] + off, gp, u.w.data(), k, at_off(u.gout, i, off), at_off(buf, i, off),
+                   pc.end - pc.begin, seg[i]);
+  });
+}
+
+void adam_(const UpdateArgs& a, const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
+           const TensorList& max_exp_avg_sqs, const AdamHyper& h) {
+  if (skipped(a)) return;
+  const UpdatePlan u = update_plan(a);
+  const auto m = ptrs(exp_avgs), v = ptrs(exp_avg_sqs);
+  const auto vmax = max_exp_avg_sqs.empty() ? std::vector<char*>(a.params.size(), nullptr) : ptrs(max_exp_avg_sqs);
+  const int k = static_cast<int>(u.g.size());
+  std::vector<AdamSeg> seg(a.params.size());
+  for (size_t i = 0; i < seg.size(); ++i) {
+    const double step = static_cast<double>(u.step[i]) + 1.0;  // as torch: bias corrections in double
+    const double bc1 = 1.0 - std::pow(h.beta1, step), bc2 = 1.0 - std::pow(h.beta2, step);
+    seg[i] = AdamSeg{h.weight_decay, 1.0 - a.lr.value * h.weight_decay, h.beta1, h.beta2, h.eps, std::sqrt(bc2),
+                     a.lr.value / bc1, h.decoupled, h.amsgrad, h.maximize};
+  }
+  std::vector<const std::vector<char*>*> extra{&m, &v};
+  if (!max_exp_avg_sqs.empty()) extra.push_back(&vmax);
+  run_update(a, u, extra, [&](const Piece& pc, int64_t off, const void** gp) {
+    const int32_t i = pc.tensor;
+    u.sl[i].k->adam(u.p[i] + off, u.src[i] + off, gp, u.w.data(), k, at_off(u.gout, i, off), m[i] + off, v[i] + off,
+                    at_off(vmax, i, off), pc.end - pc.begin, seg[i]);
+  });
+}
+
 }  // namespace cpu
 }  // namespace roga
+
+// The CPU kernels of the roga_cuda operators (schemas in library.cpp).
+TORCH_LIBRARY_IMPL(roga_cuda, CPU, m) {
+  using namespace roga;
+  m.impl("norm", &entry::norm<cpu::norm>);
+  m.impl("asam_norm", &entry::asam_norm<cpu::norm>);
+  m.impl("perturb_", &entry::perturb_<cpu::perturb_>);
+  m.impl("asam_perturb_", &entry::asam_perturb_<cpu::perturb_>);
+  m.impl("restore_", &entry::restore_<cpu::restore_>);
+  m.impl("restore_accumulate_", &entry::restore_accumulate_<cpu::restore_accumulate_>);
+  m.impl("gram", &entry::gram<cpu::gram>);
+  m.impl("combine_", &entry::combine_<cpu::combine_>);
+  m.impl("sgd_", &entry::sgd_<cpu::sgd_>);
+  m.impl("adam_", &entry::adam_<cpu::adam_>);
+}

@@ -2,6 +2,9 @@
 // may be one of the inputs: each element is read by the thread that writes it, loads first.
 // Weights are host values (in the kernel arguments) or a float32/float64 device tensor that
 // the kernel reads (no host synchronisation).
+#include <torch/library.h>
+
+#include "../entry.h"
 #include "multi_tensor_apply.cuh"
 
 namespace roga {
@@ -52,8 +55,8 @@ void combine_(const TensorList& out, const std::vector<TensorList>& lists, const
   const cudaStream_t stream = current_stream();
   dispatch_k(k, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
-    const void* wt = weights.tensor != nullptr ? weights.tensor->data_ptr() : nullptr;
-    const int wt_double = weights.tensor != nullptr && weights.tensor->scalar_type() == at::kDouble;
+    const void* wt = weights.tensor.defined() ? weights.tensor.data_ptr() : nullptr;
+    const int wt_double = weights.tensor.defined() && weights.tensor.scalar_type() == at::kDouble;
     for (const auto& group : by_dtype(out)) {
       dispatch_float(group.first, [&](auto tag) {
         using T = decltype(tag);
@@ -77,3 +80,8 @@ void combine_(const TensorList& out, const std::vector<TensorList>& lists, const
 
 }  // namespace cuda
 }  // namespace roga
+
+TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
+  using namespace roga;
+  m.impl("combine_", &roga::entry::combine_<roga::cuda::combine_>);
+}

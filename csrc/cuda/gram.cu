@@ -5,6 +5,9 @@
 // (float32 math per thread for 16/32-bit storage, double across the block) to its own slot;
 // one block then sums the slots in a fixed order (a warp per entry) and writes both halves
 // of the symmetric matrix from one value, so G is exactly symmetric.
+#include <torch/library.h>
+
+#include "../entry.h"
 #include "multi_tensor_apply.cuh"
 
 namespace roga {
@@ -119,3 +122,8 @@ at::Tensor gram(const std::vector<TensorList>& lists) {
 
 }  // namespace cuda
 }  // namespace roga
+
+TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
+  using namespace roga;
+  m.impl("gram", &roga::entry::gram<roga::cuda::gram>);
+}

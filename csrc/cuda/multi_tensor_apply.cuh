@@ -103,10 +103,11 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const __grid_constant__
 
 // Runs f over items in list order, in as few launches as the table and limits allow.
 // empty_gets_block: 0-element items still get one block (norm writes their partial and
-// position); otherwise they are skipped.
+// position); otherwise they are skipped. Pointers d with bit d of `fixed` set are per-tensor
+// values (e.g. a step count), not arrays: a split tensor's later entries keep them as is.
 template <int D, typename F>
 void launch(const std::vector<Item<D>>& items, int64_t elem_size, bool empty_gets_block, const F& f,
-            cudaStream_t stream) {
+            cudaStream_t stream, unsigned fixed = 0u) {
   static_assert(sizeof(Table<D>) + sizeof(F) <= kArgBytes, "kernel arguments over the CUDA limit");
   const Limits lim = limits();
   const int64_t chunk = lim.chunk;
@@ -133,7 +134,9 @@ void launch(const std::vector<Item<D>>& items, int64_t elem_size, bool empty_get
     for (int64_t c0 = 0; c0 < nc;) {
       const int64_t take = std::min(nc - c0, max_b - nb);
       const int64_t first = c0 * chunk;  // element offset of this piece
-      for (int d = 0; d < D; ++d) tab.ptr[d][nt] = static_cast<char*>(it.ptr[d]) + first * elem_size;
+      for (int d = 0; d < D; ++d)
+        tab.ptr[d][nt] = it.ptr[d] == nullptr || ((fixed >> d) & 1u) ? it.ptr[d]
+                                                                     : static_cast<char*>(it.ptr[d]) + first * elem_size;
       tab.numel[nt] = std::min(it.numel - first, take * chunk);
       tab.first_block[nt] = static_cast<int32_t>(nb);
       tab.slot[nt] = static_cast<int32_t>(it.slot + c0);
@@ -306,8 +309,8 @@ struct DevScalar {
 };
 
 inline DevScalar dev_scalar(const Scalar& s) {
-  if (s.tensor == nullptr) return {nullptr, 0, s.value};
-  return {s.tensor->data_ptr(), s.tensor->scalar_type() == at::kDouble, 0.0};
+  if (!s.tensor.defined()) return {nullptr, 0, s.value};
+  return {s.tensor.data_ptr(), s.tensor.scalar_type() == at::kDouble, 0.0};
 }
 
 // ------------------------------------------------------------------------------ host helpers

@@ -7,6 +7,9 @@
 // that writes 0), and the block of a tensor's first chunk records where the tensor's slots
 // start. (2) One block sums each tensor's slots (a warp per tensor), then the tensors, in a
 // fixed order, and writes the square roots. Nothing is copied to the host.
+#include <torch/library.h>
+
+#include "../entry.h"
 #include "multi_tensor_apply.cuh"
 
 namespace roga {
@@ -129,3 +132,9 @@ std::tuple<at::Tensor, at::Tensor> norm(const TensorList& ts, const TensorList* 
 
 }  // namespace cuda
 }  // namespace roga
+
+TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
+  using namespace roga;
+  m.impl("norm", &roga::entry::norm<roga::cuda::norm>);
+  m.impl("asam_norm", &roga::entry::asam_norm<roga::cuda::norm>);
+}

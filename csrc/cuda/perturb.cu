@@ -1,5 +1,8 @@
 // perturb_: backup <- params; params += scale * grads (ASAM: scale * (|p| + eta)^2 * grads),
 // one pass: p and g read once, p and b written once (16 bytes per float32 element).
+#include <torch/library.h>
+
+#include "../entry.h"
 #include "multi_tensor_apply.cuh"
 
 namespace roga {
@@ -58,3 +61,9 @@ void perturb_(const TensorList& params, const TensorList& grads, const TensorLis
 
 }  // namespace cuda
 }  // namespace roga
+
+TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
+  using namespace roga;
+  m.impl("perturb_", &roga::entry::perturb_<roga::cuda::perturb_>);
+  m.impl("asam_perturb_", &roga::entry::asam_perturb_<roga::cuda::perturb_>);
+}

@@ -1,6 +1,9 @@
 // restore_: params <- backup, bit-exact. Elements are copied as raw unsigned integers of
 // their size (no float round trip can touch NaN payloads), so lists are grouped by element
 // size, not dtype: float32 and float16/bfloat16 mixes cost one launch per size.
+#include <torch/library.h>
+
+#include "../entry.h"
 #include "multi_tensor_apply.cuh"
 
 namespace roga {
@@ -46,3 +49,8 @@ void restore_(const TensorList& params, const TensorList& backup) {
 
 }  // namespace cuda
 }  // namespace roga
+
+TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
+  using namespace roga;
+  m.impl("restore_", &roga::entry::restore_<roga::cuda::restore_>);
+}

@@ -1,5 +1,8 @@
 // restore_accumulate_: params <- backup; acc += weight * grads, one pass (b, a, g read once,
 // p, a written once: 20 bytes per float32 element).
+#include <torch/library.h>
+
+#include "../entry.h"
 #include "multi_tensor_apply.cuh"
 
 namespace roga {
@@ -51,3 +54,8 @@ void restore_accumulate_(const TensorList& params, const TensorList& backup, con
 
 }  // namespace cuda
 }  // namespace roga
+
+TORCH_LIBRARY_IMPL(roga_cuda, CUDA, m) {
+  using namespace roga;
+  m.impl("restore_accumulate_", &roga::entry::restore_accumulate_<roga::cuda::restore_accumulate_>);
+}

@@ -6,8 +6,8 @@ Every function takes lists of tensors on one device (mixed shapes and float dtyp
 =============  ===============================================================
 ``reference``  per-tensor Python loop; the executable specification
 ``foreach``    ``torch._foreach_*`` composition; the baseline and the fallback
-``cpu``        C++ multi-tensor kernels (compiled ``roga_cuda._C``), CPU tensors
-``cuda``       CUDA multi-tensor kernels (compiled ``roga_cuda._C``), CUDA tensors
+``cpu``        C++ multi-tensor kernels (``torch.ops.roga_cuda``), CPU tensors
+``cuda``       CUDA multi-tensor kernels (``torch.ops.roga_cuda``), CUDA tensors
 ``triton``     Triton multi-tensor kernels; CUDA tensors (CPU under TRITON_INTERPRET=1)
 ``auto``       the fastest available for the device; ``ROGA_BACKEND`` overrides it
 =============  ===============================================================
@@ -15,349 +15,222 @@ Every function takes lists of tensors on one device (mixed shapes and float dtyp
 Scalars (``scale``, ``weight``, ``weights``) may be Python floats or 0-d tensors on the
 lists' device (read on the device: no host synchronisation). Reductions accumulate in
 float32 or wider and return float32 (float64 when an input is float64).
+
+The compiled backends are the operators ``torch.ops.roga_cuda.*``, so these functions work
+under ``torch.compile(fullgraph=True)``, ``torch.export`` and FakeTensor tracing, and tensor
+subclasses reach the dispatcher rather than raw pointers. The layout of this package:
+``registry`` (backends, ``auto``), ``checks`` (input checks), one module per backend.
 """
-import numbers
-import os
-import warnings
-from dataclasses import dataclass, field
+import itertools
 
 import torch
 
-from . import foreach, reference
+from . import checks
+from .registry import BACKENDS, Backend, _registry, _register_all, backends, resolve_backend
 
 __all__ = [
-    "norm", "perturb_", "restore_", "restore_accumulate_", "gram", "combine_",
+    "norm", "perturb_", "restore_", "restore_accumulate_", "gram", "combine_", "sgd_", "adam_",
     "backends", "resolve_backend", "BACKENDS",
 ]
 
-BACKENDS = ("reference", "foreach", "cpu", "cuda", "triton")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_register_all()
+if "torch.distributed.tensor" in __import__("sys").modules:  # else on first use (its import costs seconds)
+    from . import distributed as _distributed
+    _distributed.register()
 
 
-@dataclass
-class Backend:
-    name: str
-    module: object = None
-    available: bool = False
-    reason: str = None  # why unavailable
-    device_types: tuple = ()  # device types it runs on; () = any
-    validates: bool = False  # True: the kernels check their inputs themselves (C++)
-    extra: dict = field(default_factory=dict)
+def _backend(backend, first):
+    """The backend for lists whose first tensor is ``first`` (None: empty lists)."""
+    return resolve_backend(backend, first.device if first is not None else torch.device("cpu"))
 
 
-_registry = {
-    "reference": Backend("reference", reference, True),
-    "foreach": Backend("foreach", foreach, True),
-}
+def _first(lst):
+    return lst[0] if lst and isinstance(lst[0], torch.Tensor) else None
 
 
-def _register_compiled():
-    from . import native
-    for be in native.backends():
-        _registry[be.name] = be
-    try:
-        from . import triton as triton_backend
-        _registry["triton"] = triton_backend.backend()
-    except ImportError:
-        _registry["triton"] = Backend("triton", reason="roga_cuda.ops.triton is missing")
-
-
-_register_compiled()
-
-
-def backends():
-    """Availability of every backend: ``{name: {"available": bool, "reason": str|None, "devices": [...]}}``."""
-    return {
-        name: {
-            "available": be.available,
-            "reason": be.reason,
-            "devices": list(be.device_types) or ["any"],
-        }
-        for name, be in ((n, _registry[n]) for n in BACKENDS)
-    }
-
-
-_warned = set()
-
-
-def _warn_once(key, msg):
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
-
-
-def _auto(device):
-    """The backend ``auto`` means for tensors on ``device``."""
-    if device.type == "cpu":
-        be = _registry["cpu"]
-        if be.available:
-            return be
-        _warn_once("auto-cpu", f"roga_cuda: the compiled CPU backend is unavailable ({be.reason}); "
-                               "backend='auto' falls back to 'foreach'.")
-        return _registry["foreach"]
-    if device.type == "cuda":
-        for name in _cuda_preference():
-            be = _registry[name]
-            if be.available and (not be.device_types or "cuda" in be.device_types):
-                return be
-        _warn_once("auto-cuda", "roga_cuda: neither the compiled CUDA backend "
-                                f"({_registry['cuda'].reason}) nor Triton ({_registry['triton'].reason}) "
-                                "is available; backend='auto' falls back to 'foreach'.")
-    return _registry["foreach"]
-
-
-def _cuda_preference():
-    # Measured (benchmarks/RESULTS.md, H100, 2026-11-22): the CUDA kernels beat the Triton
-    # ones on every primitive and list through this API (RoGA cycle on ResNet-34: 0.47 vs
-    # 2.34 ms; 400-tensor list: 0.63 vs 6.9 ms), mostly on host cost per call. Triton is the
-    # fallback when the extension was built without CUDA. See docs/kernels.md "auto".
-    return ("cuda", "triton")
-
-
-def resolve_backend(backend, device):
-    """The :class:`Backend` that ``backend`` names for tensors on ``device``."""
-    device = torch.device(device)
-    source = "backend"
-    if backend == "auto":
-        env = os.environ.get("ROGA_BACKEND", "").strip()
-        if env and env != "auto":
-            backend, source = env, "ROGA_BACKEND"
-        else:
-            return _auto(device)
-    be = _registry.get(backend)
-    if be is None:
-        raise ValueError(f"unknown {source} {backend!r}; choose one of {('auto',) + BACKENDS}")
-    if not be.available:
-        raise RuntimeError(f"{source} {backend!r} is unavailable: {be.reason}")
-    if be.device_types and device.type not in be.device_types:
-        raise ValueError(f"{source} {backend!r} runs on {'/'.join(be.device_types)} tensors, "
-                         f"but the tensors are on {device}")
-    return be
-
-
-# ----------------------------------------------------------------------------- validation
-
-def _tensor_list(op, name, x):
-    if isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: `{name}` must be a list or tuple of tensors, not a single Tensor")
-    try:
-        lst = list(x)
-    except TypeError:
-        raise TypeError(f"{op}: `{name}` must be a list or tuple of tensors, got {type(x).__name__}") from None
-    for i, t in enumerate(lst):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a Tensor")
-    return lst
-
-
-def _extent(t):
-    """[start, end) byte range a strided tensor can touch."""
-    n = t.numel()
-    if n == 0:
-        return 0, 0
-    start = t.data_ptr()
-    if t.is_contiguous():
-        return start, start + n * t.element_size()
-    span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
-    return start, start + span * t.element_size()
-
-
-def _validate(op, named, written=(), alias_ok=False):
-    """Python-side checks for backends without their own (reference, foreach, triton).
-
-    named: [(name, list)]; written: names of lists the op writes. All lists have one
-    length; tensors are dense float tensors on one device; tensors at one position agree
-    in shape and dtype; a written tensor may share memory with another at its position
-    only as an exact alias, and only where the op allows it (``combine_``'s ``out``).
-    The common case is checked with whole-list comparisons; only a failure walks the
-    tensors one by one to name the culprit.
-    """
-    (name0, first), *rest = named
-    n = len(first)
-    for name, lst in rest:
-        if len(lst) != n:
-            raise ValueError(f"{op}: `{name}` has {len(lst)} tensors but `{name0}` has {n}")
-    dev = first[0].device
-    metas = [[(t.layout, t.dtype, t.device) for t in lst] for _, lst in named]
-    ok_meta = {(torch.strided, dt, dev) for dt in _FLOAT_DTYPES}
-    for (name, lst), meta in zip(named, metas):
-        if not ok_meta.issuperset(meta):
-            for i, (t, (layout, dtype, device)) in enumerate(zip(lst, meta)):
-                if layout != torch.strided:
-                    raise TypeError(f"{op}: {name}[{i}] is a {layout} tensor; only dense (strided) tensors are supported")
-                if dtype not in _FLOAT_DTYPES:
-                    raise TypeError(f"{op}: {name}[{i}] has dtype {dtype}; supported: float16, bfloat16, float32, float64")
-                if device != dev:
-                    raise ValueError(f"{op}: {name}[{i}] is on {device} but {name0}[0] is on {dev}; "
-                                     "all tensors must be on one device")
-    shapes0 = [t.shape for t in first]
-    for (name, lst), meta in zip(rest, metas[1:]):
-        if meta != metas[0] or [t.shape for t in lst] != shapes0:
-            for i, (a, b) in enumerate(zip(first, lst)):
-                if a.shape != b.shape:
-                    raise ValueError(f"{op}: {name}[{i}] has shape {list(b.shape)} but {name0}[{i}] has shape {list(a.shape)}")
-                if a.dtype != b.dtype:
-                    raise TypeError(f"{op}: {name}[{i}] has dtype {b.dtype} but {name0}[{i}] has {a.dtype}; "
-                                    "tensors at one position must share a dtype")
-    lists = dict(named)
-    extents = {}
-    for wname in written:
-        wext = extents.setdefault(wname, [_extent(t) for t in lists[wname]])
-        for name, lst in named:
-            if name == wname:
-                continue
-            ext = extents.setdefault(name, [_extent(t) for t in lst])
-            for i, ((a0, a1), (b0, b1)) in enumerate(zip(wext, ext)):
-                if a0 < b1 and b0 < a1:
-                    w, t = lists[wname][i], lst[i]
-                    exact = w.data_ptr() == t.data_ptr() and w.stride() == t.stride()
-                    if not (alias_ok and exact):
-                        raise ValueError(f"{op}: {wname}[{i}] shares memory with {name}[{i}]"
-                                         + (" without being the same tensor" if alias_ok else ""))
-
-
-def _prepare(op, backend, named, written=(), alias_ok=False, allow_empty=True):
-    """Lists to Python lists, pick the backend, validate. Returns (backend, lists, device).
-
-    Fast path for the compiled backends, which check every tensor in C++: lists and tuples
-    of tensors go through untouched (no per-element Python loop); anything else, or an
-    element that is not a tensor, takes the checking path and its precise error."""
-    raw = [lst for _, lst in named]
-    if all(type(l) in (list, tuple) for l in raw) and raw[0] and isinstance(raw[0][0], torch.Tensor):
-        device = raw[0][0].device
-        be = resolve_backend(backend, device)
-        if be.validates:
-            return be, raw, device
-    lists = [_tensor_list(op, name, lst) for name, lst in named]
-    if not lists[0] or any(len(l) == 0 for l in lists):
-        if allow_empty and all(len(l) == 0 for l in lists):
-            return None, lists, None
-        if all(len(l) == 0 for l in lists):
-            raise ValueError(f"{op}: `{named[0][0]}` is an empty list; there is nothing to reduce "
-                             "(and no device to return a result on)")
-        raise ValueError(f"{op}: list lengths differ: "
-                         + ", ".join(f"`{name}` has {len(l)}" for (name, _), l in zip(named, lists)))
-    device = lists[0][0].device
-    be = resolve_backend(backend, device)
-    if not be.validates:
-        _validate(op, [(name, l) for (name, _), l in zip(named, lists)], written, alias_ok)
-    return be, lists, device
-
-
-def _scalar(op, name, s, device):
-    """A Python float, or a float32/float64 0-d tensor on ``device`` (CPU tensors become floats)."""
-    if isinstance(s, torch.Tensor):
-        if s.dim() != 0:
-            raise ValueError(f"{op}: `{name}` must be a Python number or a 0-d tensor, got shape {list(s.shape)}")
-        if s.is_complex() or not (s.is_floating_point() or s.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"{op}: `{name}` has dtype {s.dtype}; use a real floating-point value")
-        s = s.detach()
-        if s.device.type == "cpu":
-            return float(s)  # free: no device to synchronise with
-        if s.device != device:
-            raise ValueError(f"{op}: `{name}` is on {s.device} but the tensors are on {device}")
-        return s if s.dtype in (torch.float32, torch.float64) else s.float()
-    if isinstance(s, numbers.Real):  # Python and NumPy numbers
-        return float(s)
-    raise TypeError(f"{op}: `{name}` must be a number or a 0-d tensor, got {type(s).__name__}")
-
-
-def _weights(op, weights, k, device):
-    """K weights: a list of floats, or a float32/float64 1-d tensor on ``device``."""
-    if isinstance(weights, torch.Tensor):
-        if weights.dim() != 1 or weights.numel() != k:
-            raise ValueError(f"{op}: `weights` must hold {k} values (one per list), got shape {list(weights.shape)}")
-        if not weights.is_floating_point():
-            raise TypeError(f"{op}: `weights` has dtype {weights.dtype}; use a floating-point tensor")
-        weights = weights.detach()
-        if weights.device.type == "cpu":
-            return [float(w) for w in weights.tolist()]
-        if weights.device != device:
-            raise ValueError(f"{op}: `weights` is on {weights.device} but the tensors are on {device}")
-        return weights if weights.dtype in (torch.float32, torch.float64) else weights.float()
-    try:
-        ws = list(weights)
-    except TypeError:
-        raise TypeError(f"{op}: `weights` must be a sequence of {k} numbers or a 1-d tensor") from None
-    if len(ws) != k:
-        raise ValueError(f"{op}: got {len(ws)} weights for {k} lists")
-    ws = [_scalar(op, f"weights[{j}]", w, device) for j, w in enumerate(ws)]
-    if any(isinstance(w, torch.Tensor) for w in ws):
-        return torch.stack([w.float() if isinstance(w, torch.Tensor) else torch.tensor(w, device=device) for w in ws])
-    return ws
-
-
-# ------------------------------------------------------------------------------ the API
-
-@torch.no_grad()
 def norm(ts, per_tensor=False, *, params=None, eta=0.0, backend="auto"):
     """Global L2 norm ``sqrt(sum_i ||ts[i]||^2)`` as a 0-d tensor on the lists' device.
 
     ``per_tensor=True`` returns ``(total, per_tensor_norms)``. With ``params`` it is the
     ASAM norm ``|| (|params| + eta) * ts ||``. Non-finite values propagate.
     """
-    named = [("ts", ts)] + ([("params", params)] if params is not None else [])
-    be, lists, _ = _prepare("norm", backend, named, allow_empty=False)
-    total, per = be.module.norm(lists[0], bool(per_tensor), lists[1] if params is not None else None, float(eta))
+    ts = checks.tensor_list("norm", "ts", ts)
+    if params is not None:
+        params = checks.tensor_list("norm", "params", params)
+    be = _backend(backend, _first(ts))
+    eta = float(eta)
+    if not be.compiled:
+        checks.validate("norm", ts, params)
+        with torch.no_grad():
+            total, per = be.module.norm(ts, bool(per_tensor), params, eta)
+    else:
+        total, per = be.module.norm(ts, bool(per_tensor), params, eta)
     return (total, per) if per_tensor else total
 
 
-@torch.no_grad()
 def perturb_(params, grads, backup, scale, *, adaptive=False, eta=0.0, backend="auto"):
     """``backup <- params; params += scale * grads`` in one pass.
 
     ``adaptive=True`` (ASAM) perturbs by ``scale * (|params| + eta)^2 * grads``.
     """
-    be, (p, g, b), dev = _prepare("perturb_", backend, [("params", params), ("grads", grads), ("backup", backup)],
-                                  written=("params", "backup"))
-    if be is not None:
-        be.module.perturb_(p, g, b, _scalar("perturb_", "scale", scale, dev), bool(adaptive), float(eta))
+    params = checks.tensor_list("perturb_", "params", params)
+    grads = checks.tensor_list("perturb_", "grads", grads)
+    backup = checks.tensor_list("perturb_", "backup", backup)
+    s, st = checks.scalar("perturb_", "scale", scale)
+    be = _backend(backend, _first(params))
+    if be.compiled:
+        be.module.perturb_(params, grads, backup, s, st, bool(adaptive), float(eta))
+        return
+    checks.validate("perturb_", params, grads, backup, st)
+    if params:
+        with torch.no_grad():
+            be.module.perturb_(params, grads, backup, s if st is None else st, bool(adaptive), float(eta))
 
 
-@torch.no_grad()
 def restore_(params, backup, *, backend="auto"):
     """``params <- backup``, bit-exact."""
-    be, (p, b), _ = _prepare("restore_", backend, [("params", params), ("backup", backup)], written=("params",))
-    if be is not None:
-        be.module.restore_(p, b)
+    params = checks.tensor_list("restore_", "params", params)
+    backup = checks.tensor_list("restore_", "backup", backup)
+    be = _backend(backend, _first(params))
+    if be.compiled:
+        be.module.restore_(params, backup)
+        return
+    checks.validate("restore_", params, backup)
+    if params:
+        with torch.no_grad():
+            be.module.restore_(params, backup)
 
 
-@torch.no_grad()
 def restore_accumulate_(params, backup, acc, grads, weight, *, backend="auto"):
     """``params <- backup; acc += weight * grads`` in one pass."""
-    be, (p, b, a, g), dev = _prepare("restore_accumulate_", backend,
-                                     [("params", params), ("backup", backup), ("acc", acc), ("grads", grads)],
-                                     written=("params", "acc"))
-    if be is not None:
-        be.module.restore_accumulate_(p, b, a, g, _scalar("restore_accumulate_", "weight", weight, dev))
+    op = "restore_accumulate_"
+    params, backup = checks.tensor_list(op, "params", params), checks.tensor_list(op, "backup", backup)
+    acc, grads = checks.tensor_list(op, "acc", acc), checks.tensor_list(op, "grads", grads)
+    w, wt = checks.scalar(op, "weight", weight)
+    be = _backend(backend, _first(params))
+    if be.compiled:
+        be.module.restore_accumulate_(params, backup, acc, grads, w, wt)
+        return
+    checks.validate(op, params, backup, acc, grads, wt)
+    if params:
+        with torch.no_grad():
+            be.module.restore_accumulate_(params, backup, acc, grads, w if wt is None else wt)
 
 
-@torch.no_grad()
 def gram(lists, *, backend="auto"):
     """K x K matrix ``G[a, b] = sum_i <lists[a][i], lists[b][i]>``, reading each list once."""
-    lists = _tensor_list_of_lists("gram", lists)
-    be, lists, _ = _prepare("gram", backend, [(f"lists[{k}]", l) for k, l in enumerate(lists)], allow_empty=False)
-    return be.module.gram(lists)
+    lists = checks.list_of_lists("gram", lists)
+    be = _backend(backend, _first(lists[0]))
+    if be.compiled:
+        return be.module.gram(lists)
+    checks.validate("gram", lists)
+    with torch.no_grad():
+        return be.module.gram(lists)
 
 
-@torch.no_grad()
 def combine_(out, lists, weights, *, backend="auto"):
     """``out[i] = sum_k weights[k] * lists[k][i]``; ``out`` may be one of the input lists."""
-    lists = _tensor_list_of_lists("combine_", lists)
-    named = [("out", out)] + [(f"lists[{k}]", l) for k, l in enumerate(lists)]
-    be, (o, *ls), dev = _prepare("combine_", backend, named, written=("out",), alias_ok=True)
-    w = _weights("combine_", weights, len(lists), dev if dev is not None else torch.device("cpu"))
-    if be is not None:
-        be.module.combine_(o, ls, w)
+    out = checks.tensor_list("combine_", "out", out)
+    lists = checks.list_of_lists("combine_", lists, len(out), "out")
+    ws, wt = checks.weights("combine_", weights, len(lists))
+    be = _backend(backend, _first(out))
+    if be.compiled:
+        be.module.combine_(out, lists, ws, wt)
+        return
+    checks.validate("combine_", out, lists, len(ws), wt)
+    if out:
+        with torch.no_grad():
+            be.module.combine_(out, lists, ws if wt is None else wt)
 
 
-def _tensor_list_of_lists(op, lists):
-    if isinstance(lists, torch.Tensor):
-        raise TypeError(f"{op}: `lists` must be a sequence of tensor lists, not a Tensor")
-    try:
-        lists = list(lists)
-    except TypeError:
-        raise TypeError(f"{op}: `lists` must be a sequence of tensor lists, got {type(lists).__name__}") from None
-    if not lists:
-        raise ValueError(f"{op}: `lists` is empty; give at least one tensor list")
-    return lists
+# ------------------------------------------------------------------ fused base updates
+
+def _update_inputs(op, params, grads, grad_weights, source, grad_out, found_inf):
+    """Normalises what both updates share: K gradient lists and their weights, the optional
+    lists, found_inf."""
+    params = checks.tensor_list(op, "params", params)
+    grads = checks.tensor_list(op, "grads", grads)
+    nested = bool(grads) and not isinstance(grads[0], torch.Tensor) and isinstance(grads[0], (list, tuple))
+    grads = checks.list_of_lists(op, grads if nested else [grads], len(params), "params", name="grads")
+    if grad_weights is None:
+        ws, wt = [1.0] * len(grads), None
+    else:
+        ws, wt = checks.weights(op, grad_weights, len(grads))
+    source = None if source is None else checks.tensor_list(op, "source", source)
+    grad_out = None if grad_out is None else checks.tensor_list(op, "grad_out", grad_out)
+    if found_inf is not None and not isinstance(found_inf, torch.Tensor):
+        raise TypeError(f"{op}: `found_inf` must be a tensor (GradScaler's) or None, got {type(found_inf).__name__}")
+    return params, grads, ws, wt, source, grad_out
+
+
+def sgd_(params, grads, *, lr, momentum_buffers=None, steps=None, momentum=0.0, dampening=0.0, nesterov=False,
+         weight_decay=0.0, maximize=False, source=None, grad_weights=None, grad_out=None, found_inf=None,
+         backend="auto"):
+    """``torch.optim.SGD``'s update of ``params`` in one pass (per dtype, per launch).
+
+    ``grads``: a list, or K lists combined as ``sum_k grad_weights[k] * grads[k]`` in the
+    same pass (``grad_weights`` floats or a 1-d device tensor: AMP's unscaling, clipping and
+    gradient surgery's coefficients fold in here). ``source``: read the parameters' values
+    from this list instead (SAM: restore and update in one pass). ``grad_out``: also write
+    the combined gradient there (e.g. into ``.grad``). With ``momentum``,
+    ``momentum_buffers`` and ``steps`` (one-element float32 tensors: the buffer starts as the
+    gradient when the count is 0; counts are incremented) are required. ``lr`` a float or a
+    0-d device tensor. ``found_inf`` (GradScaler's): when nonzero the update is skipped and
+    only ``source`` (if given) is copied into ``params``, so a folded restore still happens.
+    """
+    params, grads, ws, wt, source, grad_out = _update_inputs("sgd_", params, grads, grad_weights, source, grad_out,
+                                                             found_inf)
+    bufs = [] if momentum_buffers is None else checks.tensor_list("sgd_", "momentum_buffers", momentum_buffers)
+    steps = [] if steps is None else checks.tensor_list("sgd_", "steps", steps)
+    lr_v, lr_t = checks.scalar("sgd_", "lr", lr)
+    be = _backend(backend, _first(params))
+    hyper = (float(momentum), float(dampening), bool(nesterov), float(weight_decay), bool(maximize))
+    if be.compiled:
+        be.module.sgd_(params, source or [], _flat_grads(grads), ws, wt, grad_out or [], bufs, steps, lr_v, lr_t,
+                       *hyper, found_inf)
+        return
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("sgd_: Nesterov momentum requires a momentum and zero dampening")
+    checks.validate("sgd_", params, source or [], _flat_grads(grads), len(ws), wt, grad_out or [], bufs, steps,
+                    float(momentum), lr_t, found_inf)
+    if params:
+        with torch.no_grad():
+            be.module.sgd_(params, source, grads, ws if wt is None else wt, grad_out, bufs, steps,
+                           lr_v if lr_t is None else lr_t, *hyper, found_inf)
+
+
+def adam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+          decoupled=False, amsgrad=False, max_exp_avg_sqs=None, maximize=False, source=None, grad_weights=None,
+          grad_out=None, found_inf=None, backend="auto"):
+    """``torch.optim.Adam``'s update (``decoupled=True``: AdamW's) of ``params`` in one pass.
+
+    ``exp_avgs``, ``exp_avg_sqs`` (and with ``amsgrad`` ``max_exp_avg_sqs``) are the
+    optimizer's state; ``steps`` the per-parameter counts before this update (one-element
+    float32 tensors; bias corrections use count + 1, then the counts are incremented).
+    ``grads``, ``grad_weights``, ``source``, ``grad_out``, ``lr`` and ``found_inf`` as in
+    :func:`sgd_`.
+    """
+    params, grads, ws, wt, source, grad_out = _update_inputs("adam_", params, grads, grad_weights, source, grad_out,
+                                                             found_inf)
+    m = checks.tensor_list("adam_", "exp_avgs", exp_avgs)
+    v = checks.tensor_list("adam_", "exp_avg_sqs", exp_avg_sqs)
+    vmax = [] if max_exp_avg_sqs is None else checks.tensor_list("adam_", "max_exp_avg_sqs", max_exp_avg_sqs)
+    steps = checks.tensor_list("adam_", "steps", steps)
+    lr_v, lr_t = checks.scalar("adam_", "lr", lr)
+    beta1, beta2 = (float(b) for b in betas)
+    be = _backend(backend, _first(params))
+    hyper = (beta1, beta2, float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize))
+    if be.compiled:
+        be.module.adam_(params, source or [], _flat_grads(grads), ws, wt, grad_out or [], m, v, vmax, steps, lr_v,
+                        lr_t, *hyper, found_inf)
+        return
+    checks.validate("adam_", params, source or [], _flat_grads(grads), len(ws), wt, grad_out or [], m, v, vmax, steps,
+                    bool(amsgrad), lr_t, found_inf)
+    if params:
+        with torch.no_grad():
+            be.module.adam_(params, source, grads, ws if wt is None else wt, grad_out, m, v, vmax, steps,
+                            lr_v if lr_t is None else lr_t, *hyper, found_inf)
+
+
+def _flat_grads(grads):
+    return grads[0] if len(grads) == 1 else list(itertools.chain.from_iterable(grads))

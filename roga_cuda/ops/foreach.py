@@ -5,6 +5,7 @@ are unavailable. Each primitive is a handful of multi-tensor launches; temporari
 would be allocated every step (ASAM weights, the Gram matrix's flat copies) live in a
 small workspace cache keyed on the list's shapes, dtypes and device.
 """
+import math
 from collections import OrderedDict
 
 import torch
@@ -41,9 +42,12 @@ def _sig(ts):
 
 def _like(ts, tag, math=False):
     """Persistent scratch tensors shaped like ``ts`` (``math=True``: in the math dtype,
-    float32 for float16/bfloat16, so intermediates are not rounded to 16 bits)."""
+    float32 for float16/bfloat16, so intermediates are not rounded to 16 bits). Under
+    torch.compile fresh ones: the graph owns its temporaries."""
     def make():
         return [torch.empty_like(t, dtype=_math_dtype(t) if math else t.dtype) for t in ts]
+    if torch.compiler.is_compiling():
+        return make()
     return workspace.get((tag, math) + _sig(ts), make)
 
 
@@ -69,6 +73,11 @@ def _scaled_add_(dst, src, s):
         torch._foreach_add_(dst, torch._foreach_mul(src, s))
     else:
         torch._foreach_add_(dst, src, alpha=s)
+
+
+def _scaled(src, s):
+    """s * src as new tensors (s a Python float or a 0-d device tensor)."""
+    return torch._foreach_mul(src, s)
 
 
 def norm(ts, per_tensor, params, eta):
@@ -129,6 +138,10 @@ def gram(lists):
         views = [[v.view(t.shape) for v, t in zip(row, lists[0])] for row in views]
         return m, views
 
+    if torch.compiler.is_compiling():  # no persistent workspace inside a graph
+        m = torch.stack([torch.cat([t.reshape(-1).to(dt) for t in lst]) for lst in lists])
+        g = m @ m.T
+        return g.triu() + g.triu(1).T
     m, views = workspace.get(("gram", k, dt) + _sig(lists[0]), make)
     for a in range(k):
         torch._foreach_copy_(views[a], lists[a])
@@ -138,6 +151,14 @@ def gram(lists):
 
 def combine_(out, lists, weights):
     k = len(lists)
+    if torch.compiler.is_compiling():
+        # Data pointers are not traceable, so aliasing cannot be told apart: compute into
+        # temporaries first (the graph's reinplacing removes what it can).
+        acc = _scaled(lists[0], weights[0])
+        for j in range(1, k):
+            torch._foreach_add_(acc, _scaled(lists[j], weights[j]))
+        torch._foreach_copy_(out, acc)
+        return
     ptrs = [o.data_ptr() if o.numel() else None for o in out]
     hits = [[p is not None and p == x.data_ptr() for p, x in zip(ptrs, lst)] for lst in lists]
     touched = [j for j in range(k) if any(hits[j])]
@@ -156,3 +177,91 @@ def combine_(out, lists, weights):
     for j in range(k):
         if j != alias:
             _scaled_add_(out, lists[j], weights[j])
+
+
+# ------------------------------------------------------------------ fused base updates
+# The foreach backend is the plain-PyTorch baseline: its updates read the step counts (and
+# found_inf, a tensor lr) on the host, which synchronises with a GPU once per call. The
+# compiled backends do not.
+
+def _combined(grads, weights):
+    """sum_k w_k grads[k]: grads[0] itself when that is the whole sum, else new tensors."""
+    if len(grads) == 1 and not isinstance(weights, torch.Tensor) and weights[0] == 1.0:
+        return grads[0]
+    acc = _scaled(grads[0], weights[0])
+    for k in range(1, len(grads)):
+        torch._foreach_add_(acc, _scaled(grads[k], weights[k]))
+    return acc
+
+
+def _host(x):
+    return float(x) if isinstance(x, torch.Tensor) else x
+
+
+def _skipped(found_inf, params, source):
+    if found_inf is None or _host(found_inf) == 0:
+        return False
+    if source is not None:  # a restore folded into the update still happens
+        torch._foreach_copy_(params, source)
+    return True
+
+
+def _front(params, source, grads, weights, grad_out, maximize):
+    g = _combined(grads, weights)
+    if grad_out is not None:
+        torch._foreach_copy_(grad_out, g)
+    if maximize:
+        g = torch._foreach_neg(g)
+    if source is not None:
+        torch._foreach_copy_(params, source)
+    return g
+
+
+def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
+         weight_decay, maximize, found_inf):
+    if _skipped(found_inf, params, source):
+        return
+    lr = _host(lr)
+    g = _front(params, source, grads, weights, grad_out, maximize)
+    if weight_decay != 0:
+        g = torch._foreach_add(g, params, alpha=weight_decay)
+    if momentum != 0:
+        first = torch.stack([s.reshape(()) for s in steps]).eq(0).tolist()
+        old = [i for i, f in enumerate(first) if not f]
+        new = [i for i, f in enumerate(first) if f]
+        if new:
+            torch._foreach_copy_([momentum_buffers[i] for i in new], [g[i] for i in new])
+        if old:
+            bufs = [momentum_buffers[i] for i in old]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, [g[i] for i in old], alpha=1 - dampening)
+        g = torch._foreach_add(g, momentum_buffers, alpha=momentum) if nesterov else momentum_buffers
+    torch._foreach_add_(params, g, alpha=-lr)
+    if steps:
+        torch._foreach_add_(steps, 1)
+
+
+def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
+          eps, weight_decay, decoupled, amsgrad, maximize, found_inf):
+    if _skipped(found_inf, params, source):
+        return
+    lr = _host(lr)
+    g = _front(params, source, grads, weights, grad_out, maximize)
+    if weight_decay != 0:
+        if decoupled:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        else:
+            g = torch._foreach_add(g, params, alpha=weight_decay)
+    torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, 1 - beta2)
+    nu = exp_avg_sqs
+    if amsgrad:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        nu = max_exp_avg_sqs
+    counts = [c + 1 for c in torch.stack([s.reshape(()) for s in steps]).tolist()]
+    denom = torch._foreach_sqrt(nu)
+    torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** c) for c in counts])
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1 ** c) for c in counts])
+    torch._foreach_add_(steps, 1)

@@ -1,12 +1,18 @@
-"""The compiled backends: ``cpu`` (csrc/cpu) and ``cuda`` (csrc/cuda), one module ``roga_cuda._C``.
+"""The compiled backends: ``cpu`` (csrc/cpu) and ``cuda`` (csrc/cuda), i.e. the operators
+``torch.ops.roga_cuda.*`` and their kernels in ``roga_cuda._C``.
 
-The C++ frontend validates its inputs itself (cheaply, in one loop), so the Python layer
-only normalises scalars: a Python float travels as a double, a 0-d device tensor by
-pointer (read on the device, no host synchronisation).
+Eager calls on plain tensors take the module's fast entry points (same checks and kernels,
+without the dispatcher's per-tensor boxing); they hand back anything that needs the
+dispatcher: tensor subclasses (FakeTensor, DTensor, ...), functional tensors, meta tensors,
+an active TorchDispatchMode. Under torch.compile the registered operators are called
+directly, so Dynamo records them in the graph.
 """
+import functools
+import itertools
+
 import torch
 
-from . import Backend
+from .registry import Backend
 
 _C = None
 _reason = None
@@ -30,77 +36,131 @@ else:
                    "is running; rebuild with `pip install --no-build-isolation -e .`")
         _C = None
 
+_ops = torch.ops.roga_cuda if _C is not None else None
+_compiling = torch.compiler.is_compiling
 
-def _clear_type_errors(fn):
-    """pybind11 reports a non-tensor list element as 'incompatible function arguments'; the
-    fast path skips the Python checks, so re-run them here to name the culprit."""
-    import functools
-    import inspect
 
-    names = list(inspect.signature(fn).parameters)
+def _fast(name):
+    """The fast entry ``name`` of roga_cuda._C. pybind11 reports a non-tensor list element as
+    'incompatible function arguments': name the culprit instead."""
+    fn = getattr(_C, name) if _C is not None else None
 
     @functools.wraps(fn)
-    def wrapper(*args):
+    def call(*args):
         try:
             return fn(*args)
         except TypeError as e:
             if "incompatible function arguments" not in str(e):
                 raise
-            from . import _tensor_list
-            for name, a in zip(names, args):
-                if name == "lists":
-                    for k, l in enumerate(a):
-                        _tensor_list(fn.__name__, f"lists[{k}]", l)
-                elif isinstance(a, (list, tuple)):
-                    _tensor_list(fn.__name__, name, a)
+            from . import checks
+            checks._name_non_tensors(name, args)
             raise
-
-    return wrapper
-
-
-def _split(s):
-    return (0.0, s) if isinstance(s, torch.Tensor) else (float(s), None)
+    return call
 
 
-@_clear_type_errors
+_f = {n: _fast(n) for n in ("norm", "perturb_", "restore_", "restore_accumulate_", "gram", "combine_", "sgd_",
+                             "adam_")} if _C is not None else {}
+
+
+def _flat(lists):
+    return list(itertools.chain.from_iterable(lists))
+
+
+def _dispatch(op, name, first, inplace=True):
+    """Before a call goes through the dispatcher. DTensors: make sure the operators know
+    them (distributed.py). torch.func.functionalize's C++ functional tensors cannot run
+    list-mutating custom operators (torch.compile and export functionalise them fine, in
+    Python): say so instead of torch's message about alias annotations."""
+    if first is None or _compiling():
+        return
+    if type(first).__name__ == "DTensor":
+        from . import distributed
+        distributed.register()
+    elif inplace and type(first) is torch.Tensor and torch._is_functional_tensor(first):
+        raise TypeError(f"{op}: {name}[0] is a functional tensor of torch.func.functionalize, which cannot run "
+                        "in-place operators on tensor lists; call roga_cuda ops outside functionalize (they work "
+                        "under torch.compile and torch.export)")
+
+
 def norm(ts, per_tensor, params, eta):
-    return _C.norm(ts, params, eta, per_tensor)
-
-
-@_clear_type_errors
-def perturb_(params, grads, backup, scale, adaptive, eta):
-    _C.perturb_(params, grads, backup, *_split(scale), adaptive, eta)
-
-
-@_clear_type_errors
-def restore_(params, backup):
-    _C.restore_(params, backup)
-
-
-@_clear_type_errors
-def restore_accumulate_(params, backup, acc, grads, weight):
-    _C.restore_accumulate_(params, backup, acc, grads, *_split(weight))
-
-
-@_clear_type_errors
-def gram(lists):
-    return _C.gram(lists)
-
-
-@_clear_type_errors
-def combine_(out, lists, weights):
-    if isinstance(weights, torch.Tensor):
-        _C.combine_(out, lists, [], weights)
+    if not _compiling():
+        r = _f["norm"](ts, params, eta, per_tensor)
+        if r is not None:
+            return (r[0], r[1]) if per_tensor else (r[0], None)
+    _dispatch("norm", "ts", ts[0] if ts else None, inplace=False)
+    if params is None:
+        total, per = _ops.norm(ts, per_tensor)
     else:
-        _C.combine_(out, lists, weights, None)
+        total, per = _ops.asam_norm(ts, params, eta, per_tensor)
+    return total, (per if per_tensor else None)
+
+
+def perturb_(params, grads, backup, scale, scale_t, adaptive, eta):
+    if not _compiling() and _f["perturb_"](params, grads, backup, scale, scale_t, adaptive, eta):
+        return
+    _dispatch("perturb_", "params", params[0] if params else None)
+    if adaptive:
+        _ops.asam_perturb_(params, grads, backup, scale, scale_t, eta)
+    else:
+        _ops.perturb_(params, grads, backup, scale, scale_t)
+
+
+def restore_(params, backup):
+    if not _compiling() and _f["restore_"](params, backup):
+        return
+    _dispatch("restore_", "params", params[0] if params else None)
+    _ops.restore_(params, backup)
+
+
+def restore_accumulate_(params, backup, acc, grads, weight, weight_t):
+    if not _compiling() and _f["restore_accumulate_"](params, backup, acc, grads, weight, weight_t):
+        return
+    _dispatch("restore_accumulate_", "params", params[0] if params else None)
+    _ops.restore_accumulate_(params, backup, acc, grads, weight, weight_t)
+
+
+def gram(lists):
+    if not _compiling():
+        g = _f["gram"](lists)
+        if g is not None:
+            return g
+    _dispatch("gram", "lists", lists[0][0] if lists[0] else None, inplace=False)
+    return _ops.gram(_flat(lists), len(lists))
+
+
+def combine_(out, lists, weights, weights_t):
+    if not _compiling() and _f["combine_"](out, lists, weights, weights_t):
+        return
+    _dispatch("combine_", "out", out[0] if out else None)
+    _ops.combine_(out, _flat(lists), weights, weights_t)
+
+
+def sgd_(params, source, grads, weights, weights_t, grad_out, momentum_buffers, steps, lr, lr_t, momentum, dampening,
+         nesterov, weight_decay, maximize, found_inf):
+    args = (params, source, grads, weights, weights_t, grad_out, momentum_buffers, steps, lr, lr_t, momentum,
+            dampening, nesterov, weight_decay, maximize, found_inf)
+    if not _compiling() and _f["sgd_"](*args):
+        return
+    _dispatch("sgd_", "params", params[0] if params else None)
+    _ops.sgd_(*args)
+
+
+def adam_(params, source, grads, weights, weights_t, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_t,
+          beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, found_inf):
+    args = (params, source, grads, weights, weights_t, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
+            lr_t, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, found_inf)
+    if not _compiling() and _f["adam_"](*args):
+        return
+    _dispatch("adam_", "params", params[0] if params else None)
+    _ops.adam_(*args)
 
 
 def backends():
     import sys
     mod = sys.modules[__name__]
-    cpu = Backend("cpu", mod, _C is not None, _reason, ("cpu",), validates=True)
+    cpu = Backend("cpu", mod, _C is not None, _reason, ("cpu",), compiled=True)
     if _C is None:
-        cuda = Backend("cuda", mod, False, _reason, ("cuda",), validates=True)
+        cuda = Backend("cuda", mod, False, _reason, ("cuda",), compiled=True)
     elif not _C.WITH_CUDA:
         cuda = Backend("cuda", mod, False, "roga_cuda was built without CUDA kernels "
                        f"(torch.version.cuda={torch.version.cuda}; see README 'CUDA build')", ("cuda",), True)

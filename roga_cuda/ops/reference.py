@@ -9,6 +9,8 @@ Arguments arrive validated and normalised by ``roga_cuda.ops``: ``scale``/``weig
 Python float or a 0-d tensor on the lists' device; ``weights`` is a list of floats or a
 1-d tensor of length K.
 """
+import math
+
 import torch
 
 
@@ -70,3 +72,82 @@ def combine_(out, lists, weights):
         m = _math_dtype(o)
         acc = sum(weights[k] * lists[k][i].to(m) for k in range(len(lists)))
         o.copy_(acc)  # the sum is complete before `o` is written: `o` may alias an input
+
+
+# ------------------------------------------------------------------ fused base updates
+# grads: K lists; weights: K floats or a 1-d tensor; the gradient of position i is
+# sum_k weights[k] * grads[k][i]. source: None (read params) or the list the parameter
+# values are read from. grad_out: None or a list receiving the combined gradient. steps:
+# None or one-element float32 tensors, the counts before this update; incremented after.
+# found_inf: None or a one-element tensor; nonzero skips the update: only source (when
+# given) is copied into params, so a restore folded into the update still happens.
+
+def _update_grad(grads, weights, i, m):
+    return sum(weights[k] * grads[k][i].to(m) for k in range(len(grads)))
+
+
+def _skip(found_inf, params, source):
+    if found_inf is None or not bool(found_inf.reshape(()) != 0):
+        return False
+    for p, s in zip(params, source or ()):
+        p.copy_(s)
+    return True
+
+
+def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
+         weight_decay, maximize, found_inf):
+    """torch.optim.SGD's update (the momentum buffer starts as the gradient at step 0)."""
+    if _skip(found_inf, params, source):
+        return
+    for i, p in enumerate(params):
+        m = _math_dtype(p)
+        g = _update_grad(grads, weights, i, m)
+        if grad_out is not None:
+            grad_out[i].copy_(g)
+        if maximize:
+            g = -g
+        x = (source[i] if source is not None else p).to(m)
+        if weight_decay != 0:
+            g = g + weight_decay * x
+        if momentum != 0:
+            first = bool(steps[i].reshape(()) == 0)
+            buf = g if first else momentum * momentum_buffers[i].to(m) + (1 - dampening) * g
+            momentum_buffers[i].copy_(buf)
+            g = g + momentum * buf if nesterov else buf
+        p.copy_(x - lr * g)
+    for s in steps or ():
+        s.add_(1)
+
+
+def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
+          eps, weight_decay, decoupled, amsgrad, maximize, found_inf):
+    """torch.optim.Adam's update (AdamW: decoupled=True), bias-corrected by each step count."""
+    if _skip(found_inf, params, source):
+        return
+    for i, p in enumerate(params):
+        m = _math_dtype(p)
+        g = _update_grad(grads, weights, i, m)
+        if grad_out is not None:
+            grad_out[i].copy_(g)
+        if maximize:
+            g = -g
+        x = (source[i] if source is not None else p).to(m)
+        step = float(steps[i]) + 1
+        if weight_decay != 0:
+            if decoupled:
+                x = x * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * x
+        mu = exp_avgs[i].to(m)
+        mu = mu + (1 - beta1) * (g - mu)
+        nu = beta2 * exp_avg_sqs[i].to(m) + (1 - beta2) * g * g
+        exp_avgs[i].copy_(mu)
+        exp_avg_sqs[i].copy_(nu)
+        if amsgrad:
+            nu = torch.maximum(max_exp_avg_sqs[i].to(m), nu)
+            max_exp_avg_sqs[i].copy_(nu)
+        step_size = lr / (1 - beta1 ** step)
+        denom = nu.sqrt() / math.sqrt(1 - beta2 ** step) + eps
+        p.copy_(x - step_size * (mu / denom))
+    for s in steps:
+        s.add_(1)

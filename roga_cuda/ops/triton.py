@@ -36,6 +36,7 @@ call and CUDA-graph device time, against a copy of the same bytes): the measurem
 ``auto``'s order between ``cuda`` and ``triton`` is to be set from.
 """
 import contextlib
+import math
 import struct
 import sys
 import time
@@ -45,7 +46,7 @@ from operator import attrgetter
 
 import torch
 
-from . import Backend
+from .registry import Backend
 
 try:
     import triton
@@ -329,6 +330,136 @@ if triton is not None:
                     y += tl.load(w_ptr + k).to(ACC) * tl.load(x + idx, mask=m).to(ACC)
                 tl.store(o + idx, y.to(DT), mask=m)
 
+    # The fused updates. Pointer-table rows: 0 params, 1 source (= params without one),
+    # 2 grad_out, 3..5 optimizer state, 6 the step count (one float per tensor, not offset),
+    # 7.. the K gradients. Rows a flag leaves unused hold the params' pointers. All tiles
+    # are masked (found_inf folds into the mask: a skipped update only copies the source).
+    @triton.jit(do_not_specialize=["T", "lr_bits", "mom_bits", "damp_bits", "wd_bits"])
+    def _sgd_kernel(ptrs, meta, T, w_ptr, lr_ptr, lr_bits, found_ptr, mom_bits, damp_bits, wd_bits,
+                    K: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr, HAS_SRC: tl.constexpr,
+                    HAS_GOUT: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WD: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, FOUND: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        t = tl.load(meta + 3 * pid)
+        off = tl.load(meta + 3 * pid + 1)
+        n = tl.load(meta + 3 * pid + 2)
+        p = tl.load(ptrs + t).to(tl.pointer_type(DT)) + off
+        src = tl.load(ptrs + T + t).to(tl.pointer_type(DT)) + off
+        gout = tl.load(ptrs + 2 * T + t).to(tl.pointer_type(DT)) + off
+        buf = tl.load(ptrs + 3 * T + t).to(tl.pointer_type(DT)) + off
+        step = tl.load(tl.load(ptrs + 6 * T + t).to(tl.pointer_type(tl.float32)))
+        if LR_PTR:
+            lr = tl.load(lr_ptr).to(ACC)
+        else:
+            lr = lr_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+        mom = mom_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+        damp = (1.0 - damp_bits.to(tl.int64).to(tl.float64, bitcast=True)).to(ACC)  # 1 - dampening
+        wd = wd_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+        r = tl.arange(0, BLOCK)
+        live = r >= 0  # a block of True (found_inf, when given, is broadcast over the tile)
+        if FOUND:
+            live = (tl.zeros([BLOCK], tl.float32) + tl.load(found_ptr).to(tl.float32)) == 0.0
+        dead = live == 0
+        for i in range(0, n, BLOCK):
+            idx = i + r
+            m = idx < n
+            mu = m & live
+            g = tl.zeros([BLOCK], ACC)
+            for k in tl.static_range(K):
+                x = tl.load(ptrs + (7 + k) * T + t).to(tl.pointer_type(DT)) + off
+                g += tl.load(w_ptr + k).to(ACC) * tl.load(x + idx, mask=mu, other=0.0).to(ACC)
+            if HAS_GOUT:
+                tl.store(gout + idx, g.to(DT), mask=mu)
+            if MAXIMIZE:
+                g = -g
+            xv = tl.load(src + idx, mask=m, other=0.0)
+            xa = xv.to(ACC)
+            if WD:
+                g = g + wd * xa
+            if MOMENTUM:
+                b = mom * tl.load(buf + idx, mask=mu, other=0.0).to(ACC) + damp * g
+                b = tl.where(step == 0.0, g, b)
+                tl.store(buf + idx, b.to(DT), mask=mu)
+                if NESTEROV:
+                    g = g + mom * b
+                else:
+                    g = b
+            tl.store(p + idx, (xa - lr * g).to(DT), mask=mu)
+            if HAS_SRC and FOUND:  # a skipped update still restores
+                tl.store(p + idx, xv, mask=m & dead)
+
+    @triton.jit(do_not_specialize=["T", "lr_bits", "b1_bits", "b2_bits", "lb1_bits", "lb2_bits", "eps_bits",
+                                   "wd_bits"])
+    def _adam_kernel(ptrs, meta, T, w_ptr, lr_ptr, lr_bits, found_ptr, b1_bits, b2_bits, lb1_bits, lb2_bits,
+                     eps_bits, wd_bits, K: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr, HAS_SRC: tl.constexpr,
+                     HAS_GOUT: tl.constexpr, WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                     MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, FOUND: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        t = tl.load(meta + 3 * pid)
+        off = tl.load(meta + 3 * pid + 1)
+        n = tl.load(meta + 3 * pid + 2)
+        p = tl.load(ptrs + t).to(tl.pointer_type(DT)) + off
+        src = tl.load(ptrs + T + t).to(tl.pointer_type(DT)) + off
+        gout = tl.load(ptrs + 2 * T + t).to(tl.pointer_type(DT)) + off
+        mp = tl.load(ptrs + 3 * T + t).to(tl.pointer_type(DT)) + off
+        vp = tl.load(ptrs + 4 * T + t).to(tl.pointer_type(DT)) + off
+        qp = tl.load(ptrs + 5 * T + t).to(tl.pointer_type(DT)) + off
+        step = tl.load(tl.load(ptrs + 6 * T + t).to(tl.pointer_type(tl.float32))).to(tl.float64) + 1.0
+        if LR_PTR:
+            lr = tl.load(lr_ptr).to(tl.float64)
+        else:
+            lr = lr_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        b1 = b1_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        b2 = b2_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        # beta^step as exp(step * log(beta)), in float64, as torch's host-side bias corrections
+        bc1 = 1.0 - tl.exp(step * lb1_bits.to(tl.int64).to(tl.float64, bitcast=True))
+        bc2 = 1.0 - tl.exp(step * lb2_bits.to(tl.int64).to(tl.float64, bitcast=True))
+        step_size = (lr / bc1).to(ACC)
+        bc2s = tl.sqrt(bc2).to(ACC)
+        eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+        wdd = wd_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        wd = wdd.to(ACC)
+        decay = (1.0 - lr * wdd).to(ACC)
+        a1 = (1.0 - b1).to(ACC)
+        b2a = b2.to(ACC)
+        a2 = (1.0 - b2).to(ACC)
+        r = tl.arange(0, BLOCK)
+        live = r >= 0  # a block of True (found_inf, when given, is broadcast over the tile)
+        if FOUND:
+            live = (tl.zeros([BLOCK], tl.float32) + tl.load(found_ptr).to(tl.float32)) == 0.0
+        dead = live == 0
+        for i in range(0, n, BLOCK):
+            idx = i + r
+            m = idx < n
+            mu = m & live
+            g = tl.zeros([BLOCK], ACC)
+            for k in tl.static_range(K):
+                x = tl.load(ptrs + (7 + k) * T + t).to(tl.pointer_type(DT)) + off
+                g += tl.load(w_ptr + k).to(ACC) * tl.load(x + idx, mask=mu, other=0.0).to(ACC)
+            if HAS_GOUT:
+                tl.store(gout + idx, g.to(DT), mask=mu)
+            if MAXIMIZE:
+                g = -g
+            xv = tl.load(src + idx, mask=m, other=0.0)
+            xa = xv.to(ACC)
+            if WD:
+                if DECOUPLED:
+                    xa = xa * decay
+                else:
+                    g = g + wd * xa
+            m0 = tl.load(mp + idx, mask=mu, other=0.0).to(ACC)
+            mv = m0 + a1 * (g - m0)
+            vv = b2a * tl.load(vp + idx, mask=mu, other=0.0).to(ACC) + a2 * g * g
+            tl.store(mp + idx, mv.to(DT), mask=mu)
+            tl.store(vp + idx, vv.to(DT), mask=mu)
+            q = vv
+            if AMSGRAD:
+                q = tl.maximum(tl.load(qp + idx, mask=mu, other=0.0).to(ACC), vv)
+                tl.store(qp + idx, q.to(DT), mask=mu)
+            tl.store(p + idx, (xa - step_size * (mv / (tl.sqrt(q) / bc2s + eps))).to(DT), mask=mu)
+            if HAS_SRC and FOUND:
+                tl.store(p + idx, xv, mask=m & dead)
+
     # The interpreter swaps triton.jit for its own class; CPU tensors work only then (the
     # kernels dereference raw host addresses from the pointer table).
     INTERPRET = type(_norm_kernel).__name__ == "InterpretedFunction"
@@ -366,7 +497,7 @@ def backend():
     reason = _unavailable_reason()
     devices = ("cpu",) if INTERPRET else ("cuda",)
     extra = {"interpret": INTERPRET, "triton_version": getattr(triton, "__version__", None)}
-    return Backend("triton", mod, reason is None, reason, devices, validates=False, extra=extra)
+    return Backend("triton", mod, reason is None, reason, devices, extra=extra)
 
 
 # -------------------------------------------------------------------- plans and tables
@@ -577,7 +708,7 @@ def _warps():
 
 # --------------------------------------------------------------------------- primitives
 
-def norm(ts, per_tensor, params, eta):
+def _norm_impl(ts, per_tensor, params, eta):
     lists = [ts] if params is None else [ts, params]
     plan, tables, aligned = _tables("norm", "norm", lists, _elementwise_block)
     dev = plan.device
@@ -611,7 +742,7 @@ def _scalar_args(s, anchor):
     return anchor, _f64_bits(s), False
 
 
-def perturb_(params, grads, backup, scale, adaptive, eta):
+def _perturb__impl(params, grads, backup, scale, adaptive, eta):
     plan, tables, aligned = _tables("perturb_", "perturb", [params, grads, backup], _elementwise_block)
     eta_bits = _f64_bits(eta)
     with _device_ctx(plan.device):
@@ -625,7 +756,7 @@ def perturb_(params, grads, backup, scale, adaptive, eta):
     torch.autograd.graph.increment_version(backup)
 
 
-def restore_(params, backup):
+def _restore__impl(params, backup):
     plan, tables, aligned = _tables("restore_", "restore", [params, backup], _elementwise_block)
     with _device_ctx(plan.device):
         for la, ptrs, al in zip(plan.launches, tables, aligned):
@@ -635,7 +766,7 @@ def restore_(params, backup):
     torch.autograd.graph.increment_version(params)
 
 
-def restore_accumulate_(params, backup, acc, grads, weight):
+def _restore_accumulate__impl(params, backup, acc, grads, weight):
     plan, tables, aligned = _tables("restore_accumulate_", "restore_acc", [params, backup, acc, grads],
                                     _elementwise_block)
     with _device_ctx(plan.device):
@@ -648,7 +779,7 @@ def restore_accumulate_(params, backup, acc, grads, weight):
     torch.autograd.graph.increment_version(acc)
 
 
-def gram(lists):
+def _gram_impl(lists):
     k = len(lists)
     kp = _next_pow2(k)
     plan, tables, aligned = _tables("gram", "gram", lists, _gram_block(kp))
@@ -667,7 +798,7 @@ def gram(lists):
     return out
 
 
-def combine_(out, lists, weights):
+def _combine__impl(out, lists, weights):
     k = len(lists)
     kp = _next_pow2(k)
     plan, tables, aligned = _tables("combine_", "combine", [out] + list(lists), _combine_block(kp))
@@ -689,6 +820,211 @@ def _weights_tensor(weights, device):
     if w is None:
         w = _weights_cache.put(key, _to_device(torch.tensor(key[1], dtype=torch.float64), device))
     return w
+
+
+# ------------------------------------------------------------------ fused base updates
+
+def _update_lists(params, source, grad_out, states, steps, grads):
+    """The pointer-table rows of the update kernels (see _sgd_kernel), the params' pointers
+    where a flag leaves a row unused."""
+    st = list(states) + [params] * (3 - len(states))
+    return [params, source if source is not None else params, grad_out if grad_out is not None else params,
+            *st, steps if steps else params, *grads]
+
+
+def _run_update(kernel, kind, params, source, grads, weights, grad_out, states, steps, lr, found_inf, **flags):
+    lists = _update_lists(params, source, grad_out, states, steps, grads)
+    plan, tables, _ = _tables(kind, kind, lists, _elementwise_block)
+    dev = plan.device
+    w = weights if isinstance(weights, torch.Tensor) else _weights_tensor(weights, dev)
+    lr_ptr, lr_bits, lr_is_ptr = _scalar_args(lr, w)
+    found = found_inf if found_inf is not None else w
+    with _device_ctx(dev):
+        for la, ptrs in zip(plan.launches, tables):
+            kernel[(la.nb,)](ptrs, la.meta, la.t, w, lr_ptr, lr_bits, found, K=len(grads), DT=la.tdt, ACC=la.acc,
+                             HAS_SRC=source is not None, HAS_GOUT=grad_out is not None, LR_PTR=lr_is_ptr,
+                             FOUND=found_inf is not None, BLOCK=la.block, num_warps=_warps(), **flags)
+    stats["launches"] += len(plan.launches)
+    if steps:  # after the update read them; a skipped update leaves them
+        torch._foreach_add_(steps, 1 if found_inf is None else (1 - found_inf.reshape(())).float())
+    for lst in (params, grad_out, steps, *states):
+        if lst:
+            torch.autograd.graph.increment_version(lst)
+
+
+def _sgd__impl(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
+         weight_decay, maximize, found_inf):
+    _run_update(_sgd_kernel, "sgd", params, source, grads, weights, grad_out,
+                [momentum_buffers] if momentum else [], steps, lr, found_inf,
+                mom_bits=_f64_bits(momentum), damp_bits=_f64_bits(dampening), wd_bits=_f64_bits(weight_decay),
+                MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), WD=weight_decay != 0, MAXIMIZE=bool(maximize))
+
+
+def _adam__impl(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
+          eps, weight_decay, decoupled, amsgrad, maximize, found_inf):
+    states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    _run_update(_adam_kernel, "adam", params, source, grads, weights, grad_out, states, steps, lr, found_inf,
+                b1_bits=_f64_bits(beta1), b2_bits=_f64_bits(beta2), lb1_bits=_f64_bits(math.log(beta1) if beta1 > 0
+                                                                                       else -math.inf),
+                lb2_bits=_f64_bits(math.log(beta2) if beta2 > 0 else -math.inf), eps_bits=_f64_bits(eps),
+                wd_bits=_f64_bits(weight_decay), WD=weight_decay != 0, DECOUPLED=bool(decoupled),
+                AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize))
+
+
+# ------------------------------------------------- as operators (torch.compile, export)
+# The kernels reach tensors through device tables of raw pointers (one launch for hundreds
+# of tensors), which tracing cannot follow: under torch.compile / FakeTensor / tensor
+# subclasses the backend's calls are custom operators (roga_cuda::triton_*) with fake
+# kernels, opaque to Inductor; eager calls on plain tensors skip that wrapper. Not
+# torch.library.triton_op: Inductor would trace the kernels with only the pointer tables as
+# arguments and could not see which tensors they write (docs/kernels.md).
+
+def _traced(*lists):
+    if torch.compiler.is_compiling():
+        return True
+    for lst in lists:
+        if lst and type(lst[0]) is not torch.Tensor:
+            return True
+    return False
+
+
+def _split(s):
+    return (0.0, s) if isinstance(s, torch.Tensor) else (float(s), None)
+
+
+def _weights_split(w):
+    return ([], w) if isinstance(w, torch.Tensor) else (list(w), None)
+
+
+if triton is not None:
+    from typing import Optional
+
+    _lib_ns = "roga_cuda::triton_"
+
+    @torch.library.custom_op(_lib_ns + "norm", mutates_args=())
+    def _norm_op(ts: list[torch.Tensor], per_tensor: bool, params: list[torch.Tensor], eta: float) \
+            -> tuple[torch.Tensor, torch.Tensor]:
+        total, per = _norm_impl(ts, True, params or None, eta)
+        return total, per
+
+    @_norm_op.register_fake
+    def _(ts, per_tensor, params, eta):
+        dt = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+        return ts[0].new_empty((), dtype=dt), ts[0].new_empty((len(ts),), dtype=dt)
+
+    @torch.library.custom_op(_lib_ns + "perturb_", mutates_args=("params", "backup"))
+    def _perturb_op(params: list[torch.Tensor], grads: list[torch.Tensor], backup: list[torch.Tensor], scale: float,
+                    scale_t: Optional[torch.Tensor], adaptive: bool, eta: float) -> None:
+        _perturb__impl(params, grads, backup, scale if scale_t is None else scale_t, adaptive, eta)
+
+    @torch.library.custom_op(_lib_ns + "restore_", mutates_args=("params",))
+    def _restore_op(params: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
+        _restore__impl(params, backup)
+
+    @torch.library.custom_op(_lib_ns + "restore_accumulate_", mutates_args=("params", "acc"))
+    def _restore_acc_op(params: list[torch.Tensor], backup: list[torch.Tensor], acc: list[torch.Tensor],
+                        grads: list[torch.Tensor], weight: float, weight_t: Optional[torch.Tensor]) -> None:
+        _restore_accumulate__impl(params, backup, acc, grads, weight if weight_t is None else weight_t)
+
+    @torch.library.custom_op(_lib_ns + "gram", mutates_args=())
+    def _gram_op(flat: list[torch.Tensor], k: int) -> torch.Tensor:
+        n = len(flat) // k
+        return _gram_impl([flat[j * n:(j + 1) * n] for j in range(k)])
+
+    @_gram_op.register_fake
+    def _(flat, k):
+        n = len(flat) // k
+        dt = torch.float64 if any(t.dtype == torch.float64 for t in flat[:n]) else torch.float32
+        return flat[0].new_empty((k, k), dtype=dt)
+
+    @torch.library.custom_op(_lib_ns + "combine_", mutates_args=("out",))
+    def _combine_op(out: list[torch.Tensor], flat: list[torch.Tensor], weights: list[float],
+                    weights_t: Optional[torch.Tensor]) -> None:
+        n = len(out)
+        _combine__impl(out, [flat[j * n:(j + 1) * n] for j in range(len(flat) // n)],
+                       weights if weights_t is None else weights_t)
+
+    @torch.library.custom_op(_lib_ns + "sgd_", mutates_args=("params", "grad_out", "momentum_buffers", "steps"))
+    def _sgd_op(params: list[torch.Tensor], source: list[torch.Tensor], flat: list[torch.Tensor],
+                weights: list[float], weights_t: Optional[torch.Tensor], grad_out: list[torch.Tensor],
+                momentum_buffers: list[torch.Tensor], steps: list[torch.Tensor], lr: float,
+                lr_t: Optional[torch.Tensor], momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+                maximize: bool, found_inf: Optional[torch.Tensor]) -> None:
+        n = len(params)
+        _sgd__impl(params, source or None, [flat[j * n:(j + 1) * n] for j in range(len(flat) // n)],
+                   weights if weights_t is None else weights_t, grad_out or None, momentum_buffers, steps,
+                   lr if lr_t is None else lr_t, momentum, dampening, nesterov, weight_decay, maximize, found_inf)
+
+    @torch.library.custom_op(_lib_ns + "adam_", mutates_args=("params", "grad_out", "exp_avgs", "exp_avg_sqs",
+                                                               "max_exp_avg_sqs", "steps"))
+    def _adam_op(params: list[torch.Tensor], source: list[torch.Tensor], flat: list[torch.Tensor],
+                 weights: list[float], weights_t: Optional[torch.Tensor], grad_out: list[torch.Tensor],
+                 exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
+                 steps: list[torch.Tensor], lr: float, lr_t: Optional[torch.Tensor], beta1: float, beta2: float,
+                 eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool,
+                 found_inf: Optional[torch.Tensor]) -> None:
+        n = len(params)
+        _adam__impl(params, source or None, [flat[j * n:(j + 1) * n] for j in range(len(flat) // n)],
+                    weights if weights_t is None else weights_t, grad_out or None, exp_avgs, exp_avg_sqs,
+                    max_exp_avg_sqs, steps, lr if lr_t is None else lr_t, beta1, beta2, eps, weight_decay, decoupled,
+                    amsgrad, maximize, found_inf)
+
+
+def norm(ts, per_tensor, params, eta):
+    if _traced(ts):
+        total, per = _norm_op(ts, per_tensor, params or [], eta)
+        return total, (per if per_tensor else None)
+    return _norm_impl(ts, per_tensor, params, eta)
+
+
+def perturb_(params, grads, backup, scale, adaptive, eta):
+    if _traced(params):
+        return _perturb_op(params, grads, backup, *_split(scale), adaptive, eta)
+    _perturb__impl(params, grads, backup, scale, adaptive, eta)
+
+
+def restore_(params, backup):
+    if _traced(params):
+        return _restore_op(params, backup)
+    _restore__impl(params, backup)
+
+
+def restore_accumulate_(params, backup, acc, grads, weight):
+    if _traced(params):
+        return _restore_acc_op(params, backup, acc, grads, *_split(weight))
+    _restore_accumulate__impl(params, backup, acc, grads, weight)
+
+
+def gram(lists):
+    if _traced(lists[0]):
+        return _gram_op(list(chain.from_iterable(lists)), len(lists))
+    return _gram_impl(lists)
+
+
+def combine_(out, lists, weights):
+    if _traced(out):
+        return _combine_op(out, list(chain.from_iterable(lists)), *_weights_split(weights))
+    _combine__impl(out, lists, weights)
+
+
+def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
+         weight_decay, maximize, found_inf):
+    if _traced(params):
+        return _sgd_op(params, source or [], list(chain.from_iterable(grads)), *_weights_split(weights),
+                       grad_out or [], momentum_buffers, steps, *_split(lr), momentum, dampening, nesterov,
+                       weight_decay, maximize, found_inf)
+    _sgd__impl(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
+               weight_decay, maximize, found_inf)
+
+
+def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
+          eps, weight_decay, decoupled, amsgrad, maximize, found_inf):
+    if _traced(params):
+        return _adam_op(params, source or [], list(chain.from_iterable(grads)), *_weights_split(weights),
+                        grad_out or [], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *_split(lr), beta1, beta2,
+                        eps, weight_decay, decoupled, amsgrad, maximize, found_inf)
+    _adam__impl(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1,
+                beta2, eps, weight_decay, decoupled, amsgrad, maximize, found_inf)
 
 
 # ------------------------------------------------------------------------------ timing

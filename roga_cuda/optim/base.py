@@ -1,31 +1,79 @@
-"""Plumbing shared by the wrapper optimizers (SAM, RoGA, PCGrad).
+"""What every wrapper optimizer (SAM, RoGA, the gradient-surgery aggregator) shares.
 
-A wrapper owns a *base* optimizer (SGD, AdamW, ...) and shares its ``param_groups``, so
-LR schedulers, per-group hyper-parameters and ``zero_grad`` behave as with the base
-optimizer alone. Every whole-model operation goes through :mod:`roga_cuda.ops` (one fused
-call per parameter group and device, never one per parameter).
+A wrapper owns a *base* optimizer (SGD, AdamW, ...) and shares its ``param_groups``, so LR
+schedulers, per-group hyper-parameters and ``zero_grad`` behave as with the base optimizer
+alone. Per step the Python work does not grow with the number of parameters: the parameter
+lists are cached (:class:`Layout`, rebuilt when the groups change), gradients are gathered
+and cleared by one C++ call each, and every whole-model operation is one fused call per
+parameter group and device. The base update itself is fused too (:mod:`.fused`) when the
+base optimizer is SGD, Adam or AdamW (``fused=False``, or any other base optimizer: torch's
+``step()``).
 """
-import contextlib
 import inspect
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .. import ops
+from . import _utils
+from .fused import FusedUpdate, UpdatePart, export_state_dict
 
-_EPS = 1e-12
+
+@dataclass
+class Part:
+    """A parameter group's parameters on one device, with their gradients this step."""
+    group: dict
+    params: list
+    grads: list
+
+
+class Layout:
+    """The wrapper's parameters, cached: per (group, device) the params in group order, each
+    parameter once (torch only warns about one listed twice in a group; a fused op would
+    write it twice). ``params`` concatenates them, ``bounds`` delimits each part in it."""
+
+    def __init__(self, param_groups):
+        self.signature = Layout.signature_of(param_groups)
+        self.params, self.parts, self.bounds = [], [], []
+        seen = set()
+        for group in param_groups:
+            by_dev = {}
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    by_dev.setdefault(p.device, []).append(p)
+            for ps in by_dev.values():
+                start = len(self.params)
+                self.params.extend(ps)
+                self.parts.append((group, ps))
+                self.bounds.append((start, len(self.params)))
+
+    @staticmethod
+    def signature_of(param_groups):
+        return tuple((id(g), id(g["params"]), len(g["params"])) for g in param_groups)
+
+
+class _Transient:
+    """The wrappers' per-step state (pending perturbations, accumulators, caches), kept on a
+    plain object rather than on the optimizer: Dynamo models torch.optim.Optimizer instances
+    as static and silently drops attribute writes to them inside a compiled region (torch
+    2.13), while it replays writes to plain objects, so a compiled step leaves the state an
+    eager one would."""
 
 
 class WrapperOptimizer(torch.optim.Optimizer):
-    """Base class: builds or adopts the base optimizer and shares its param_groups."""
+    """Builds or adopts the base optimizer, shares its param_groups, caches the parameter
+    layout, and runs the (fused) base update."""
 
-    def __init__(self, params, base_optimizer, defaults, backend="auto", max_grad_norm=None, **base_kwargs):
+    def __init__(self, params, base_optimizer, defaults, backend="auto", max_grad_norm=None, fused=True,
+                 **base_kwargs):
         name = type(self).__name__
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"{name}: max_grad_norm must be > 0 or None, got {max_grad_norm}")
         if backend != "auto" and backend not in ops.BACKENDS:
             raise ValueError(f"{name}: unknown backend {backend!r}; choose one of {('auto',) + ops.BACKENDS}")
+        self._t = _Transient()
         self.backend = backend
         self.max_grad_norm = max_grad_norm
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -50,6 +98,19 @@ class WrapperOptimizer(torch.optim.Optimizer):
                             f"or an instance of one, got {base_optimizer!r}")
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        self.base_optimizer.register_state_dict_post_hook(export_state_dict)
+        self._update = FusedUpdate(self.base_optimizer, backend)
+        self.fused = fused
+        self._t.layout_cache = None
+
+    @property
+    def fused(self):
+        """Whether the base update runs as a fused primitive (SGD/Adam/AdamW only; settable)."""
+        return self._fused and bool(self._update)
+
+    @fused.setter
+    def fused(self, value):
+        self._fused = bool(value)
 
     def add_param_group(self, param_group):
         if not hasattr(self, "base_optimizer"):  # during __init__
@@ -57,6 +118,11 @@ class WrapperOptimizer(torch.optim.Optimizer):
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
         self.base_optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none=True):
+        if not set_to_none:
+            return self.base_optimizer.zero_grad(set_to_none=False)
+        _utils.set_grads(self._layout().params, None)
 
     # -- state -------------------------------------------------------------------------
     def _extra_state(self):
@@ -67,37 +133,61 @@ class WrapperOptimizer(torch.optim.Optimizer):
         pass
 
     def state_dict(self):
-        return {"base": self.base_optimizer.state_dict(), "wrapper": self._extra_state()}
+        """``{"base": the base optimizer's state_dict (torch's format), "wrapper": ..., "type": ...}``."""
+        return {"base": self.base_optimizer.state_dict(), "wrapper": self._extra_state(), "type": type(self).__name__}
 
     def load_state_dict(self, state_dict):
+        """Loads :meth:`state_dict`'s output, or a plain torch optimizer's state_dict (the base
+        optimizer's, e.g. from a run without the wrapper)."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"{name}.load_state_dict: expected a dict, got {type(state_dict).__name__}")
         if "base" not in state_dict:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: expected a dict from "
-                             f"{type(self).__name__}.state_dict() (with 'base' and 'wrapper' keys)")
+            if "state" in state_dict and "param_groups" in state_dict:  # torch's own format: the base's
+                state_dict = {"base": state_dict, "wrapper": {}}
+            else:
+                raise ValueError(f"{name}.load_state_dict: expected a dict from {name}.state_dict() (with 'base' and "
+                                 "'wrapper' keys) or a torch optimizer's state_dict")
+        kind = state_dict.get("type")
+        if kind is not None and kind != name and not (name in _AGGREGATORS and kind in _AGGREGATORS):
+            raise ValueError(f"{name}.load_state_dict: this state_dict was saved by a {kind}, not a {name}")
+        self._check_extra_state(state_dict.get("wrapper", {}))
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict made new group dicts
+        self._t.layout_cache = None
         self._load_extra_state(state_dict.get("wrapper", {}))
 
-    def __repr__(self):
-        return f"{type(self).__name__}(base={self.base_optimizer!r})"
+    def _check_extra_state(self, state):
+        """Raise before anything is loaded if the wrapper state is not this optimizer's."""
 
-    # -- helpers ---------------------------------------------------------------------------
-    def _with_grads(self, groups=None):
-        """[(group, params, grads)] for parameters that have a gradient (skips the rest)."""
-        out = []
-        for group in (self.param_groups if groups is None else groups):
-            ps, gs = [], []
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
-                                       f"(parameter of shape {tuple(p.shape)}); use dense gradients, "
-                                       "e.g. nn.Embedding(..., sparse=False)")
-                ps.append(p)
-                gs.append(g)
-            out.append((group, ps, gs))
-        return out
+    def __repr__(self):
+        return f"{type(self).__name__}(base={self.base_optimizer!r}, fused={self.fused})"
+
+    # -- the parameters of a step ------------------------------------------------------
+    def _layout(self):
+        lay = self._t.layout_cache
+        if lay is None or lay.signature != Layout.signature_of(self.param_groups):
+            lay = self._t.layout_cache = Layout(self.param_groups)
+        return lay
+
+    def _params(self):
+        """Every parameter once, in param-group order."""
+        return self._layout().params
+
+    def _gather(self):
+        """[Part] of the parameters that have a gradient, in one C++ call when all of them do."""
+        lay = self._layout()
+        grads, missing = _utils.grads_of(lay.params)
+        if missing == 0:
+            if len(lay.parts) == 1:
+                return [Part(lay.parts[0][0], lay.parts[0][1], grads)]
+            return [Part(g, ps, grads[a:b]) for (g, ps), (a, b) in zip(lay.parts, lay.bounds)]
+        parts = []
+        for (group, ps), (a, b) in zip(lay.parts, lay.bounds):
+            keep = [i for i in range(a, b) if grads[i] is not None]
+            if keep:
+                parts.append(Part(group, [lay.params[i] for i in keep], [grads[i] for i in keep]))
+        return parts  # (sparse gradients: the fused ops refuse them, naming the tensor)
 
     def _sync(self):
         """All-reduce across processes? ``ddp_sync`` (RoGA, PCGrad) if given, else whether
@@ -106,140 +196,49 @@ class WrapperOptimizer(torch.optim.Optimizer):
             return bool(self.ddp_sync)
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def _params(self):
-        """Every trainable parameter once, in param-group order."""
-        return list({id(p): p for g in self.param_groups for p in g["params"] if p.requires_grad}.values())
+    # -- the base update ---------------------------------------------------------------
+    def _base_step(self, parts, found_inf=None):
+        """The base optimizer's update for [UpdatePart]; ``found_inf`` (a device tensor):
+        nonzero skips it. Fused: one call per part, no host sync. Otherwise the parts'
+        sources, weights and grad_out are applied first, then torch's step()."""
+        if self.fused:
+            self._update.step(parts, found_inf)
+            self._opt_called = True  # LR schedulers check this
+            return
+        for part in parts:
+            if part.source is not None:
+                ops.restore_(part.params, part.source, backend=self.backend)
+            out = part.grad_out if part.grad_out is not None else part.grads[0]
+            if part.weights is not None or len(part.grads) > 1:
+                ws = part.weights if part.weights is not None else [1.0] * len(part.grads)
+                ops.combine_(out, part.grads, ws, backend=self.backend)
+            _utils.set_grads(part.params, out)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return  # AMP overflow: skip (this path synchronises once)
+        self.base_optimizer.step()
+        self._opt_called = True
 
-    def _buffers(self, kind, params):
-        """Persistent scratch tensors like each param (allocated once, reused every step).
-
-        The per-parameter store is keyed by id(p) (Tensor.__hash__ is a Python-level call,
-        too slow for a loop over hundreds of parameters every step); an entry keeps p, so
-        its id cannot be reused while the entry lives. The assembled list is cached per
-        parameter list (callers must not modify it)."""
-        lists = self.__dict__.setdefault("_scratch_lists", {})
-        key = (kind, tuple(map(id, params)))
-        out = lists.get(key)
-        if out is not None:
-            return out
-        store = self.__dict__.setdefault("_scratch", {}).setdefault(kind, {})
-        out = []
-        for p in params:
-            e = store.get(id(p))
-            if e is None or e[0] is not p or e[1].shape != p.shape or e[1].dtype != p.dtype:
-                e = store[id(p)] = (p, torch.empty_like(p, memory_format=torch.preserve_format))
-            out.append(e[1])
-        if len(lists) > 64:  # parameter lists that come and go: keep the cache bounded
-            lists.clear()
-        lists[key] = out
-        return out
-
-    def _set_buffers(self, kind, params, tensors):
-        store = self._scratch[kind]
-        for p, t in zip(params, tensors):
-            store[id(p)] = (p, t)
-        self._scratch_lists = {k: v for k, v in self._scratch_lists.items() if k[0] != kind}
-
-    def _strategy(self, params):
-        """choose_strategy, cached per parameter list (its checks walk every parameter)."""
-        key = tuple(map(id, params))
-        cache = self.__dict__.setdefault("_strategy_cache", {})
-        hit = cache.get(key)
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if hit is None:
-            hit = cache[key] = choose_strategy(self.strategy, params)
-        return "copy" if capturing and self.strategy != "swap" else hit
-
-    def _perturb_params(self, ps, gs, s, strategy, adaptive=False, eta=0.0):
-        """Move ``ps`` (one device) to ``p + s * g`` (ASAM: ``p + s (|p|+eta)^2 g``).
-
-        Returns what _restore_params needs: ("copy", params, backup) or ("swap", params, saved
-        storage). "swap" writes the perturbed point into a spare buffer and points each
-        parameter's .data at it, so restoring is free and trivially bit-exact."""
-        if strategy == "copy":
-            backup = self._buffers("backup", ps)
-            ops.perturb_(ps, gs, backup, s, adaptive=adaptive, eta=eta, backend=self.backend)
-            return ("copy", ps, backup)
-        spare = self._buffers("spare", ps)
-        if adaptive:  # in place, originals to the spare buffer; the perturbed storage becomes the next spare
-            ops.perturb_(ps, gs, spare, s, adaptive=True, eta=eta, backend=self.backend)
-            self._set_buffers("spare", ps, [p.data for p in ps])
-            return ("swap", ps, spare)
-        ops.combine_(spare, [ps, gs], [1.0, s], backend=self.backend)  # spare = p + s g
-        orig = [p.data for p in ps]
-        for p, b in zip(ps, spare):
-            p.data = b
-        return ("swap", ps, orig)
-
-    def _restore_params(self, moves):
-        """Undo _perturb_params for every move."""
-        for kind, ps, saved in moves:
-            if kind == "copy":
-                ops.restore_(ps, saved, backend=self.backend)
-            else:
-                for p, t in zip(ps, saved):
-                    p.data = t
-
-    def _norm(self, pairs, adaptive=None):
-        return global_norm(pairs, self.backend, adaptive)
-
-    def _scale_grads_(self, grads_by_dev, coef):
-        scale_(grads_by_dev, coef, self.backend)
-
-    def _clip_coef(self, pairs, pre_scale=None):
-        """min(1, max_grad_norm / ||pre_scale * g||) as a 0-d device tensor (no host sync)."""
-        n = self._norm(pairs)
-        if pre_scale is not None:
-            n = n * pre_scale
-        return (self.max_grad_norm / (n + 1e-6)).clamp(max=1.0)
+    def _grad_coef(self, parts, grad_scale=None):
+        """The coefficient AMP's unscaling and clipping put on the gradients (a 0-d device
+        tensor, None when both are off): 1/grad_scale, times min(1, max/||g/grad_scale||)."""
+        coef = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        if self.max_grad_norm is not None:
+            n = _utils.global_norm([(p.params, p.grads) for p in parts], self.backend)
+            if coef is not None:
+                n = n * coef.to(n.device)
+            clip = _utils.clip_coef(n, self.max_grad_norm)
+            coef = clip if coef is None else coef.to(clip.device) * clip
+        return coef
 
 
-def global_norm(pairs, backend="auto", adaptive=None):
-    """Global L2 norm of several (params, grads) lists, one fused call per list and device,
-    as a 0-d tensor on the first list's device (no host sync).
-
-    adaptive: per list, None or eta (ASAM norm || (|p| + eta) g ||)."""
-    parts = []
-    for i, (ps, gs) in enumerate(pairs):
-        eta = None if adaptive is None else adaptive[i]
-        for dps, dgs in by_device(ps, gs):
-            parts.append(ops.norm(dgs, params=dps if eta is not None else None, eta=eta or 0.0, backend=backend))
-    if len(parts) == 1:
-        return parts[0]
-    dev = parts[0].device
-    return torch.stack([p.to(dev, torch.float64) for p in parts]).norm().to(parts[0].dtype)
-
-
-def scale_(grad_lists, coef, backend="auto"):
-    """grads *= coef (a float or a 0-d tensor) for each list of one device, one fused pass each."""
-    for gs in grad_lists:
-        if gs:
-            c = coef.to(gs[0].device) if isinstance(coef, torch.Tensor) else coef
-            ops.combine_(gs, [gs], [c], backend=backend)
-
-
-def flat_views(params, zero=False):
-    """Views of one flat buffer per (dtype, device) shaped like each param: a whole gradient
-    set all-reduced in one collective per buffer. Returns (buffers, {id(param): view})."""
-    groups = {}
-    for p in params:
-        groups.setdefault((p.dtype, p.device), []).append(p)
-    bufs, views = [], {}
-    for (dt, dev), gp in groups.items():
-        alloc = torch.zeros if zero else torch.empty
-        buf = alloc(sum(p.numel() for p in gp), dtype=dt, device=dev)
-        bufs.append(buf)
-        for p, v in zip(gp, buf.split([p.numel() for p in gp])):
-            views[id(p)] = v.view_as(p)
-    return bufs, views
+_AGGREGATORS = ("PCGrad", "GradientAggregator")
 
 
 def _build_base(cls, groups, kwargs):
     """The base optimizer, in torch's multi-tensor form unless the caller chose an
     implementation: torch defaults to a per-parameter loop on CPU, which dominates the step
-    for models with many small tensors. Not fused by default: torch's fused SGD with
-    momentum leaves its momentum buffers uninitialised when GradScaler skips its first step
-    (seen with torch 2.13), and the next step then uses garbage."""
+    for models with many small tensors when the update is not fused (fused=False, or a base
+    optimizer other than SGD/Adam/AdamW)."""
     if not {"foreach", "fused", "differentiable", "capturable"} & set(kwargs):
         if "foreach" in inspect.signature(cls).parameters:
             try:
@@ -257,106 +256,22 @@ def _flat_params(params):
             yield item
 
 
-def by_device(*lists):
-    """Split parallel lists by the device of the first list's tensors (one fused call each)."""
-    first = lists[0]
-    if not first:
-        return []
-    d0 = first[0].get_device()  # an int: much cheaper to compare than torch.device objects
-    if all(t.get_device() == d0 for t in first) and (d0 >= 0 or first[0].device.type == "cpu"):
-        return [lists]
-    groups = {}
-    for i, t in enumerate(first):
-        groups.setdefault(t.device, []).append(i)
-    return [tuple([l[i] for i in idx] for l in lists) for idx in groups.values()]
+def dev_weights(part_weights, device):
+    """A weight list or tensor on ``device`` (tensors move, floats stay)."""
+    if isinstance(part_weights, torch.Tensor):
+        return part_weights.to(device)
+    return part_weights
 
 
-def inv_scale_of(scaler):
-    """1 / scale of a torch.amp.GradScaler as a 0-d device tensor (no host sync), or None."""
-    if scaler is None or not scaler.is_enabled():
-        return None
-    s = getattr(scaler, "_scale", None)  # the device tensor behind get_scale()
-    if s is None:
-        s = torch.tensor(scaler.get_scale())
-    return s.double().reciprocal().float()
+def coef_weights(coef, k=1, base=None):
+    """Weights for K gradient lists: ``base`` (floats, default ones) times ``coef`` (None, a
+    float or a 0-d device tensor) as a 1-d tensor when coef is a tensor."""
+    base = [1.0] * k if base is None else base
+    if coef is None:
+        return None if all(b == 1.0 for b in base) else list(base)
+    if isinstance(coef, torch.Tensor):
+        return coef.reshape(1).float() * torch.tensor(base, dtype=torch.float32, device=coef.device)
+    return [b * coef for b in base]
 
 
-@contextlib.contextmanager
-def freeze_bn_stats(model):
-    """Freeze BatchNorm running statistics inside the block (the perturbed pass of SAM/RoGA).
-
-    BatchNorm layers in training mode still normalise with the batch statistics, but their
-    running mean/var and num_batches_tracked are left untouched, so the perturbed forward
-    pass does not count twice (or at the wrong weights) in the statistics used at test time.
-    """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in bns:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in bns:
-            m.track_running_stats = True
-
-
-@torch.no_grad()
-def clip_grad_norm_(parameters, max_norm, backend="auto"):
-    """Fused ``torch.nn.utils.clip_grad_norm_``: one norm pass and one scaling pass.
-
-    Returns the total norm (0-d tensor) before clipping, like torch's version; no host sync.
-    """
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    total = global_norm([(grads, grads)], backend)
-    scale_([gs for (gs,) in by_device(grads)], (float(max_norm) / (total + 1e-6)).clamp(max=1.0), backend)
-    return total
-
-
-def mean_param_numel(params):
-    params = list(params)
-    return sum(p.numel() for p in params) / max(1, len(params))
-
-
-def swap_is_safe(params):
-    """Can parameter storage be swapped (``p.data = other``) instead of copied?
-
-    Not when a parameter is a view of (or shares storage with) another tensor, e.g. flat
-    parameter buffers, and not while a CUDA graph is being captured."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return False
-    seen = set()
-    for p in params:
-        if p._base is not None:
-            return False
-        key = p.untyped_storage().data_ptr()
-        if key in seen:
-            return False
-        seen.add(key)
-    return True
-
-
-# Mean parameter size above which swapping pays for its per-parameter Python cost (~0.15 us
-# per `p.data =`, twice per perturbation) with the bytes it saves (12 per element): ~1.5k
-# elements at the ~60 GB/s of a CPU, ~75k at the ~3 TB/s of an H100. See benchmarks/RESULTS.md.
-SWAP_MIN_MEAN_NUMEL = {"cpu": 4096, "cuda": 131072}
-
-
-def choose_strategy(strategy, params):
-    if strategy not in ("auto", "copy", "swap"):
-        raise ValueError(f"strategy must be 'auto', 'copy' or 'swap', got {strategy!r}")
-    if strategy == "copy":
-        return "copy"
-    params = list(params)
-    if not params:
-        return "copy"
-    safe = swap_is_safe(params)
-    if strategy == "swap":
-        if not safe:
-            raise ValueError("strategy='swap' is unsafe here: a parameter shares storage with another tensor "
-                             "(or a CUDA graph is being captured); use strategy='copy'")
-        return "swap"
-    threshold = SWAP_MIN_MEAN_NUMEL.get(params[0].device.type, math.inf)
-    return "swap" if safe and mean_param_numel(params) >= threshold else "copy"
+__all__ = ["WrapperOptimizer", "Part", "Layout", "UpdatePart"]

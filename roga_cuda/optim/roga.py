@@ -24,14 +24,39 @@ The base optimizer steps on the mean over domains of these gradients::
 or ``opt.step(closure, num_domains=K)`` with ``closure(d)`` doing forward + backward of
 domain ``d`` and returning its loss. With AMP: ``scaler.scale(loss).backward()`` for both
 passes, ``opt.perturb(scaler=scaler)``, and ``opt.step(scaler=scaler); scaler.update()``.
+
+Passes per domain: norm, perturb, restore + accumulate (3). With ``num_domains`` known,
+no clipping, no AMP and no cross-process sync, the last domain's restore and accumulation
+are folded into the base update: that domain costs norm, perturb, update (DESIGN.md).
 """
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .. import ops
-from .base import WrapperOptimizer, by_device, choose_strategy, flat_views, freeze_bn_stats, inv_scale_of
+from . import _utils
+from .base import WrapperOptimizer
+from .fused import UpdatePart
+from .perturb import Perturber
+from .sam import check_hyper
+
+
+@dataclass
+class _Pending:
+    """Between perturb() and accumulate(): what moved, and AMP's inverse scale."""
+    moves: list
+    inv_scale: object
+
+
+@dataclass
+class _Final:
+    """The last domain, left for step() to fold into the base update: its moves (still
+    perturbed) and gradients at the perturbed point."""
+    moves: list
+    hs: list  # per move
+    accs: list  # per move: the accumulator positions (None for K = 1)
 
 
 class RoGA(WrapperOptimizer):
@@ -43,34 +68,40 @@ class RoGA(WrapperOptimizer):
         alignment: "first_order" (no extra pass) or "hvp" (exact Hessian-vector product).
         strategy: "copy" / "swap" / "auto", as for :class:`SAM`.
         max_grad_norm: clip the final (mean) gradient to this global norm.
-        num_domains: K, if known: the last accumulate() then also divides by K in the same
-            pass (saves one pass over the gradient per step).
+        num_domains: K, if known: the last accumulate() then divides by K in the same pass,
+            or (fused update, no clipping/AMP/sync) is folded into the base update itself.
         ddp_sync: all-reduce the accumulated gradient once per step across processes
             (default: when torch.distributed is initialised with more than one process).
             Run every forward/backward under ``model.no_sync()`` (see :meth:`no_sync`).
+        fused: run the base update (SGD, Adam, AdamW) as a fused primitive.
     """
 
     _step_supports_amp_scaling = True  # so GradScaler.step(opt) reaches step() and gets a clear error
 
     def __init__(self, params, base_optimizer, rho=0.1, alpha=2e-4, alignment="first_order", backend="auto",
-                 strategy="auto", max_grad_norm=None, num_domains=None, ddp_sync=None, **base_kwargs):
-        if rho < 0:
-            raise ValueError(f"RoGA: rho must be >= 0, got {rho}")
+                 strategy="auto", max_grad_norm=None, num_domains=None, ddp_sync=None, fused=True, **base_kwargs):
+        check_hyper("RoGA", rho=rho, alpha=alpha)
         if alignment not in ("first_order", "hvp"):
             raise ValueError(f"RoGA: alignment must be 'first_order' or 'hvp', got {alignment!r}")
         if num_domains is not None and int(num_domains) < 1:
             raise ValueError(f"RoGA: num_domains must be >= 1, got {num_domains}")
-        super().__init__(params, base_optimizer, dict(rho=rho, alpha=alpha), backend, max_grad_norm, **base_kwargs)
-        choose_strategy(strategy, [])
-        self.strategy = strategy
+        super().__init__(params, base_optimizer, dict(rho=rho, alpha=alpha), backend, max_grad_norm, fused,
+                         **base_kwargs)
+        self._perturber = Perturber(backend, strategy)
         self.alignment = alignment
         self.num_domains = None if num_domains is None else int(num_domains)
         self.ddp_sync = ddp_sync
-        self._pending = None  # between perturb() and accumulate()
-        self._acc = {}  # id(param) -> (param, accumulated gradient); id keys: Tensor.__hash__ is slow
-        self._count = 0  # accumulate() calls this step
-        self._acc_is_mean = False  # the last accumulate() already divided by K
-        self._flat = None  # (params, {dtype/device: flat buffer}, {param: view}) when syncing across processes
+        self._t.pending = None  # _Pending between perturb() and accumulate()
+        self._t.final = None  # _Final: the last domain, folded into step()
+        self._t.acc = {}  # id(layout part list) -> accumulated gradients of that list, this step
+        self._t.count = 0  # accumulate() calls this step
+        self._t.acc_is_mean = False  # the last accumulate() already divided by K
+        self._t.flat = None  # (layout, flat buffers, {id(param): view}) when syncing across processes
+        self._t.acc_zeroed = False  # the flat accumulators were zeroed this step
+
+    @property
+    def strategy(self):
+        return self._perturber.strategy
 
     # ---------------------------------------------------------------------------------
     @staticmethod
@@ -85,133 +116,152 @@ class RoGA(WrapperOptimizer):
         scaler: the GradScaler whose scale is in ``.grad``: the alignment term
         ``-alpha g`` is not scale-invariant, so it is divided by the scale (on device).
         """
-        if self._pending is not None:
+        if self._t.pending is not None:
             raise RuntimeError("RoGA.perturb() called twice: call accumulate() after the backward pass at "
                                "the perturbed point")
-        parts = [(g, ps, gs) for g, ps, gs in self._with_grads() if ps]
+        if self._t.final is not None:
+            raise RuntimeError(f"RoGA.perturb(): all num_domains={self.num_domains} domains are accumulated; "
+                               "call step() first")
+        parts = self._gather()
         if not parts:
             raise RuntimeError("RoGA.perturb(): no parameter has a gradient; call loss.backward() first")
-        if self._count == 0 and self._flat is not None:
-            views = self._flat[2]
-            p0, g0 = parts[0][1][0], parts[0][2][0]
-            if views.get(id(p0)) is g0:
+        if self._t.count == 0 and self._t.flat is not None:
+            views = self._t.flat[2]
+            if views.get(id(parts[0].params[0])) is parts[0].grads[0]:
                 raise RuntimeError("RoGA: .grad still holds the previous step's gradient; call opt.zero_grad() "
                                    "before the first backward of a step")
-        norm = self._norm([(ps, gs) for _, ps, gs in parts])
-        inv = inv_scale_of(scaler)
-        strategy = self._strategy([p for _, ps, _ in parts for p in ps])
-        moves, stash = [], {}
-        for group, ps, gs in parts:
-            scale = group["rho"] / (norm + 1e-12)
+        norm = _utils.global_norm([(p.params, p.grads) for p in parts], self.backend)
+        inv = _utils.inv_scale_of(scaler)
+        strategy = self._perturber.strategy_for([p.params for p in parts])
+        moves = []
+        for part in parts:
+            g = part.group
+            scale = g["rho"] / (norm + 1e-12)
             if self.alignment == "first_order":
-                scale = scale - group["alpha"] * (1.0 if inv is None else inv)
-            for dps, dgs in by_device(ps, gs):
-                moves.append((group["alpha"], self._perturb_params(dps, dgs, scale.to(dps[0].device), strategy)))
-            if self.alignment == "hvp":
-                stash.update((id(p), g) for p, g in zip(ps, gs))
-        for _, ps, _ in parts:
-            for p in ps:
-                p.grad = None
-        self._pending = (moves, stash, inv)
+                scale = scale - g["alpha"] * (1.0 if inv is None else inv.to(scale.device))
+            moves.append(self._perturber.perturb(part.params, part.grads, scale.to(part.params[0].device), strategy,
+                                                 group=g))
+        _utils.set_grads(self._layout().params, None)  # the moves keep the gradients the hvp needs
+        self._t.pending = _Pending(moves, inv)
 
     @torch.no_grad()
     def accumulate(self):
         """Add the gradient at the perturbed point (domain d's second backward), restore the
         parameters, and clear ``.grad`` for the next domain."""
-        if self._pending is None:
+        if self._t.pending is None:
             raise RuntimeError("RoGA.accumulate() without perturb(): for each domain call backward, perturb(), "
                                "backward at the perturbed point, then accumulate()")
-        if self.num_domains is not None and self._count >= self.num_domains:
+        if self.num_domains is not None and self._t.count >= self.num_domains:
             raise RuntimeError(f"RoGA.accumulate() called more than num_domains={self.num_domains} times in one step")
-        moves, stash, inv = self._pending
-        self._pending = None
-        k = self._count + 1
-        last = self.num_domains is not None and k == self.num_domains and k > 1
+        moves, inv = self._t.pending.moves, self._t.pending.inv_scale
+        hs = [self._grads_at(m) for m in moves]
+        if self.alignment == "hvp":  # checked before anything changes: abort() can still restore
+            if not all(h.requires_grad for hl in hs for h in hl):
+                raise RuntimeError("RoGA(alignment='hvp') needs the backward pass at the perturbed point to keep its "
+                                   "graph: call loss.backward(create_graph=True) there (the closure form passes "
+                                   "create_graph=True to closure(d, create_graph=True))")
+            hs = [self._hvp(m, h, inv) for m, h in zip(moves, hs)]
+        self._t.pending = None
+        k = self._t.count + 1
+        last = self.num_domains is not None and k == self.num_domains
         sync = self._sync()
         try:
-            for alpha, (kind, ps, saved) in moves:
-                hs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
-                if self.alignment == "hvp":
-                    hs = self._hvp(ps, hs, [stash[id(p)] for p in ps], alpha, inv)
-                self._restore_accumulate(kind, ps, saved, hs, first=(k == 1), last=last, sync=sync)
+            if last and self.fused and not sync and self.max_grad_norm is None and inv is None:
+                accs = [None if k == 1 else self._acc_positions(m, sync) for m in moves]
+                self._t.final = _Final(moves, hs, accs)  # restore + accumulate + update: one pass, in step()
+            else:
+                for m, h in zip(moves, hs):
+                    self._restore_accumulate(m, h, first=(k == 1), mean=last and k > 1, sync=sync)
+                self._t.acc_is_mean = last and k > 1
         finally:
-            for alpha, (kind, ps, saved) in moves:
-                for p in ps:
-                    p.grad = None
-        self._count = k
-        self._acc_is_mean = last
+            _utils.set_grads(self._layout().params, None)
+        self._t.count = k
 
-    def _hvp(self, ps, hs, gs, alpha, inv):
-        if not all(h.requires_grad for h in hs):
-            raise RuntimeError("RoGA(alignment='hvp') needs the backward pass at the perturbed point to keep its "
-                               "graph: call loss.backward(create_graph=True) there (the closure form passes "
-                               "create_graph=True to closure(d, create_graph=True))")
+    def _grads_at(self, m):
+        gs, missing = _utils.grads_of(m.params)
+        return gs if not missing else [g if g is not None else torch.zeros_like(p) for p, g in zip(m.params, gs)]
+
+    def _hvp(self, m, hs, inv):
         with torch.enable_grad():
-            hv = torch.autograd.grad(hs, ps, grad_outputs=gs, allow_unused=True)
+            hv = torch.autograd.grad(hs, m.params, grad_outputs=m.grads, allow_unused=True)
         hs = [h.detach() for h in hs]
         # autograd may return H g in another (dense) memory layout than h: match it, the
         # fused kernels walk both in storage order
         hv = [torch.zeros_like(h) if v is None else (v.detach() if v.stride() == h.stride() else
               torch.empty_like(h).copy_(v)) for h, v in zip(hs, hv)]
+        alpha = m.group["alpha"]
         a = -alpha if inv is None else -alpha * inv  # scaled h and g: H g carries the scale twice
         ops.combine_(hs, [hs, hv], [1.0, a], backend=self.backend)
         return hs
 
-    def _acc_tensors(self, ps, sync):
-        if not sync:
-            return [self._acc[id(p)][1] for p in ps]
-        views = self._flat_views(ps)
-        return [views[id(p)] for p in ps]
+    # -- accumulators --------------------------------------------------------------------
+    def _full(self, m):
+        """The layout part list (the group's parameters on the device) that holds m.params,
+        and m's positions in it (None when m.params is that very list)."""
+        lay = self._layout()
+        for _, ps in lay.parts:
+            if ps is m.params:
+                return ps, None
+        for group, ps in lay.parts:
+            if group is m.group and ps and ps[0].device == m.params[0].device:
+                pos = {id(p): i for i, p in enumerate(ps)}
+                return ps, [pos[id(p)] for p in m.params]
+        raise RuntimeError("RoGA: the parameter groups changed in the middle of a step")
 
-    def _flat_views(self, ps):
-        """Accumulators as views of one flat buffer per dtype/device: one all-reduce per step."""
-        if self._flat is None or any(id(p) not in self._flat[2] for p in ps):
-            allp = self._params()
-            self._flat = (allp, *flat_views(allp))
-        return self._flat[2]
-
-    def _restore_accumulate(self, kind, ps, saved, hs, first, last, sync):
-        be = self.backend
-        if first:
-            self._restore_params([(kind, ps, saved)])
-            if sync:  # copy into the flat buffer (zeros for parameters without a gradient this step)
-                if len(self._acc) == 0:
-                    self._flat_views(ps)
-                    for buf in self._flat[1]:
-                        buf.zero_()
-                acc = self._acc_tensors(ps, sync)
-                ops.combine_(acc, [hs], [1.0], backend=be)
-                self._acc.update((id(p), (p, a)) for p, a in zip(ps, acc))
+    def _acc_positions(self, m, sync):
+        """The accumulator tensors at m's positions (allocating the part's accumulators)."""
+        full, idx = self._full(m)
+        acc = self._t.acc.get(id(full))
+        if acc is None:
+            if sync:
+                views = self._flat_views()
+                acc = [views[id(p)] for p in full]
             else:
-                self._acc.update((id(p), (p, h)) for p, h in zip(ps, hs))  # the gradients themselves: no copy
+                acc = [torch.zeros_like(p) for p in full]
+            self._t.acc[id(full)] = acc
+        return acc if idx is None else [acc[i] for i in idx]
+
+    def _restore_accumulate(self, m, hs, first, mean, sync):
+        be = self.backend
+        full, idx = self._full(m)
+        if first and not sync and idx is None:  # the gradients themselves become the accumulator: no copy
+            self._perturber.restore([m])
+            self._t.acc[id(full)] = hs
             return
-        new = [p for p in ps if id(p) not in self._acc]
-        for p in new:  # a parameter without a gradient in earlier domains
-            self._acc[id(p)] = (p, torch.zeros_like(p) if not sync else self._flat_views([p])[id(p)])
-        acc = self._acc_tensors(ps, sync)
-        if last:  # acc = (acc + h) / K in the same pass
-            self._restore_params([(kind, ps, saved)])
+        acc = self._acc_positions(m, sync)
+        if first and sync and not self._t.acc_zeroed:
+            for buf in self._t.flat[1]:
+                buf.zero_()
+            self._t.acc_zeroed = True
+        if mean:  # acc = (acc + h) / K in the same pass
+            self._perturber.restore([m])
             w = 1.0 / self.num_domains
             ops.combine_(acc, [acc, hs], [w, w], backend=be)
-        elif kind == "copy":
-            ops.restore_accumulate_(ps, saved, acc, hs, 1.0, backend=be)
+        elif m.kind == "copy":
+            ops.restore_accumulate_(m.params, m.saved, acc, hs, 1.0, backend=be)
         else:
-            self._restore_params([(kind, ps, saved)])
+            self._perturber.unswap(m)
             ops.combine_(acc, [acc, hs], [1.0, 1.0], backend=be)
+
+    def _flat_views(self):
+        """Accumulators as views of one flat buffer per dtype/device: one all-reduce per step."""
+        lay = self._layout()
+        if self._t.flat is None or self._t.flat[0] is not lay:
+            self._t.flat = (lay, *_utils.flat_views(lay.params))
+            self._t.acc_zeroed = False
+        return self._t.flat[2]
 
     @torch.no_grad()
     def abort(self):
         """Undo a pending perturbation and drop what was accumulated this step."""
-        if self._pending is not None:
-            moves = [m for _, m in self._pending[0]]
-            self._restore_params(moves)
-            for _, ps, _ in moves:
-                for p in ps:
-                    p.grad = None
-            self._pending = None
-        self._acc = {}
-        self._count = 0
-        self._acc_is_mean = False
+        for moves in (self._t.pending.moves if self._t.pending else [], self._t.final.moves if self._t.final else []):
+            self._perturber.restore(moves)
+        _utils.set_grads(self._layout().params, None)
+        self._t.pending = self._t.final = None
+        self._reset_step()
+
+    def _reset_step(self):
+        self._t.acc, self._t.count, self._t.acc_is_mean, self._t.acc_zeroed = {}, 0, False, False
 
     # ---------------------------------------------------------------------------------
     def step(self, closure=None, num_domains=None, *, scaler=None, bn_model=None):
@@ -230,10 +280,10 @@ class RoGA(WrapperOptimizer):
         loss = None
         if closure is not None:
             loss = self._run_closure(closure, num_domains, scaler, bn_model)
-        if self._pending is not None:
+        if self._t.pending is not None:
             raise RuntimeError("RoGA.step(): perturb() was called without accumulate(); run the backward pass at "
                                "the perturbed point and accumulate() first (or abort())")
-        if self._count == 0:
+        if self._t.count == 0:
             raise RuntimeError("RoGA.step() with nothing accumulated: for each domain call backward, perturb(), "
                                "backward, accumulate() first, or use step(closure, num_domains)")
         self._apply(scaler)
@@ -243,7 +293,7 @@ class RoGA(WrapperOptimizer):
         k = num_domains if num_domains is not None else self.num_domains
         if k is None or int(k) < 1:
             raise ValueError("RoGA.step(closure): give num_domains (the number of domains closure(d) accepts)")
-        if self._pending is not None or self._count:
+        if self._t.pending is not None or self._t.count:
             raise RuntimeError("RoGA.step(closure): a manual perturb()/accumulate() cycle is in progress")
         saved_k, self.num_domains = self.num_domains, int(k)
         self.zero_grad(set_to_none=True)
@@ -256,7 +306,7 @@ class RoGA(WrapperOptimizer):
                     raise RuntimeError("RoGA.step(closure): closure(d) returned None; it must return the loss "
                                        "after calling loss.backward()")
                 self.perturb(scaler=scaler)
-                ctx = freeze_bn_stats(bn_model) if bn_model is not None else contextlib.nullcontext()
+                ctx = _utils.freeze_bn_stats(bn_model) if bn_model is not None else contextlib.nullcontext()
                 with ctx, torch.enable_grad():
                     if self.alignment == "hvp":
                         closure(d, create_graph=True)
@@ -273,29 +323,77 @@ class RoGA(WrapperOptimizer):
 
     @torch.no_grad()
     def _apply(self, scaler):
+        if self._t.final is not None:
+            if scaler is None or not scaler.is_enabled():
+                self._apply_final()
+                return
+            self._unfold()  # AMP must see the whole gradient before the update: no fold
         sync = self._sync()
+        lay = self._layout()
+        accs = [(group, ps, self._t.acc[id(ps)]) for group, ps in lay.parts if id(ps) in self._t.acc]
         if sync:  # every parameter gets its (all-reduced) gradient, zero where this rank had none
-            self._acc = {id(p): (p, self._flat[2][id(p)]) for p in self._flat[0]}
-        ps = [p for p, _ in self._acc.values()]
-        accs = [a for _, a in self._acc.values()]
-        for p, a in zip(ps, accs):
-            p.grad = a
-        coef = 1.0 if self._acc_is_mean else 1.0 / self._count
-        self._acc, self._count, self._acc_is_mean = {}, 0, False
+            views = self._flat_views()
+            if not self._t.acc_zeroed:  # a rank with no gradient at all this step still joins the collective
+                for buf in self._t.flat[1]:
+                    buf.zero_()
+            accs = [(group, ps, [views[id(p)] for p in ps]) for group, ps in lay.parts]
+        coef = 1.0 if self._t.acc_is_mean else 1.0 / self._t.count
+        self._reset_step()
         if sync:
-            world = dist.get_world_size()
-            for buf in self._flat[1]:
+            for buf in self._t.flat[1]:
                 dist.all_reduce(buf)  # one collective per dtype/device: the whole step's gradient
-            coef = coef / world
-        amp = scaler is not None and scaler.is_enabled()
-        if amp:
-            scaler.unscale_(self.base_optimizer)  # .grad /= scale, and records inf/nan for step/update
+            coef = coef / dist.get_world_size()
+        for _, ps, acc in accs:
+            _utils.set_grads(ps, acc)
+        found_inf = None
+        if scaler is not None and scaler.is_enabled():
+            scaler.unscale_(self.base_optimizer)  # .grad /= scale, and records inf/nan for update()
+            found_inf = _utils.scaler_found_inf(scaler, self.base_optimizer)
         if self.max_grad_norm is not None:
-            coef = coef * self._clip_coef([(ps, accs)], pre_scale=coef)
-        if isinstance(coef, torch.Tensor) or coef != 1.0:
-            self._scale_grads_([gs for (gs,) in by_device(accs)], coef)
-        if amp:
-            scaler.step(self.base_optimizer)
-        else:
-            self.base_optimizer.step()
-        self._opt_called = True
+            n = _utils.global_norm([(ps, acc) for _, ps, acc in accs], self.backend) * coef
+            coef = _utils.clip_coef(n, self.max_grad_norm) * coef
+        parts = []
+        for group, ps, acc in accs:
+            w = None if coef == 1.0 and not isinstance(coef, torch.Tensor) else _weight(coef, ps[0].device)
+            parts.append(UpdatePart(group, ps, [acc], w, grad_out=acc if w is not None else None))
+        self._base_step(parts, found_inf)
+
+    def _unfold(self):
+        """Turns a folded last domain back into its restore + accumulate (mean) passes."""
+        fin, self._t.final = self._t.final, None
+        for m, hs in zip(fin.moves, fin.hs):
+            self._restore_accumulate(m, hs, first=self._t.count == 1, mean=self._t.count > 1, sync=False)
+        self._t.acc_is_mean = self._t.count > 1
+
+    def _apply_final(self):
+        """The last domain folded into the update: params <- update(backup, mean gradient)."""
+        fin, self._t.final = self._t.final, None
+        k = self._t.count
+        parts = []
+        for m, hs, acc in zip(fin.moves, fin.hs, fin.accs):
+            source = None
+            if m.kind == "copy":
+                source = m.saved
+            else:
+                self._perturber.unswap(m)
+            if acc is None:  # K = 1: the gradient is h itself
+                parts.append(UpdatePart(m.group, m.params, [hs], None, source))
+                _utils.set_grads(m.params, hs)
+            else:
+                parts.append(UpdatePart(m.group, m.params, [acc, hs], [1.0 / k, 1.0 / k], source, grad_out=acc))
+                _utils.set_grads(m.params, acc)
+        self._reset_step()
+        self._base_step(parts)
+
+    def state_dict(self):
+        if self._t.pending is not None or self._t.count or self._t.final is not None:
+            raise RuntimeError(f"RoGA.state_dict() in the middle of a step ({self._t.count} domain(s) accumulated, "
+                               "their gradients live only in this step): save before the first domain or after "
+                               "step() (or call abort())")
+        return super().state_dict()
+
+
+def _weight(coef, device):
+    if isinstance(coef, torch.Tensor):
+        return coef.to(device).reshape(1).float()
+    return [float(coef)]

@@ -16,7 +16,9 @@ from ..common import ConfigError, list_presets, load_config
 from ..common.cli import (RUN_FLAGS, USER_ERRORS, RunSpec, add_run_args, default_jobs, flag_overrides, make_parser,
                           mean_sd, parse_args, parse_seeds, run_all, seed_noise_report)
 from ..common.runtime import cleanup_distributed, is_main, print0
+from .asvspoof5 import summary as asvspoof5_summary
 from .data import AudioReadError
+from .models import MODELS
 
 APP = "speech"
 USER_ERRORS = USER_ERRORS + (AudioReadError,)  # errors caused by input: one line, exit status 2
@@ -67,7 +69,8 @@ def train_parser():
                    help="same as --method (older name)")
     p.add_argument("--align", choices=["pcgrad", "gradvac", "cagrad", "mgda", "sum"], default=None,
                    help="config: optim.align, the dpda gradient alignment (sum = none)")
-    p.add_argument("--model", choices=["aasist", "rawnet2"], default=None, help="config: model.name")
+    p.add_argument("--model", choices=list(MODELS), default=None,
+                   help="config: model.name: aasist (clovaai/aasist exactly), aasist_l, aasist_ssl_readout, rawnet2")
     p.add_argument("--epochs", type=int, default=None, help="config: train.epochs")
     _data_args(p)
     p.epilog = (p.epilog or "") + ("\n--compare RUNS: e.g. baseline,dpda or baseline,dpda:sum,dpda:pcgrad "
@@ -313,7 +316,7 @@ def eval_main(argv=None):
         for name, m in res["sets"].items():
             per = ", ".join(f"{a} {_fmt_pct(v).strip()}" for a, v in m["per_attack_eer"].items())
             tdcf = f", min t-DCF {m['min_tdcf']:.4f}" if "min_tdcf" in m else ""
-            print0(f"{name}: EER {_fmt_pct(m['eer']).strip()}%{tdcf}  per attack: {per}")
+            print0(f"{name}: EER {_fmt_pct(m['eer']).strip()}%{tdcf}{asvspoof5_summary(m)}  per attack: {per}")
         print0(f"metrics.json and score files under {out}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Speech datasets: the built-in synthetic corpus, ASVspoof 2019 LA and In-the-Wild layouts.
+"""Speech datasets: the built-in synthetic corpus, ASVspoof 2019 LA, ASVspoof 5 and In-the-Wild layouts.
 
 Labels: 1 = bona fide (the positive class of the metrics, scored by the bona fide logit
 margin), 0 = spoof. Every set yields fixed-length waveforms: the first ``n_samples``
@@ -14,7 +14,17 @@ ASVspoof 2019 LA (``data.source=asvspoof2019``, ``data.root=<LA folder>``)::
     <root>/ASVspoof2019_LA_{train,dev,eval}/flac/<utterance>.flac
     <root>/ASVspoof2019_LA_asv_scores/ASVspoof2019.LA.asv.{dev,eval}.gi.trl.scores.txt   # optional: min t-DCF
 
-In-the-Wild (``data.in_the_wild=<folder>``, an extra test set named ``wild``)::
+ASVspoof 5 (``data.source=asvspoof5``, ``data.root=<folder>``; test sets ``dev`` and, when its
+protocol is there, ``eval``; scored with the challenge's metrics, :mod:`.asvspoof5`)::
+
+    <root>[/ASVspoof5_protocols]/ASVspoof5.train.tsv            # or ASVspoof5.train.metadata.txt (challenge phase)
+    <root>[/ASVspoof5_protocols]/ASVspoof5.dev.track_1.tsv      # or ASVspoof5.dev.metadata.txt
+    <root>[/ASVspoof5_protocols]/ASVspoof5.eval.track_1.tsv     # optional
+        # "T_4850 T_0000000000 F - - - - A05 spoof -": SPEAKER FILE GENDER CODEC CODEC_Q CODEC_SEED
+        # ATTACK_TAG ATTACK KEY - (the challenge-phase files: SPEAKER FILE GENDER CODEC ATTACK KEY)
+    <root>/flac_T/<file>.flac, <root>/flac_D/<file>.flac, <root>/flac_E_eval/<file>.flac
+
+In-the-Wild (``data.in_the_wild=<folder>``, an extra test set named ``itw``)::
 
     <folder>/meta.csv      # header "file,speaker,label"; label "bona-fide" or "spoof"
     <folder>/<file>        # e.g. 0.wav
@@ -83,16 +93,22 @@ def fix_length(x, n):
 
 class WaveSet:
     """Utterances with labels (1 bona fide / 0 spoof), attack ids ('-' for bona fide),
-    utterance ids and speakers; ``load(indices)`` returns a float32 (B, n_samples) tensor."""
+    utterance ids and speakers; ``load(indices)`` returns a float32 (B, n_samples) tensor.
+    ``protocol`` names a challenge whose metrics and score files the set also gets
+    ("asvspoof5"), ``codecs`` the per-utterance codec condition ('-': none) when known."""
 
-    def __init__(self, name, utt_ids, labels, attacks, speakers=None):
+    def __init__(self, name, utt_ids, labels, attacks, speakers=None, codecs=None, protocol=None):
         self.name = name
         self.utt_ids = list(utt_ids)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.attacks = list(attacks)
         self.speakers = list(speakers) if speakers is not None else ["-"] * len(self.utt_ids)
+        self.codecs = list(codecs) if codecs is not None else None
+        self.protocol = protocol
         if not (len(self.utt_ids) == len(self.labels) == len(self.attacks) == len(self.speakers)):
             raise ValueError(f"set {name!r}: ids, labels, attacks and speakers differ in length")
+        if self.codecs is not None and len(self.codecs) != len(self.utt_ids):
+            raise ValueError(f"set {name!r}: {len(self.codecs)} codecs for {len(self.utt_ids)} utterances")
 
     def __len__(self):
         return len(self.utt_ids)
@@ -120,8 +136,9 @@ class MemoryWaveSet(WaveSet):
 class FileWaveSet(WaveSet):
     """Audio files read on demand (in DataLoader workers when ``workers > 0``)."""
 
-    def __init__(self, name, paths, labels, attacks, utt_ids, speakers=None, n_samples=64600, fs=16000):
-        super().__init__(name, utt_ids, labels, attacks, speakers)
+    def __init__(self, name, paths, labels, attacks, utt_ids, speakers=None, n_samples=64600, fs=16000, codecs=None,
+                 protocol=None):
+        super().__init__(name, utt_ids, labels, attacks, speakers, codecs, protocol)
         self.paths = list(paths)
         self.n_samples, self.fs = int(n_samples), int(fs)
         missing = [p for p in self.paths if not os.path.isfile(p)]
@@ -213,7 +230,43 @@ def asvspoof2019_asv_scores(root, split):
     return p if os.path.isfile(p) else None
 
 
-def in_the_wild_set(folder, n_samples=64600, fs=16000, name="wild", limit=None):
+ASV5_PROTOCOLS = {"train": ("ASVspoof5.train.tsv", "ASVspoof5.train.metadata.txt"),
+                  "dev": ("ASVspoof5.dev.track_1.tsv", "ASVspoof5.dev.metadata.txt"),
+                  "eval": ("ASVspoof5.eval.track_1.tsv",)}
+ASV5_AUDIO = {"train": ("flac_T",), "dev": ("flac_D",), "eval": ("flac_E_eval", "flac_E")}
+
+
+def asvspoof5_protocol(root, split):
+    """Path of the ASVspoof 5 ``split`` protocol under ``root`` or ``root/ASVspoof5_protocols``, or None."""
+    if split not in ASV5_PROTOCOLS:
+        raise ValueError(f"ASVspoof 5 split must be one of {sorted(ASV5_PROTOCOLS)}, got {split!r}")
+    for d in (root, os.path.join(root, "ASVspoof5_protocols")):
+        for name in ASV5_PROTOCOLS[split]:
+            if os.path.isfile(os.path.join(d, name)):
+                return os.path.join(d, name)
+    return None
+
+
+def asvspoof5_set(root, split, n_samples=64600, fs=16000, limit=None):
+    """One ASVspoof 5 split (train/dev/eval) as a FileWaveSet scored with the challenge's metrics."""
+    from .asvspoof5 import read_track1_protocol
+    proto = asvspoof5_protocol(root, split)
+    if proto is None:
+        raise FileNotFoundError(f"ASVspoof 5 {split} protocol not found under {root} or "
+                                f"{os.path.join(root, 'ASVspoof5_protocols')} "
+                                f"(looked for {', '.join(ASV5_PROTOCOLS[split])})")
+    rows = read_track1_protocol(proto)
+    if limit:
+        rows = rows[:int(limit)]
+    dirs = [os.path.join(root, d) for d in ASV5_AUDIO[split]]
+    audio_dir = next((d for d in dirs if os.path.isdir(d)), dirs[0])
+    return FileWaveSet(split, [os.path.join(audio_dir, r.file + ".flac") for r in rows],
+                       [1 if r.key == "bonafide" else 0 for r in rows], [r.attack for r in rows],
+                       [r.file for r in rows], [r.speaker for r in rows], n_samples, fs,
+                       codecs=[r.codec for r in rows], protocol="asvspoof5")
+
+
+def in_the_wild_set(folder, n_samples=64600, fs=16000, name="itw", limit=None):
     """An In-the-Wild style folder: meta.csv (file, speaker, label) + audio files."""
     meta = os.path.join(folder, "meta.csv")
     if not os.path.isfile(meta):
@@ -302,8 +355,22 @@ def build_data(cfg_data, log=print, progress=None):
         tests = {"dev": dev, "eval": asvspoof2019_set(root, "eval", n, fs, lim)}
         asv = {s: asvspoof2019_asv_scores(root, s) for s in ("dev", "eval")}
         data = SpeechData(train, dev, tests, {k: v for k, v in asv.items() if v}, fs, f"ASVspoof 2019 LA at {root}")
+    elif src == "asvspoof5":
+        root = cfg_data["root"]
+        if not root:
+            raise ValueError("data.source=asvspoof5 needs data.root=<folder with the ASVspoof 5 protocols and flac_* "
+                             "folders>")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data.root not found: {root}")
+        lim = cfg_data["limit"]
+        train = asvspoof5_set(root, "train", n, fs, lim)
+        dev = asvspoof5_set(root, "dev", n, fs, lim)
+        tests = {"dev": dev}
+        if asvspoof5_protocol(root, "eval"):
+            tests["eval"] = asvspoof5_set(root, "eval", n, fs, lim)
+        data = SpeechData(train, dev, tests, fs=fs, description=f"ASVspoof 5 at {root}")
     else:
-        raise ValueError(f"unknown data.source {src!r}; use synthetic or asvspoof2019")
+        raise ValueError(f"unknown data.source {src!r}; use synthetic, asvspoof2019 or asvspoof5")
     if cfg_data["in_the_wild"]:
         data.tests["itw"] = in_the_wild_set(cfg_data["in_the_wild"], n, fs, name="itw", limit=cfg_data["limit"])
     if cfg_data["asv_scores"]:

@@ -6,8 +6,10 @@ parameters (see :class:`RawBoostConfig`):
 1. **LnL** linear and non-linear convolutive noise: ``y = sum_{i=1..N_f} h_i * x^i``, each
    ``h_i`` a cascade of ``n_bands`` band-stop (notch) FIR filters (windowed sinc, Hamming
    window, random centre frequency, width and odd length), scaled to a peak gain of
-   ``G_i`` dB (``G_1 ~ U[min_g, max_g]``; the non-linear terms ``G_i ~ U[min_g - max_bias,
-   max_g - min_bias]``), then mean removed and peak-normalised when it exceeds 1.
+   ``G_i`` dB drawn as the reference code does (:func:`lnl_gains`): ``G_1`` uniform between
+   ``min_g`` and ``max_g``, the non-linear terms uniform between ``min_g - min_bias`` and
+   ``max_g - max_bias`` (defaults: -5 and -20 dB); then mean removed and peak-normalised
+   when it exceeds 1.
 2. **ISD** impulsive signal-dependent noise: a fraction ``beta ~ U[0, P]`` % of the samples
    (chosen without replacement) become ``x + g_sd * x * z``, ``z`` a product of two
    uniforms on [-1, 1]; then peak-normalised when it exceeds 1.
@@ -203,14 +205,26 @@ def fir_filter(x, taps):
 
 # ------------------------------------------------------------------------- LnL
 
+def lnl_gains(u, cfg):
+    """Peak gains [dB] of the LnL terms from uniform draws ``u`` (..., n_f) in [0, 1), mapped
+    as the reference code maps its draws: its loop shifts both gain bounds once, at the first
+    non-linear term (``min_g - min_bias``, ``max_g - max_bias``), and each term draws
+    ``numpy.random.uniform(low, high) = low + (high - low) u`` (valid for low > high too:
+    the defaults give low = -5, high = -20 for the non-linear terms)."""
+    low = torch.full(u.shape[-1:], float(cfg.min_g), dtype=torch.float64, device=u.device)
+    high = torch.full(u.shape[-1:], float(cfg.max_g), dtype=torch.float64, device=u.device)
+    low[1:] -= cfg.min_bias_lin_nonlin
+    high[1:] -= cfg.max_bias_lin_nonlin
+    return low + (high - low) * u
+
+
 def draw_lnl_params(batch, cfg, gen, device):
     fc, bw, ntaps = draw_notch_params(batch, cfg, gen, device, n_cascades=cfg.n_f)
-    g = torch.empty(batch, cfg.n_f, dtype=torch.float64, device=device)
-    g[:, 0] = _uniform((batch,), cfg.min_g, cfg.max_g, gen, device)
-    if cfg.n_f > 1:  # non-linear terms: the reference shifts both bounds once, for every i >= 1
-        lo, hi = cfg.min_g - cfg.max_bias_lin_nonlin, cfg.max_g - cfg.min_bias_lin_nonlin
-        g[:, 1:] = _uniform((batch, cfg.n_f - 1), min(lo, hi), max(lo, hi), gen, device)
-    return {"fc": fc, "bw": bw, "ntaps": ntaps, "gain_db": g}
+    u = torch.empty(batch, cfg.n_f, dtype=torch.float64, device=device)
+    u[:, 0] = torch.rand(batch, generator=gen, device=device, dtype=torch.float64)
+    if cfg.n_f > 1:
+        u[:, 1:] = torch.rand(batch, cfg.n_f - 1, generator=gen, device=device, dtype=torch.float64)
+    return {"fc": fc, "bw": bw, "ntaps": ntaps, "gain_db": lnl_gains(u, cfg)}
 
 
 def lnl_apply(x, params, cfg):

@@ -191,3 +191,29 @@ def set_metrics(labels, scores, attacks, asv_scores=None):
         out["tdcf_asv"] = {k: r[k] for k in ("asv_eer", "pfa_asv", "pmiss_asv", "pmiss_spoof_asv")}
         out["asv_scores"] = asv_scores
     return out
+
+
+def wave_set_metrics(ws, scores, asv_scores=None):
+    """:func:`set_metrics` of a WaveSet's scores, plus its challenge's metrics: for ASVspoof 5
+    sets minDCF, actDCF and Cllr at the top level and the full Track 1 report (thresholds,
+    cost model, per attack and per codec) under ``asvspoof5``."""
+    labels = ws.labels.numpy()
+    out = set_metrics(labels, scores, ws.attacks, asv_scores)
+    if ws.protocol == "asvspoof5":
+        from .asvspoof5 import track1_metrics
+        rep = track1_metrics(labels, scores, ws.attacks, ws.codecs)
+        out.update(min_dcf=rep["min_dcf"], act_dcf=rep["act_dcf"], cllr=rep["cllr"], asvspoof5=rep)
+    elif ws.protocol is not None:
+        raise ValueError(f"set {ws.name!r}: unknown protocol {ws.protocol!r}")
+    return out
+
+
+def write_set_scores(out_dir, name, ws, scores):
+    """``<out_dir>/scores/<name>.txt`` (the ASVspoof CM score format above) and, for ASVspoof 5
+    sets, ``<name>.tsv`` in the challenge's submission format. Returns the paths."""
+    paths = [write_score_file(os.path.join(out_dir, "scores", f"{name}.txt"), ws.utt_ids, ws.attacks,
+                              ws.labels.numpy(), scores)]
+    if ws.protocol == "asvspoof5":
+        from .asvspoof5 import write_track1_scores
+        paths.append(write_track1_scores(os.path.join(out_dir, "scores", f"{name}.tsv"), ws.utt_ids, scores))
+    return paths

@@ -35,10 +35,10 @@ from ..common.runtime import (Amp, all_gather_objects, barrier, init_distributed
 from ..common.trainer import Trainer, make_optimizer
 from ..common.training import BatchStream
 from .data import build_data, iterate_batches
-from .models import build_model
+from .models import model_from_settings
 from .plots import plot_conflicts
 from .rawboost import ALGO_NAMES, RawBoost, RawBoostConfig
-from .scoring import set_metrics, write_score_file
+from .scoring import wave_set_metrics, write_set_scores
 
 METHODS = ("baseline", "dpda")
 ALIGNS = ("pcgrad", "gradvac", "cagrad", "mgda", "sum")
@@ -59,15 +59,7 @@ def model_from_config(cfg, device="cpu"):
 
 
 def _model_from_config(cfg):
-    m = cfg.model
-    kw = dict(m[m.name]) if m.name in m else {}
-    if m.ssl_checkpoint:
-        if m.name != "aasist":
-            raise ValueError("model.ssl_checkpoint is supported with model.name=aasist (SSL-AASIST)")
-        kw.update(ssl_checkpoint=m.ssl_checkpoint, ssl_freeze=m.ssl_freeze)
-    elif m.name == "aasist":
-        kw.pop("ssl_dim", None)
-    return build_model(m.name, fs=cfg.data.fs, **kw)
+    return model_from_settings(cfg.model, fs=cfg.data.fs)
 
 
 def build_optimizer(cfg, params):
@@ -421,8 +413,8 @@ def evaluate_sets(trainer, model, out_dir):
         s, loss = trainer.score(ws, model)
         labels = ws.labels.numpy()
         if is_main():
-            write_score_file(os.path.join(out_dir, "scores", f"{name}.txt"), ws.utt_ids, ws.attacks, labels, s)
-        res[name] = set_metrics(labels, s, ws.attacks, data.asv_scores.get(name))
+            write_set_scores(out_dir, name, ws, s)
+        res[name] = wave_set_metrics(ws, s, data.asv_scores.get(name))
         res[name]["loss"] = loss
         curves[name] = (labels, s)
     if is_main() and curves:

@@ -1,0 +1,321 @@
+"""Gradient aggregators over K linear losses (issue 13): roga_cuda vs torchjd vs pytorch-optimizer.
+
+K linear losses over a parameter list (default: the ResNet-34 list, 21.3M parameters):
+``L_k = sum_j s_kj <R_j, theta_j>`` with one shared random tensor ``R_j`` per parameter and
+random signs ``s_kj`` (so tasks agree on some tensors and conflict on others). Backward is
+cheap — each task gradient is ``s_kj R_j``, one pass — so a step is dominated by what the
+aggregator does with the K gradients. Timed per step: backward + aggregation + base
+optimizer step (SGD with momentum); the forward pass that builds the graph runs untimed.
+
+Variants, interleaved in one process (medians):
+
+* ``twin``: K backward passes accumulating into ``.grad`` + the base step: no alignment, the
+  reference every aligning method is compared with (issue goal: within 1.1x);
+* ``sum``: one backward of ``sum_k L_k`` + step (the floor: what one backward costs);
+* ``roga|<method>``: ``roga_cuda.optim.PCGrad(method=...)``: ``backward(losses)`` + ``step()``;
+  methods the installed optimizer does not accept are listed as skipped, so the script
+  picks up new method names as soon as the optimizer accepts them;
+* ``torchjd-autojac|<method>``: ``torchjd.autojac.backward`` + ``jac_to_grad(aggregator)``;
+* ``torchjd-autogram|<method>``: ``autogram.Engine.compute_gramian`` + weighting +
+  ``losses.backward(weights)`` (one module per parameter, so the Gramian is exact);
+* ``pytorch-optimizer|pcgrad``: ``pytorch_optimizer.PCGrad(..., reduction="sum").pc_backward``.
+
+Peak extra memory (``--memory``): each variant in a fresh process, the high-water mark of the
+resident set (CPU) or ``max_memory_allocated`` (CUDA) above the parameters, ``R`` and the
+momentum buffer, in units of one parameter set P. The K task gradients alone are K P.
+
+    python -m benchmarks.bench_aggregators --device cpu --ks 2 4 8 --memory --json out.json
+    python -m benchmarks.bench_aggregators --quick      # tiny sizes: checks the machinery only
+
+Time only on a quiet machine (the report records the load average).
+"""
+import argparse
+import json
+import subprocess
+import sys
+
+import torch
+
+from . import lists as L
+from .timing import interleaved, machine, median, sync
+
+METHODS = ("sum", "pcgrad", "gradvac", "mgda", "cagrad", "upgrad", "dualproj", "imtl_g", "aligned_mtl",
+           "nash_mtl", "random", "config")
+LR, MOMENTUM = 1e-3, 0.9
+# --quick: small tensors of several ranks (pytorch-optimizer's PCGrad cannot unflatten 0-d ones)
+QUICK_SHAPES = [(3,), (5, 4), (257,), (2, 3, 3, 3), (1,)]
+
+
+def shapes_of(list_name):
+    return QUICK_SHAPES if list_name == "quick" else L.LISTS[list_name]()
+
+
+class Problem:
+    """Parameters, the shared tensors R_j, the sign matrix S (K x tensors), and the losses."""
+
+    def __init__(self, shapes, k, device, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.k = k
+        self.params = [torch.nn.Parameter(t) for t in L.make(shapes, device, seed=seed)]
+        self.R = [t * 1e-2 for t in L.make(shapes, device, seed=seed + 1)]
+        self.S = (torch.randint(0, 2, (k, len(shapes)), generator=gen) * 2 - 1).to(device, torch.float32)
+        self.losses = None
+
+    def forward(self):
+        u = torch.stack([(r * p).sum() for r, p in zip(self.R, self.params)])
+        self.losses = list((self.S @ u).unbind())
+        return self.losses
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=True)
+
+
+def _torchjd_aggregator(A, method, k):
+    make = {"sum": lambda: A.Sum(), "pcgrad": lambda: A.PCGrad(), "gradvac": lambda: A.GradVac(),
+            "mgda": lambda: A.MGDA(), "cagrad": lambda: A.CAGrad(c=0.5), "upgrad": lambda: A.UPGrad(),
+            "dualproj": lambda: A.DualProj(), "imtl_g": lambda: A.IMTLG(), "aligned_mtl": lambda: A.AlignedMTL(),
+            "nash_mtl": lambda: A.NashMTL(n_tasks=k), "random": lambda: A.Random(), "config": lambda: A.ConFIG()}
+    return make[method]()
+
+
+def _torchjd_weighting(A, method):
+    make = {"sum": "SumWeighting", "pcgrad": "PCGradWeighting", "gradvac": "GradVacWeighting", "mgda": "MGDAWeighting",
+            "upgrad": "UPGradWeighting", "dualproj": "DualProjWeighting", "imtl_g": "IMTLGWeighting",
+            "aligned_mtl": "AlignedMTLWeighting"}
+    if method == "cagrad":
+        return A.CAGradWeighting(c=0.5)
+    return getattr(A, make[method])() if method in make else None
+
+
+class _Dot(torch.nn.Module):
+    """u_j = <R_j, theta_j>: one module per parameter, so autogram sees every parameter."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.weight = p
+
+    def forward(self, r):
+        return (r * self.weight).sum()
+
+
+def variants(prob, methods, log=print):
+    """{name: (setup, step)}: setup (untimed) zeroes the gradients and runs the forward."""
+    out, skipped = {}, {}
+    params = prob.params
+
+    def fresh():
+        prob.zero_grad()
+        prob.forward()
+
+    twin_opt = _sgd(params)
+
+    def twin():
+        for i, loss in enumerate(prob.losses):
+            loss.backward(retain_graph=i < prob.k - 1)
+        twin_opt.step()
+    out["twin"] = (fresh, twin)
+
+    sum_opt = _sgd(params)
+
+    def one_backward():
+        torch.stack(prob.losses).sum().backward()
+        sum_opt.step()
+    out["sum"] = (fresh, one_backward)
+
+    from roga_cuda.optim import PCGrad
+    for m in methods:
+        try:
+            opt = PCGrad(params, torch.optim.SGD, method=m, lr=LR, momentum=MOMENTUM, foreach=True, seed=0)
+        except (ValueError, TypeError) as e:
+            skipped[f"roga|{m}"] = f"not accepted by roga_cuda.optim.PCGrad ({e})"
+            continue
+
+        def roga_step(opt=opt):
+            opt.backward(prob.losses)
+            opt.step()
+        out[f"roga|{m}"] = (fresh, roga_step)
+
+    try:
+        import torchjd.aggregation as A
+        from torchjd.autojac import backward as jd_backward
+        from torchjd.autojac import jac_to_grad
+    except ImportError as e:
+        skipped["torchjd"] = f"not installed ({e})"
+        A = None
+    if A is not None:
+        for m in methods:
+            try:
+                agg = _torchjd_aggregator(A, m, prob.k)
+            except Exception as e:  # optional solver dependencies (cvxpy, quadprog) missing
+                skipped[f"torchjd-autojac|{m}"] = f"{type(e).__name__}: {e}"
+                continue
+            opt = _sgd(params)
+
+            def autojac(agg=agg, opt=opt):
+                jd_backward(prob.losses, inputs=params)
+                jac_to_grad(params, agg)
+                opt.step()
+            out[f"torchjd-autojac|{m}"] = (fresh, autojac)
+        try:
+            from torchjd.autogram import Engine
+            dots = [_Dot(p) for p in params]
+            engine = Engine(*dots, batch_dim=None)
+        except Exception as e:
+            skipped["torchjd-autogram"] = f"{type(e).__name__}: {e}"
+            engine = None
+        if engine is not None:
+            def gram_forward():
+                prob.zero_grad()
+                u = torch.stack([d(r) for d, r in zip(dots, prob.R)])
+                prob.losses = prob.S @ u
+
+            for m in methods:
+                try:
+                    wt = _torchjd_weighting(A, m)
+                except Exception as e:
+                    skipped[f"torchjd-autogram|{m}"] = f"{type(e).__name__}: {e}"
+                    continue
+                if wt is None:
+                    skipped[f"torchjd-autogram|{m}"] = "no Gramian weighting in torchjd"
+                    continue
+                opt = _sgd(params)
+
+                def autogram(wt=wt, opt=opt):
+                    losses = prob.losses
+                    weights = wt(engine.compute_gramian(losses))
+                    losses.backward(weights)
+                    opt.step()
+                out[f"torchjd-autogram|{m}"] = (gram_forward, autogram)
+
+    if "pcgrad" in methods:
+        try:
+            from pytorch_optimizer import PCGrad as PoPCGrad
+            po = PoPCGrad(_sgd(params), reduction="sum")
+
+            def po_step():
+                po.pc_backward(prob.losses)
+                po.step()
+            out["pytorch-optimizer|pcgrad"] = (fresh, po_step)
+        except ImportError as e:
+            skipped["pytorch-optimizer|pcgrad"] = f"not installed ({e})"
+    for name, why in skipped.items():
+        log(f"  skipped {name}: {why}")
+    return out
+
+
+def run(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHODS, reps=None, log=print):
+    device = torch.device(device)
+    res = {"machine": machine(device), "list": list_name, "results": {}}
+    shapes = shapes_of(list_name)
+    for k in ks:
+        prob = Problem(shapes, k, device)
+        numel = sum(p.numel() for p in prob.params)
+        r = reps or (10 if numel > 5e6 else 40)
+        log(f"# K = {k}: {len(shapes)} tensors, {numel / 1e6:.2f}M parameters, {r} reps")
+        t = interleaved(variants(prob, methods, log), reps=r, warmup=1 if reps == 1 else 3, device=device)
+        res["results"][k] = {"reps": r, "median_s": {n: median(v) for n, v in t.items()}}
+        log(format_k(k, res["results"][k]))
+        del prob
+        sync(device)
+    return res
+
+
+def format_k(k, r):
+    rows = r["median_s"]
+    twin = rows["twin"]
+    lines = [f"\n### K = {k} ({r['reps']} reps)\n", "| variant | median | vs twin | torchjd autojac / this |",
+             "|---|---:|---:|---:|"]
+    for name, s in rows.items():
+        method = name.split("|")[1] if "|" in name else None
+        jd = rows.get(f"torchjd-autojac|{method}") if method else None
+        lines.append(f"| {name} | {s * 1e3:.2f} ms | {s / twin:.2f}x | " + (f"{jd / s:.2f}x |" if jd else " |"))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- memory
+
+def _proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _peak_child(variant, list_name, k, device, steps):
+    """In a fresh process: peak memory above parameters, R and the momentum buffer (one
+    untimed step first creates the momentum), for ``steps`` steps of one variant."""
+    prob = Problem(shapes_of(list_name), k, device)
+    setup, fn = variants(prob, [variant.split("|")[1]] if "|" in variant else [], log=lambda *_: None)[variant]
+    setup()
+    fn()
+    setup()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = _proc_status_kb("VmRSS") * 1024
+    for i in range(steps):
+        if i:
+            setup()
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _proc_status_kb("VmHWM") * 1024
+    param_bytes = sum(p.numel() * p.element_size() for p in prob.params)
+    print(json.dumps({"extra_bytes": peak - base, "param_bytes": param_bytes}))
+
+
+def memory(names, device="cpu", list_name="resnet34", ks=(2, 4, 8), steps=2, log=print):
+    """{K: {variant: peak extra memory / P}} (each variant in its own process)."""
+    out = {}
+    for k in ks:
+        out[k] = {}
+        for v in names[k]:
+            code = (f"from benchmarks.bench_aggregators import _peak_child; "
+                    f"_peak_child({v!r}, {list_name!r}, {k}, {str(device)!r}, {steps})")
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if r.returncode != 0:
+                log(f"  K={k} {v}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})")
+                continue
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+            out[k][v] = d["extra_bytes"] / d["param_bytes"]
+            log(f"  K={k} {v:34s} peak extra memory {out[k][v]:.2f} P")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--list", default="resnet34", choices=sorted(L.LISTS) + ["quick"])
+    ap.add_argument("--ks", nargs="+", type=int, default=[2, 4, 8])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (one process per variant)")
+    ap.add_argument("--quick", action="store_true", help="a few small tensors, K=2 and 3, one rep: checks the machinery")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.list, a.ks, a.reps = "quick", [2, 3], 1
+    res = run(a.device, a.list, a.ks, a.methods, a.reps)
+    if a.memory:
+        names = {k: list(r["median_s"]) for k, r in res["results"].items()}
+        res["memory_x_params"] = memory(names, a.device, a.list, a.ks)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    return res
+
+
+if __name__ == "__main__":
+    main()

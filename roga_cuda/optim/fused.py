@@ -1,0 +1,169 @@
+"""The base optimizer's update as fused primitives (:func:`roga_cuda.ops.sgd_` /
+:func:`roga_cuda.ops.adam_`): one call per parameter group and device, no host sync.
+
+Used when the base optimizer is exactly ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (not a
+subclass: it might override ``step``) without ``differentiable=True``; anything else steps
+through torch. The state lives where torch keeps it, in torch's format
+(``base.state[p]["exp_avg"]`` ...), so ``state_dict()`` round-trips with the plain torch
+optimizer both ways. Differences, all invisible to torch:
+
+* Step counts are float32 tensors on the parameter's device (as torch's capturable/fused
+  Adam keeps them), read by the kernels.
+* SGD with momentum also keeps a ``"step"`` count, so that the momentum buffer starts as
+  the gradient at the first step that really happens: after a step GradScaler skipped
+  (found_inf), the buffer is still "unset" (torch's fused SGD gets this wrong).
+* State is created before the first update, also when AMP skips it (then it is exactly a
+  fresh state: zero moments, zero counts).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+
+_EXACT = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
+
+
+def fused_kind(base):
+    """"sgd", "adam", or None with the reason it cannot be fused."""
+    kind = _EXACT.get(type(base))
+    if kind is None:
+        return None, f"{type(base).__name__} has no fused update (SGD, Adam and AdamW do)"
+    if any(g.get("differentiable") for g in base.param_groups):
+        return None, "differentiable=True needs torch's autograd-tracked update"
+    if any(p.is_complex() for g in base.param_groups for p in g["params"]):
+        return None, "complex parameters"
+    return kind, None
+
+
+@dataclass
+class UpdatePart:
+    """One fused call: a parameter group's params on one device, their gradient as
+    ``sum_k weights[k] * grads[k]``, and where to read the parameters from."""
+    group: dict
+    params: list
+    grads: list  # K lists
+    weights: object = None  # K floats or a 1-d tensor; None: all ones
+    source: list = None  # read the parameter values here (SAM/RoGA: the backup)
+    grad_out: list = None  # also write the combined gradient here (e.g. .grad)
+
+
+@dataclass
+class _GroupState:
+    """A parameter list's state tensors, in list order, as the kernels take them."""
+    params: list  # kept alive: the cache is keyed by id() of this list
+    bufs: list = None  # SGD momentum
+    exp_avgs: list = None
+    exp_avg_sqs: list = None
+    max_exp_avg_sqs: list = None
+    steps: list = None
+
+
+class FusedUpdate:
+    """The update of one base optimizer (see the module docstring)."""
+
+    def __init__(self, base, backend="auto"):
+        self.base = base
+        self.backend = backend
+        self.kind, self.reason = fused_kind(base)
+        self._cache = {}
+        self._state_obj = None
+
+    def __bool__(self):
+        return self.kind is not None
+
+    def step(self, parts, found_inf=None):
+        """Updates every part. found_inf: a one-element device tensor (nonzero: change nothing)."""
+        if self._state_obj is not self.base.state:  # load_state_dict replaced it
+            self._cache.clear()
+            self._state_obj = self.base.state
+        for part in parts:
+            st = self._state(part)
+            g = part.group
+            common = dict(source=part.source, grad_weights=part.weights, grad_out=part.grad_out, found_inf=found_inf,
+                          backend=self.backend)
+            if self.kind == "sgd":
+                ops.sgd_(part.params, part.grads, lr=g["lr"], momentum_buffers=st.bufs, steps=st.steps,
+                         momentum=g["momentum"], dampening=g["dampening"], nesterov=g["nesterov"],
+                         weight_decay=g["weight_decay"], maximize=g.get("maximize", False), **common)
+            else:
+                ops.adam_(part.params, part.grads, st.exp_avgs, st.exp_avg_sqs, st.steps, lr=g["lr"],
+                          betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
+                          decoupled=g.get("decoupled_weight_decay", type(self.base) is torch.optim.AdamW),
+                          amsgrad=g["amsgrad"], max_exp_avg_sqs=st.max_exp_avg_sqs,
+                          maximize=g.get("maximize", False), **common)
+
+    # -- state, in torch's format ----------------------------------------------------------
+    def _state(self, part):
+        g = part.group
+        flags = (g["momentum"] != 0) if self.kind == "sgd" else bool(g["amsgrad"])
+        key = (id(part.params), flags)
+        st = self._cache.get(key)
+        if st is not None and st.params is part.params:
+            return st
+        st = self._adopt(part.params, flags)
+        if len(self._cache) > 64:  # parameter lists that come and go: keep it bounded
+            self._cache.clear()
+        self._cache[key] = st
+        return st
+
+    def _adopt(self, params, flags):
+        """State lists for params: torch's state where it exists (moved to the parameter's
+        device, counts as float32), fresh state where not."""
+        state = self.base.state
+        st = _GroupState(params)
+        if self.kind == "sgd":
+            if flags:  # momentum
+                st.bufs, st.steps = [], []
+                for p in params:
+                    s = state[p]
+                    if s.get("momentum_buffer") is None:
+                        s["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        s["step"] = _count(0, p)
+                    elif "step" not in s:  # torch's SGD initialised it
+                        s["step"] = _count(1, p)
+                    else:
+                        s["step"] = _as_count(s["step"], p)
+                    st.bufs.append(s["momentum_buffer"])
+                    st.steps.append(s["step"])
+            return st
+        st.exp_avgs, st.exp_avg_sqs, st.steps = [], [], []
+        st.max_exp_avg_sqs = [] if flags else None
+        for p in params:
+            s = state[p]
+            if "step" not in s:
+                s["step"] = _count(0, p)
+                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                s["step"] = _as_count(s["step"], p)
+            if flags and "max_exp_avg_sq" not in s:
+                s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st.exp_avgs.append(s["exp_avg"])
+            st.exp_avg_sqs.append(s["exp_avg_sq"])
+            st.steps.append(s["step"])
+            if flags:
+                st.max_exp_avg_sqs.append(s["max_exp_avg_sq"])
+        return st
+
+
+def _count(value, p):
+    return torch.full((), float(value), dtype=torch.float32, device=p.device)
+
+
+def _as_count(step, p):
+    if isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.device == p.device and step.dim() == 0:
+        return step
+    return _count(float(step), p)
+
+
+def export_state_dict(optimizer, sd):
+    """A ``register_state_dict_post_hook`` for the base optimizer: torch's reading of our SGD
+    state, where a momentum buffer whose count is still 0 was never set (a skipped first
+    step) and torch spells that None. The live state is not touched (entries are copied)."""
+    state = sd["state"]
+    for k, s in list(state.items()):
+        step = s.get("step")
+        if s.get("momentum_buffer") is not None and isinstance(step, torch.Tensor) and float(step) == 0:
+            state[k] = {**s, "momentum_buffer": None}
+    return sd

@@ -1,0 +1,46 @@
+"""benchmarks/bench_aggregators.py runs (tiny sizes, one rep; no timing assertions)."""
+import pytest
+import torch
+
+from benchmarks import bench_aggregators as B
+
+
+def test_problem_gradients_are_the_signed_tensors():
+    prob = B.Problem(B.QUICK_SHAPES, 3, "cpu")
+    losses = prob.forward()
+    for k, loss in enumerate(losses):
+        grads = torch.autograd.grad(loss, prob.params, retain_graph=True)
+        for j, (g, r) in enumerate(zip(grads, prob.R)):
+            assert torch.equal(g, prob.S[k, j] * r)
+
+
+def test_quick_run_has_the_reference_rows():
+    logs = []
+    res = B.run("cpu", "quick", ks=(2,), methods=("pcgrad", "mgda"), reps=1, log=logs.append)
+    rows = res["results"][2]["median_s"]
+    assert {"twin", "sum", "roga|pcgrad", "roga|mgda"} <= set(rows)
+    assert all(t > 0 for t in rows.values())
+    assert "| twin |" in "\n".join(logs)
+
+
+def test_unknown_methods_are_skipped_not_fatal():
+    logs = []
+    out = B.variants(B.Problem(B.QUICK_SHAPES, 2, "cpu"), ["no_such_method"], log=logs.append)
+    assert "roga|no_such_method" not in out and any("roga|no_such_method" in line for line in logs)
+
+
+def test_peers_agree_with_roga_on_pcgrad_for_two_tasks():
+    """Sanity of the comparison: for K = 2 (no random order) every PCGrad implementation
+    takes the same step."""
+    pytest.importorskip("torchjd")
+    pytest.importorskip("pytorch_optimizer")
+    after = {}
+    for name in ("roga|pcgrad", "torchjd-autojac|pcgrad", "pytorch-optimizer|pcgrad"):
+        prob = B.Problem(B.QUICK_SHAPES, 2, "cpu")
+        setup, step = B.variants(prob, ["pcgrad"], log=lambda *_: None)[name]
+        setup()
+        step()
+        after[name] = torch.cat([p.detach().flatten() for p in prob.params])
+    ref = after["roga|pcgrad"]
+    for name, v in after.items():
+        assert torch.allclose(v, ref, rtol=1e-5, atol=1e-7), name
