@@ -65,7 +65,9 @@ def test_setup_puts_the_app_packages_in_the_apps_extra():
     assert core == {"torch", "numpy"}  # what ops/optim import
     assert {"pyyaml", "tqdm", "matplotlib", "pillow", "soundfile"} <= apps and not apps & core
     assert set(LAUNCH_CHECKS.values()) <= apps  # what the launcher checks is what the extra installs
-    assert "scikit-learn" in names(kw["extras_require"]["test"])  # the metrics tests' reference
+    test = names(kw["extras_require"]["test"])
+    assert apps <= test  # the app tests run with the test extra alone
+    assert {"scikit-learn", "torchjd[quadprog-projector]"} <= test  # the metrics / weighting tests' references
 
 
 @pytest.mark.parametrize("entry,prog", [("roga_train", "roga-train"), ("dpda_eval", "dpda-eval")])
