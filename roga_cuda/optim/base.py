@@ -122,7 +122,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
             i = next(i for i, p in enumerate(ps) if id(p) in seen or seen.add(id(p)))
             raise ValueError(f"{type(self).__name__}: parameter {i} of a param group is listed twice "
                              "(the same tensor more than once); list each parameter once")
-        param_group = dict(param_group, params=ps)
+        param_group["params"] = ps  # a generator is consumed once (torch does the same in place)
         if not hasattr(self, "base_optimizer"):  # during __init__
             return super().add_param_group(param_group)
         for k, v in self.defaults.items():
