@@ -218,6 +218,18 @@ def variants(m, backend="auto"):
     return out
 
 
+# Bytes per float32 parameter each fused step moves (SGD with momentum as the base; each
+# input read once, each output written once; docs/math.md "Bytes per step"):
+#   SAM copy: norm 4 + perturb_ 16 + sgd_ from the backup (read backup, g, buf; write p, buf) 20
+#   SAM swap: norm 4 + combine_ into the spare 12 + sgd_ (read p, g, buf; write p, buf) 20
+#   RoGA K=3 copy: domain 1 norm 4 + perturb_ 16 + restore_ 8 (the gradient becomes the
+#     accumulator); domain 2 4 + 16 + restore_accumulate_ 20; domain 3 4 + 16 + sgd_ from the
+#     backup over [acc, h] writing the mean gradient to .grad (read backup, acc, h, buf; write
+#     p, buf, grad) 28
+#   RoGA K=3 swap: 4 + 12; 4 + 12 + combine_ 12; 4 + 12 + sgd_ (read p, acc, h, buf; write p, buf, grad) 28
+BYTES_PER_PARAM = {"sam|copy": 40, "sam|swap": 36, "roga|copy": 28 + 40 + 48, "roga|swap": 16 + 28 + 44}
+
+
 def run(device="cpu", list_names=("resnet34", "aasist"), reps=None, backend="auto", log=print):
     device = torch.device(device)
     res = {"machine": machine(device), "lists": {}}
@@ -226,9 +238,18 @@ def run(device="cpu", list_names=("resnet34", "aasist"), reps=None, backend="aut
         m = Model(shapes, device)
         numel = sum(p.numel() for p in m.params)
         r = reps or (10 if numel > 5e6 else 40)
-        t = interleaved(variants(m, backend), reps=r, device=device)
-        rows = {k: median(v) for k, v in t.items()}
-        res["lists"][name] = {"tensors": len(shapes), "numel": numel, "reps": r, "median_s": rows}
+        v = variants(m, backend)
+        # the streaming ceiling, interleaved with the steps: a.add_(b, alpha) over as many
+        # elements as the model has parameters (12 bytes each)
+        sa, sb = torch.randn(numel, device=device), torch.randn(numel, device=device)
+        v["stream|axpy"] = lambda: sa.add_(sb, alpha=1e-3)
+        t = interleaved(v, reps=r, device=device)
+        rows = {k: median(x) for k, x in t.items()}
+        stream = 12 * numel / rows.pop("stream|axpy")
+        bw = {k: BYTES_PER_PARAM[k] * numel / rows[k] / stream for k in BYTES_PER_PARAM}
+        res["lists"][name] = {"tensors": len(shapes), "numel": numel, "reps": r, "median_s": rows,
+                              "stream_gbs": stream / 1e9, "fraction_of_stream": bw}
+        del sa, sb
         log(format_list(name, res["lists"][name]))
         del m
         sync(device)
@@ -245,6 +266,12 @@ def format_list(name, lst):
         pub = rows.get(f"{opt}|public")
         lines.append(f"| {opt} | {var} | {m * 1e3:.3f} ms | {pub / m:.2f}x |" if pub else
                      f"| {opt} (SGD momentum step alone, in every row) | {var} | {m * 1e3:.3f} ms | |")
+    if "fraction_of_stream" in lst:
+        lines += [f"\nStreaming ceiling in this run: {lst['stream_gbs']:.1f} GB/s (a.add_(b), 12 B/element)\n",
+                  "| step | bytes/param | GB/s | % of stream |", "|---|---:|---:|---:|"]
+        for k, f in lst["fraction_of_stream"].items():
+            gbs = BYTES_PER_PARAM[k] * lst["numel"] / rows[k] / 1e9
+            lines.append(f"| {k.replace('|', ' ')} | {BYTES_PER_PARAM[k]} | {gbs:.1f} | {100 * f:.0f}% |")
     return "\n".join(lines)
 
 

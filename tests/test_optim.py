@@ -773,3 +773,21 @@ def test_state_dict_round_trip_takes_the_same_next_step(kind):
     step(m2, o2, 9)
     params_equal(m1, m2, rtol=0, atol=0)
     assert o2.param_groups is o2.base_optimizer.param_groups
+
+
+@pytest.mark.parametrize("cls", ["SAM", "RoGA", "PCGrad", "GradientAggregator"])
+def test_parameter_listed_twice_is_refused(cls):
+    """torch only warns; the fused passes would write one tensor from two positions (issue 15 bug 1)."""
+    import roga_cuda
+    opt_cls = getattr(roga_cuda, cls)
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="listed twice"):
+        opt_cls([q, p, p], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="listed twice"):
+        opt_cls([{"params": [q]}, {"params": [p, p]}], torch.optim.SGD, lr=0.1)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="listed twice"):
+        opt_cls(None, torch.optim.SGD([q, p, p], lr=0.1))
+    opt = opt_cls([q], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="listed twice"):
+        opt.add_param_group({"params": [p, p]})
+    assert len(opt.param_groups) == 1

@@ -80,6 +80,11 @@ def _scaled(src, s):
     return torch._foreach_mul(src, s)
 
 
+# torch._foreach_norm (and vector_norm) lose mass on one tensor of >= 2^28 elements on CPU
+# (2^28 ones: sqrt(2^27)); larger tensors are reduced per 2^20-element chunk and combined.
+_NORM_CHUNK = 1 << 20
+
+
 def norm(ts, per_tensor, params, eta):
     if params is not None:  # ASAM: || (|p| + eta) * t ||
         w = _like(params, "asam_norm", math=True)
@@ -92,9 +97,13 @@ def norm(ts, per_tensor, params, eta):
     dt = _out_dtype(ts)
     per = [None] * len(ts)
     for idx in _by_dtype(ts).values():
-        norms = torch._foreach_norm([ts[i] for i in idx], 2, dtype=dt)
-        for i, n in zip(idx, norms):
+        small = [i for i in idx if ts[i].numel() <= _NORM_CHUNK]
+        for i, n in zip(small, torch._foreach_norm([ts[i] for i in small], 2, dtype=dt) if small else []):
             per[i] = n
+        for i in idx:
+            if per[i] is None:
+                chunks = torch.split(ts[i].reshape(-1), _NORM_CHUNK)
+                per[i] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(chunks, 2, dtype=dt)))
     per = torch.stack(per)
     total = torch.linalg.vector_norm(per)
     return total, (per if per_tensor else None)

@@ -113,6 +113,16 @@ class WrapperOptimizer(torch.optim.Optimizer):
         self._fused = bool(value)
 
     def add_param_group(self, param_group):
+        # torch only warns about a parameter listed twice in a group; the fused passes would
+        # then write one tensor from two positions (nondeterministic), so refuse it here.
+        ps = param_group["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        if len({id(p) for p in ps}) != len(ps):
+            seen = set()
+            i = next(i for i, p in enumerate(ps) if id(p) in seen or seen.add(id(p)))
+            raise ValueError(f"{type(self).__name__}: parameter {i} of a param group is listed twice "
+                             "(the same tensor more than once); list each parameter once")
+        param_group["params"] = ps  # a generator is consumed once (torch does the same in place)
         if not hasattr(self, "base_optimizer"):  # during __init__
             return super().add_param_group(param_group)
         for k, v in self.defaults.items():
