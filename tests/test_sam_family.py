@@ -626,3 +626,19 @@ def test_no_gradient_errors_name_the_variant():
         opt.first_step()
     with pytest.raises(RuntimeError, match="LookSAM.step\\(\\) needs a closure"):
         opt.step()
+
+
+def test_looksam_keeps_the_last_finite_gv():
+    """A non-finite gradient on a SAM step (no AMP here) must not reach g_v."""
+    m = cnn()
+    opt = LookSAM(m.parameters(), torch.optim.SGD, k=1, lr=0.1)
+    run_ours(opt, m, [batch(0)])
+    gv = copy.deepcopy(opt.state_dict()["wrapper"]["gv"])
+    x, y = batch(1)
+    loss_of(m, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(m, x, y).backward()
+    m[5].weight.grad[0, 0] = float("nan")
+    opt.second_step(zero_grad=True)
+    after = opt.state_dict()["wrapper"]["gv"]
+    assert set(after) == set(gv) and all(torch.equal(after[i], gv[i]) for i in gv)
