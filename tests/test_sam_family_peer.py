@@ -94,7 +94,6 @@ def test_looksam_matches_pytorch_optimizer_on_one_tensor():
 
 def test_gsam_matches_pytorch_optimizer_with_rho_schedule():
     po = pytest.importorskip("pytorch_optimizer")
-    from pytorch_optimizer.lr_scheduler.proportion import ProportionScheduler
     a, b = mlp(), mlp()
     base_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
     ours = GSAM(None, base_a, rho=0.1, rho_min=0.02, alpha=0.3)
@@ -102,7 +101,7 @@ def test_gsam_matches_pytorch_optimizer_with_rho_schedule():
     run_ours(a, ours, 6, sched_a)
     base_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
     sched_b = torch.optim.lr_scheduler.StepLR(base_b, 1, gamma=0.7)
-    rho = ProportionScheduler(sched_b, max_lr=0.1, min_lr=0.0, max_value=0.1, min_value=0.02)
+    rho = po.ProportionScheduler(sched_b, max_lr=0.1, min_lr=0.0, max_value=0.1, min_value=0.02)
     theirs = po.GSAM(b.parameters(), base_b, b, rho, alpha=0.3)
     for s in range(6):
         x, y = data(s)
