@@ -642,3 +642,55 @@ def test_looksam_keeps_the_last_finite_gv():
     opt.second_step(zero_grad=True)
     after = opt.state_dict()["wrapper"]["gv"]
     assert set(after) == set(gv) and all(torch.equal(after[i], gv[i]) for i in gv)
+
+
+def test_unscale_before_step_is_refused_where_the_first_pass_is_read():
+    """GradScaler.unscale_ unscales .grad (the second pass) only: GSAM, WSAM and LookSAM
+    would mix it with a still-scaled first pass, so they refuse, with the parameters restored."""
+    for kind in ("gsam", "wsam", "looksam", "fsam"):
+        m = cnn(dtype=torch.float32)
+        before = [p.detach().clone() for p in m.parameters()]
+        opt = CLASS[kind](m.parameters(), torch.optim.SGD, lr=0.0)
+        scaler = _scaler(1024.0)
+        x, y = batch(0, dtype=torch.float32)
+        scaler.scale(loss_of(m, x, y)).backward()
+        opt.first_step(zero_grad=True)
+        scaler.scale(loss_of(m, x, y)).backward()
+        scaler.unscale_(opt)
+        if kind == "fsam":  # reads only the second pass: fine
+            scaler.step(opt)
+        else:
+            with pytest.raises(RuntimeError, match="unscale_"):
+                scaler.step(opt)
+        for p, b in zip(m.parameters(), before):
+            assert torch.equal(p, b), kind
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_roga_interval_state_dict_and_hvp_plain_steps():
+    m1 = cnn()
+    kw = dict(lr=0.1, rho=0.1, alpha=0.01, interval=3, alignment="hvp")
+    o1 = RoGA(m1.parameters(), torch.optim.SGD, **kw)
+
+    def closure_for(model):
+        def closure(d, create_graph=False):
+            loss = loss_of(model, *batch(d))
+            loss.backward(create_graph=create_graph)
+            return loss
+        return closure
+    o1.step(closure_for(m1), num_domains=2, bn_model=m1)  # a RoGA step (hvp)
+    sd = copy.deepcopy(o1.state_dict())
+    m2 = copy.deepcopy(m1)
+    o2 = RoGA(m2.parameters(), torch.optim.SGD, **kw)
+    o2.load_state_dict(sd)
+    # the next step is plain: the mean domain gradient, as plain SGD takes it
+    m3 = copy.deepcopy(m1)
+    base = torch.optim.SGD(m3.parameters(), lr=0.1)
+    for d in range(2):
+        (loss_of(m3, *batch(d)) / 2).backward()
+    base.step()
+    o2.step(closure_for(m2), num_domains=2, bn_model=m2)
+    params_equal(m3, m2)
+    o2.zero_grad()
+    loss_of(m2, *batch(0)).backward()
+    assert not o2.perturb()  # step 2 of 3: plain again

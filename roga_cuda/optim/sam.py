@@ -156,6 +156,10 @@ class SAM(WrapperOptimizer):
                                "the first backward")
         moves, self._moves = self._moves, None
         try:
+            if self._keeps_first_grads and grad_scale is None and found_inf is not None:
+                raise RuntimeError(f"{type(self).__name__}: scaler.unscale_(optimizer) ran before scaler.step(optimizer), "
+                                   "but the first pass's gradient it also uses is still scaled; leave the unscaling "
+                                   "to scaler.step(optimizer) (clip with max_grad_norm=)")
             parts = self._gather()
             firsts = _first_grads(moves, parts) if self._keeps_first_grads else None
             mixes = self._mix(parts, firsts, grad_scale)
