@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import ops
 from .ops import backends
-from .optim import GSAM, WSAM, FriendlySAM, LookSAM, PCGrad, RoGA, SAM, clip_grad_norm_, freeze_bn_stats
+from .optim import GSAM, WSAM, FriendlySAM, GradientAggregator, LookSAM, PCGrad, RoGA, SAM, clip_grad_norm_, freeze_bn_stats
 
-__all__ = ["ops", "backends", "SAM", "GSAM", "WSAM", "FriendlySAM", "LookSAM", "RoGA", "PCGrad", "freeze_bn_stats", "clip_grad_norm_", "__version__"]
+__all__ = ["ops", "backends", "SAM", "GSAM", "WSAM", "FriendlySAM", "LookSAM", "RoGA", "PCGrad", "GradientAggregator",
+           "freeze_bn_stats", "clip_grad_norm_", "__version__"]

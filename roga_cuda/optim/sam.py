@@ -95,9 +95,9 @@ class SAM(WrapperOptimizer):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta)
         super().__init__(params, base_optimizer, defaults, backend, max_grad_norm, fused, **base_kwargs)
         self._perturber = Perturber(backend, strategy)
-        self._moves = None  # [Move] between first_step and second_step
-        self._plain = False  # first_step chose a plain (unperturbed) step: second_step takes it
-        self._steps = 0  # completed steps: which ones perturb (interval)
+        self._t.moves = None  # [Move] between first_step and second_step
+        self._t.plain = False  # first_step chose a plain (unperturbed) step: second_step takes it
+        self._t.steps = 0  # completed steps: which ones perturb (interval); in state_dict()
 
     @torch.no_grad()
     def first_step(self, zero_grad=False):
@@ -106,14 +106,14 @@ class SAM(WrapperOptimizer):
         Returns True when it perturbed; False on a plain step of ``interval`` (``.grad`` is
         kept for ``second_step()``: no second backward)."""
         name = type(self).__name__
-        if self._moves is not None or self._plain:
+        if self._t.moves is not None or self._t.plain:
             raise RuntimeError(f"{name}.first_step() called twice: call second_step() (or scaler.step(optimizer) "
                                "with AMP) to finish the step, or abort().")
         parts = self._gather()
         if not parts:
             raise RuntimeError(f"{name}.first_step(): no parameter has a gradient; call loss.backward() first")
-        if self._steps % self.interval != 0:
-            self._plain = True
+        if self._t.steps % self.interval != 0:
+            self._t.plain = True
             return False
         if self._keeps_first_grads:  # the update reads them: they must outlive the next backward
             parts = [_owned(part, self._perturber) for part in parts]
@@ -127,7 +127,7 @@ class SAM(WrapperOptimizer):
             scale = (self._radius(g) / (norm + 1e-12)).to(part.params[0].device)
             moves.append(self._perturber.perturb(part.params, part.grads, scale, strategy, g["adaptive"], g["eta"],
                                                  group=g))
-        self._moves = moves
+        self._t.moves = moves
         self._perturbed(parts, norm)
         if zero_grad or self._keeps_first_grads:
             self.zero_grad()
@@ -141,20 +141,20 @@ class SAM(WrapperOptimizer):
         # grad_scale is the scale still applied to .grad (None once unscale_ ran), found_inf
         # whether any gradient is inf/nan. Both stay on the device.
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if self._plain:
-            self._plain = False
+        if self._t.plain:
+            self._t.plain = False
             parts = self._gather()
             mixes = self._reuse_mix(parts, grad_scale)
             self._base_step([UpdatePart(p.group, p.params, lists, w) for p, (lists, w) in zip(parts, mixes)],
                             found_inf)
-            self._steps += 1
+            self._t.steps += 1
             if zero_grad:
                 self.zero_grad()
             return
-        if self._moves is None:
+        if self._t.moves is None:
             raise RuntimeError(f"{type(self).__name__}.second_step() without first_step(): call first_step() after "
                                "the first backward")
-        moves, self._moves = self._moves, None
+        moves, self._t.moves = self._t.moves, None
         try:
             if self._keeps_first_grads and grad_scale is None and found_inf is not None:
                 raise RuntimeError(f"{type(self).__name__}: scaler.unscale_(optimizer) ran before scaler.step(optimizer), "
@@ -185,7 +185,7 @@ class SAM(WrapperOptimizer):
         self._perturber.restore(folded.values())  # perturbed, but no gradient in the second pass
         self._base_step(updates, found_inf)
         self._after_update(parts, firsts, found_inf, grad_scale)
-        self._steps += 1
+        self._t.steps += 1
         if zero_grad:
             self.zero_grad()
 
@@ -217,9 +217,9 @@ class SAM(WrapperOptimizer):
     @torch.no_grad()
     def abort(self):
         """Undo a pending perturbation (after a failed second forward/backward, say)."""
-        self._plain = False
-        if self._moves is not None:
-            moves, self._moves = self._moves, None
+        self._t.plain = False
+        if self._t.moves is not None:
+            moves, self._t.moves = self._t.moves, None
             self._perturber.restore(moves)
 
     def step(self, closure=None):
@@ -230,7 +230,7 @@ class SAM(WrapperOptimizer):
         closure is not called and None is returned."""
         name = type(self).__name__
         if closure is None:
-            if self._moves is None and not self._plain:
+            if self._t.moves is None and not self._t.plain:
                 raise RuntimeError(f"{name}.step() needs a closure that re-evaluates the loss (forward + backward), "
                                    "or call first_step() / second_step() yourself")
             self.second_step()
@@ -256,7 +256,7 @@ class SAM(WrapperOptimizer):
 
     # -- state ---------------------------------------------------------------------------
     def _extra_state(self):
-        return {"steps": self._steps}
+        return {"steps": self._t.steps}
 
     def _check_extra_state(self, state):
         steps = state.get("steps", 0)
@@ -264,7 +264,7 @@ class SAM(WrapperOptimizer):
             raise ValueError(f"{type(self).__name__}.load_state_dict: 'steps' must be an integer >= 0, got {steps!r}")
 
     def _load_extra_state(self, state):
-        self._steps = state.get("steps", 0)
+        self._t.steps = state.get("steps", 0)
 
 
 def _owned(part, perturber):

@@ -185,7 +185,7 @@ class WSAM(_Variant):
         super().__init__(params, base_optimizer, rho, adaptive, eta, backend, strategy, max_grad_norm, fused,
                          interval, **base_kwargs)
         self._init_groups(gamma=gamma, decouple=decouple)
-        self._coef = None
+        self._t.coef = None
 
     def _check_group(self, group):
         gamma = group["gamma"]
@@ -202,7 +202,7 @@ class WSAM(_Variant):
         if self.max_grad_norm is not None:
             grams = _grams(firsts, parts, self.backend)
             norm = _combo_norm(grams, [(1.0 - x, x) for x in a])
-        self._coef = coef = _coef(norm, grad_scale, self.max_grad_norm)
+        self._t.coef = coef = _coef(norm, grad_scale, self.max_grad_norm)
         out = []
         for p, f, x, gm in zip(parts, firsts, a, grams):
             if p.group["decouple"]:
@@ -215,9 +215,9 @@ class WSAM(_Variant):
         for p, f in zip(parts, firsts):
             a = _ratio(p.group["gamma"])
             if p.group["decouple"] and a != 0:  # w -= lr a (g_p - g), skipped with the update on overflow
-                ops.sgd_(p.params, [p.grads, f], lr=p.group["lr"], grad_weights=_weights((a, -a), self._coef, p),
+                ops.sgd_(p.params, [p.grads, f], lr=p.group["lr"], grad_weights=_weights((a, -a), self._t.coef, p),
                          found_inf=found_inf, backend=self.backend)
-        self._coef = None
+        self._t.coef = None
 
 
 # ----------------------------------------------------------------------------- Friendly-SAM
@@ -262,8 +262,8 @@ class FriendlySAM(_Variant):
                          interval, **base_kwargs)
         self._init_groups(sigma=sigma, lmbda=lmbda)
         self._ema = StateBuffers()
-        self._inv_scale = None
-        self._fresh = None
+        self._t.inv_scale = None
+        self._t.fresh = None
 
     def _check_group(self, group):
         check_hyper("FriendlySAM", sigma=group["sigma"], lmbda=group["lmbda"])
@@ -274,18 +274,18 @@ class FriendlySAM(_Variant):
     def first_step(self, zero_grad=False, scaler=None):
         """SAM's first step along the friendly direction. ``scaler``: the GradScaler whose
         scale is in ``.grad`` (the average must be of unscaled gradients)."""
-        self._inv_scale = _utils.inv_scale_of(scaler)
+        self._t.inv_scale = _utils.inv_scale_of(scaler)
         try:
             return super().first_step(zero_grad)
         finally:
-            self._inv_scale, self._fresh = None, None
+            self._t.inv_scale, self._t.fresh = None, None
 
     def _direction(self, parts):
-        inv = self._inv_scale
-        self._fresh = []
+        inv = self._t.inv_scale
+        self._t.fresh = []
         for p in parts:
             m, fresh = self._ema.get(p.params)
-            self._fresh.append(fresh)
+            self._t.fresh.append(fresh)
             sigma = 0.0 if fresh else p.group["sigma"]
             if inv is not None or sigma != 0:  # d = g / scale - sigma m, over .grad
                 ops.combine_(p.grads, [p.grads, m], _weights((1.0 if inv is None else inv, -sigma), None, p),
@@ -293,7 +293,7 @@ class FriendlySAM(_Variant):
 
     def _perturbed(self, parts, norm):
         skip = (~torch.isfinite(norm)).float()
-        for p, fresh in zip(parts, self._fresh):
+        for p, fresh in zip(parts, self._t.fresh):
             m, _ = self._ema.get(p.params)
             lam, sigma = (0.0, 0.0) if fresh else (p.group["lmbda"], p.group["sigma"])
             _blend_(m, [p.grads], lam + (1.0 - lam) * sigma, [1.0 - lam], skip, self.backend)
@@ -358,7 +358,7 @@ class LookSAM(_Variant):
                          **base_kwargs)
         self._init_groups(alpha=alpha)
         self._gv = StateBuffers()
-        self._gv_norm = None  # ||g_v|| (a device tensor), recomputed after a load
+        self._t.gv_norm = None  # ||g_v|| (a device tensor), recomputed after a load
 
     @property
     def k(self):
@@ -381,21 +381,21 @@ class LookSAM(_Variant):
             gv, _ = self._gv.get(p.params)
             _blend_(gv, [p.grads, f], 0.0, _weights((1.0, -c), None, p), skip, self.backend)
             gvs.append(gv)
-        self._gv_norm = _utils.global_norm([(p.params, gv) for p, gv in zip(parts, gvs)], self.backend)
+        self._t.gv_norm = _utils.global_norm([(p.params, gv) for p, gv in zip(parts, gvs)], self.backend)
 
     def _reuse_mix(self, parts, grad_scale):
         if not parts or all(p.group["alpha"] == 0 for p in parts):
             return super()._reuse_mix(parts, grad_scale)
         gvs = [self._gv.get(p.params)[0] for p in parts]
-        if self._gv_norm is None:
-            self._gv_norm = _utils.global_norm([(p.params, gv) for p, gv in zip(parts, gvs)], self.backend)
+        if self._t.gv_norm is None:
+            self._t.gv_norm = _utils.global_norm([(p.params, gv) for p, gv in zip(parts, gvs)], self.backend)
         grams, norm = [None] * len(parts), None
         if self.max_grad_norm is None:
             ng = _utils.global_norm([(p.params, p.grads) for p in parts], self.backend)
         else:
             grams = [ops.gram([p.grads, gv], backend=self.backend) for p, gv in zip(parts, gvs)]
             ng = _total(grams)[0, 0].sqrt()
-        r = ng / (self._gv_norm.to(ng.device) + EPS)
+        r = ng / (self._t.gv_norm.to(ng.device) + EPS)
         ws = [p.group["alpha"] * r for p in parts]  # d = g + w g_v
         if self.max_grad_norm is not None:
             norm = _combo_norm(grams, [(1.0, w) for w in ws])
@@ -412,7 +412,7 @@ class LookSAM(_Variant):
     def _load_extra_state(self, state):
         super()._load_extra_state(state)
         self._gv.load(self._params(), state.get("gv", {}))
-        self._gv_norm = None
+        self._t.gv_norm = None
 
 
 # ---------------------------------------------------------------------------------- helpers
