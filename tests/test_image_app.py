@@ -30,7 +30,7 @@ def _params(path):
     return load_checkpoint(path)["model"]
 
 
-@pytest.mark.parametrize("optimizer", ["erm", "sam", "roga"])
+@pytest.mark.parametrize("optimizer", ["erm", "sam", "gsam", "wsam", "fsam", "looksam", "roga"])
 def test_end_to_end_per_optimizer(tmp_path, optimizer):
     m = _train(tmp_path, f"optimizer={optimizer}")
     assert m["optimizer"] == optimizer and m["steps"] == 3
@@ -317,7 +317,7 @@ def _ddp_worker(rank, world, port, out, optimizer, strategy):
     from roga_cuda.apps.image.train import train
     from roga_cuda.apps.common.runtime import cleanup_distributed
     cfg = load_config("smoke", overrides=TINY + [f"optimizer={optimizer}", "train.eval_every=2", "device=cpu",
-                                                 f"optim.strategy={strategy}"], app="image")
+                                                 f"optim.strategy={strategy}", "eval.select=last"], app="image")
     try:
         import roga_cuda.apps.image.train as T
         model_holder = {}
@@ -334,7 +334,7 @@ def _ddp_worker(rank, world, port, out, optimizer, strategy):
         cleanup_distributed()
 
 
-@pytest.mark.parametrize("optimizer,strategy", [("roga", "swap"), ("sam", "copy")])
+@pytest.mark.parametrize("optimizer,strategy", [("roga", "swap"), ("sam", "copy"), ("looksam", "copy")])
 def test_ddp_two_gloo_processes(tmp_path, optimizer, strategy):
     out = str(tmp_path / "ddp")
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), out, optimizer, strategy), nprocs=2, join=True)
@@ -342,7 +342,12 @@ def test_ddp_two_gloo_processes(tmp_path, optimizer, strategy):
         m = json.load(f)
     assert m["world_size"] == 2 and m["steps"] == 3
     r0, r1 = torch.load(os.path.join(out, "rank0.pt")), torch.load(os.path.join(out, "rank1.pt"))
-    for k in r0:  # identical replicas after training (BatchNorm buffers are broadcast from rank 0)
+    # identical parameters after training (eval.select=last: best.pt, which rank 0 writes and
+    # every rank loads, would hide diverged replicas). BatchNorm running statistics are left out:
+    # DDP broadcasts them at the start of a synchronised forward, so the last forward's local
+    # updates (and RoGA's, whose passes all run under no_sync) differ per rank by design.
+    keys = [k for k in r0 if "running_" not in k]
+    for k in keys:
         assert torch.equal(r0[k], r1[k]), k
 
 
