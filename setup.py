@@ -119,8 +119,10 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "matplotlib", "scikit-learn", "pillow"],
     extras_require={
         "triton": ["triton"],
-        # torchjd: the peer the weighting tests cross-check against (needs torch>=2.3, keeps the installed one)
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "soundfile", "torchjd[quadprog-projector]>=0.18"],
+        # torchjd: the peer the weighting tests cross-check against (needs torch>=2.3, keeps the installed one);
+        # pytorch-optimizer: the SAM variants' peer (needs torch>=2.1, keeps the installed one)
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "soundfile", "torchjd[quadprog-projector]>=0.18",
+                 "pytorch-optimizer>=4.1"],
         "audio": ["soundfile"],
         "timm": ["timm"],  # EfficientNet-B4 backbone; pulls torchvision
     },

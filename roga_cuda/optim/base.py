@@ -213,7 +213,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
         sources, weights and grad_out are applied first, then torch's step()."""
         if self.fused:
             self._update.step(parts, found_inf)
-            self._opt_called = True  # LR schedulers check this
+            self._opt_called = self.base_optimizer._opt_called = True  # LR schedulers check this (either may have one)
             return
         for part in parts:
             if part.source is not None:

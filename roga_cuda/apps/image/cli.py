@@ -24,6 +24,7 @@ from ..common.config import ConfigError, list_presets, load_config, save_config
 from ..common.checkpoint import CheckpointError
 from ..common.runtime import cleanup_distributed, is_main, print0
 from .data import ImageReadError
+from .train import OPTIMIZERS
 
 # errors caused by input (config, files, data): reported in one line, exit code 2
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, ImageReadError, CheckpointError, ImportError)
@@ -38,11 +39,11 @@ def _add_config_args(p):
 
 
 def _train_parser():
-    p = argparse.ArgumentParser(prog="roga-train", description="Train an image deepfake detector with ERM, SAM or RoGA.",
+    p = argparse.ArgumentParser(prog="roga-train", description="Train an image deepfake detector with ERM, SAM (or a SAM variant) or RoGA.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     _add_config_args(p)
     p.add_argument("--out", required=True, help="run folder (metrics.json, log.csv, plots, checkpoints, config.yaml)")
-    p.add_argument("--optimizer", choices=["erm", "sam", "roga"], help="training method (config: optimizer)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="training method (config: optimizer)")
     p.add_argument("--compare", default=None, metavar="LIST",
                    help="train several methods (e.g. erm,sam,roga) into OUT/<method>/ and print a comparison table")
     p.add_argument("--seeds", default=None, metavar="LIST",
@@ -140,9 +141,9 @@ def train_main(argv=None):
             raise ConfigError("--seeds is for --compare (for one run use --seed)")
         if args.compare:
             methods = [m.strip() for m in args.compare.split(",") if m.strip()]
-            bad = [m for m in methods if m not in ("erm", "sam", "roga")]
+            bad = [m for m in methods if m not in OPTIMIZERS]
             if bad or not methods:
-                raise ConfigError(f"--compare takes a list of erm, sam, roga; got {args.compare!r}")
+                raise ConfigError(f"--compare takes a list of {', '.join(OPTIMIZERS)}; got {args.compare!r}")
             if args.optimizer:
                 raise ConfigError("--compare and --optimizer are exclusive")
             if args.resume not in (None, "auto"):
