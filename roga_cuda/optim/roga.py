@@ -91,6 +91,7 @@ class RoGA(WrapperOptimizer):
         self.alignment = alignment
         self.num_domains = None if num_domains is None else int(num_domains)
         self.ddp_sync = ddp_sync
+        self._sync()  # a clear error now for ddp_sync=True on sharded (FSDP) parameters
         self._pending = None  # _Pending between perturb() and accumulate()
         self._final = None  # _Final: the last domain, folded into step()
         self._acc = {}  # id(layout part list) -> accumulated gradients of that list, this step

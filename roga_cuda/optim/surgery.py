@@ -200,6 +200,7 @@ class PCGrad(WrapperOptimizer):
         self.method, self.reduction = method, reduction
         self.beta, self.c, self.cagrad_rescale = beta, c, cagrad_rescale
         self.ddp_sync = ddp_sync
+        self._sync()  # a clear error now for ddp_sync=True on sharded (FSDP) parameters
         self._gen = torch.Generator().manual_seed(torch.initial_seed() % (2**63) if seed is None else int(seed))
         self._stash = None  # per task: gradients aligned with the layout's params (None: no gradient)
         self._aligned = None  # _Aligned between a folding align() and step()
@@ -322,7 +323,7 @@ class PCGrad(WrapperOptimizer):
             lists = [[s[i] if s[i] is not None else torch.zeros_like(lay.params[i]) for i in idx] for s in stash] \
                 if present is not None else [s[a:b] if len(lay.parts) > 1 else s for s in stash]
             parts.append((group, plist, lists))
-        grams = [ops.gram(lists, backend=self.backend) for _, _, lists in parts]
+        grams = [_utils.local_value(ops.gram(lists, backend=self.backend)) for _, _, lists in parts]
         G = grams[0] if len(grams) == 1 else sum(g.to(grams[0].device) for g in grams)
         w = self._coefficients(G)
         if self.reduction == "mean":
