@@ -345,7 +345,7 @@ def _check_rules(rank):
     from torch.distributed.fsdp import fully_shard
     fully_shard(partly.l1)
     fully_shard(partly.l2)  # not the root: its `gain` stays a plain tensor
-    from roga_cuda import RoGA, SAM
+    from roga_cuda import PCGrad, RoGA, SAM
     sam = SAM(partly.parameters(), torch.optim.SGD, lr=0.1)
     x, y = _local(*data(0), rank)
     F.cross_entropy(partly(x), y).backward()
@@ -354,7 +354,22 @@ def _check_rules(rank):
     F.cross_entropy(model(x), y).backward()
     expect("swap", ValueError, lambda: SAM(model.parameters(), torch.optim.SGD, lr=0.1, strategy="swap").first_step())
     expect("ddp_sync", ValueError, lambda: RoGA(model.parameters(), torch.optim.SGD, lr=0.1, ddp_sync=True))
+    expect("hvp", ValueError, lambda: RoGA(model.parameters(), torch.optim.SGD, lr=0.1, alignment="hvp"))
+    expect("python-backend", TypeError, lambda: ops.norm(p, backend="foreach"))
     out["errors"] = errors
+
+    # PCGrad's random projection order (K = 3) on ranks seeded differently: rank 0's seed
+    # is shared, else the ranks would update their shards with different coefficients
+    torch.manual_seed(100 + rank)
+    out["initial_seed"] = torch.initial_seed()
+    opt = PCGrad(model.parameters(), torch.optim.SGD, lr=0.1)
+    for s in range(2):
+        x, y = _local(*data(s), rank)
+        out3 = model(x)
+        opt.zero_grad()
+        opt.backward(task_losses(out3, y) + [F.mse_loss(out3, torch.zeros_like(out3))])
+        opt.step()
+    out["generator"] = opt._gen.get_state()
     return out
 
 
@@ -602,8 +617,16 @@ def test_bad_input_gets_a_clear_error(sharded):
         "mixed-model": "is a plain tensor but other tensors of the call are DTensors",
         "swap": "strategy='swap' is unsafe here",
         "ddp_sync": "FSDP already reduce-scatters the gradients",
+        "hvp": "use alignment='first_order'",
+        "python-backend": "DTensor inputs run through the compiled operators",
     }
     for r in range(WORLD):
         errors = res[r]["errors"]
         for name, text in want.items():
             assert text in errors[name], f"rank {r}, {name}: {errors[name]!r}"
+
+
+def test_pcgrad_random_order_is_shared_across_ranks(sharded):
+    res = _ok(sharded, "rules")
+    assert res[0]["initial_seed"] != res[1]["initial_seed"], "the ranks were meant to start from different seeds"
+    assert torch.equal(res[0]["generator"], res[1]["generator"]), "the ranks drew different projection orders"

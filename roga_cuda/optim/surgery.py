@@ -168,7 +168,9 @@ class PCGrad(WrapperOptimizer):
         beta: GradVac's EMA rate for the cosine targets. c, cagrad_rescale: CAGrad's
             conflict-aversion radius and output rescaling.
         max_grad_norm: clip the final gradient (free: its norm follows from G).
-        seed: seeds the random projection order (K > 2); saved in state_dict.
+        seed: seeds the random projection order (K > 2); saved in state_dict. Under
+            torch.distributed every rank must draw the same orders: give every rank the
+            same seed, or leave it None and rank 0's seed is broadcast at the first draw.
         ddp_sync: all-reduce the K task gradients across processes before the surgery
             (default: when torch.distributed runs with more than one process); pass the
             DDP model to backward(model=...) so the K backward passes skip DDP's own sync.
@@ -202,6 +204,7 @@ class PCGrad(WrapperOptimizer):
         self.ddp_sync = ddp_sync
         self._sync()  # a clear error now for ddp_sync=True on sharded (FSDP) parameters
         self._gen = torch.Generator().manual_seed(torch.initial_seed() % (2**63) if seed is None else int(seed))
+        self._seed_shared = seed is not None  # else rank 0's seed is broadcast before the first draw
         self._stash = None  # per task: gradients aligned with the layout's params (None: no gradient)
         self._aligned = None  # _Aligned between a folding align() and step()
         self._flat = None
@@ -341,9 +344,11 @@ class PCGrad(WrapperOptimizer):
             ops.combine_(lists[0], lists, w.to(lists[0][0].device), backend=self.backend)
             _utils.set_grads(ps, lists[0])
 
-    def _orders(self, k):
+    def _orders(self, k, device):
         if k <= 2:
             return [[j for j in range(k) if j != i] for i in range(k)]
+        if not self._seed_shared:
+            self._share_seed(device)
         out = []
         for i in range(k):
             others = [j for j in range(k) if j != i]
@@ -351,17 +356,26 @@ class PCGrad(WrapperOptimizer):
             out.append([others[m] for m in perm])
         return out
 
+    def _share_seed(self, device):
+        """Rank 0's seed for every rank (once): ranks that projected in different orders
+        would compute different coefficients, and DDP replicas or FSDP shards would diverge."""
+        self._seed_shared = True
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            seed = torch.tensor([self._gen.initial_seed()], dtype=torch.int64, device=device)
+            dist.broadcast(seed, src=0)
+            self._gen.manual_seed(int(seed))
+
     def _coefficients(self, G):
         k = G.shape[0]
         G64 = G.double()
         if self.method == "sum":
             return torch.ones(k, dtype=torch.float64, device=G.device)
         if self.method == "pcgrad":
-            return pcgrad_weights(G64, self._orders(k))
+            return pcgrad_weights(G64, self._orders(k, G.device))
         if self.method == "gradvac":
             if self._targets is None:
                 self._targets = torch.zeros(k, k, dtype=torch.float64, device=G.device)
-            w, self._targets = gradvac_weights(G64, self._targets.to(G.device), self.beta, self._orders(k))
+            w, self._targets = gradvac_weights(G64, self._targets.to(G.device), self.beta, self._orders(k, G.device))
             return w
         host = G64.cpu().numpy()  # one small device-to-host copy: the solvers iterate on the host
         w = mgda_weights(host) if self.method == "mgda" else cagrad_weights(host, self.c, self.cagrad_rescale)
@@ -453,6 +467,7 @@ class PCGrad(WrapperOptimizer):
         self._targets = None if t is None else t.to(dev)
         if state.get("generator") is not None:
             self._gen.set_state(state["generator"])
+            self._seed_shared = True  # the same saved state on every rank
         self._n_steps = state.get("n_steps", 0)
         n, f = state.get("n_conflict"), state.get("n_finite")
         self._n_conflict = None if n is None else n.to(dev)
