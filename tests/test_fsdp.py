@@ -164,7 +164,8 @@ def _step(kind, model, opt, s, rank, scaler=None, poison=False, probe=None):
         out = model(x)
         model.poison = False
         opt.zero_grad()
-        opt.backward(task_losses(out, y), align=False, scaler=scaler)
+        # pcgrad: with model=, FSDP keeps the parameters gathered between the two passes
+        opt.backward(task_losses(out, y), align=False, scaler=scaler, model=model if kind == "pcgrad" else None)
         if probe:
             probe(opt)
         opt.align()

@@ -25,27 +25,43 @@ _STACKED = {"gram": "lists", "combine_": "lists", "sgd_": "grads", "adam_": "gra
 _COUNTS = ("steps",)
 
 
-def _check_placements(op, name, t):
-    if any(isinstance(p, Partial) for p in t.placements):
+# Placements already found free of Partial, by id (the tuples are kept alive so that ids stay
+# unique). FSDP gives a parameter and its gradients one spec, so a step checks nothing twice.
+_CHECKED = {}
+
+
+def _check_placements(op, name, placements):
+    if id(placements) in _CHECKED:
+        return
+    if any(isinstance(p, Partial) for p in placements):
         raise ValueError(f"{op}: {name} has a Partial placement (a pending reduction: its local values "
                          "are not the tensor's); redistribute it to Shard or Replicate first")
+    if len(_CHECKED) > 4096:
+        _CHECKED.clear()
+    _CHECKED[id(placements)] = placements
 
 
 def _unwrap_list(op, name, lst, ref=None):
-    """Local shards of a DTensor list; ``ref`` (a list of DTensors) fixes mesh/placements per position."""
-    out = []
+    """Local shards of a DTensor list, and their specs. ``ref`` (the first list's specs) fixes
+    mesh and placements per position; the first list itself is checked for Partial."""
+    out, specs = [], []
     for i, t in enumerate(lst):
         if not isinstance(t, DTensor):
             raise TypeError(f"{op}: {name}[{i}] is a plain tensor but other tensors of the call are DTensors; "
                             "give DTensors everywhere (e.g. the parameters and gradients of one fully_shard model) "
                             "or plain tensors everywhere")
-        _check_placements(op, f"{name}[{i}]", t)
-        if ref is not None and (t.device_mesh != ref[i].device_mesh or t.placements != ref[i].placements):
-            raise ValueError(f"{op}: {name}[{i}] is placed {t.placements} on {t.device_mesh} but the tensor at its "
-                             f"position in the first list is placed {ref[i].placements} on {ref[i].device_mesh}; "
-                             "tensors at one position must share their sharding")
+        spec = t._spec
+        if ref is None:
+            _check_placements(op, f"{name}[{i}]", spec.placements)
+        else:
+            r = ref[i]
+            if spec is not r and (spec.placements != r.placements or (spec.mesh is not r.mesh and spec.mesh != r.mesh)):
+                raise ValueError(f"{op}: {name}[{i}] is placed {spec.placements} on {spec.mesh} but the tensor at its "
+                                 f"position in the first list is placed {r.placements} on {r.mesh}; tensors at one "
+                                 "position must share their sharding")
         out.append(t._local_tensor)
-    return out
+        specs.append(spec)
+    return out, specs
 
 
 def _replicated_value(op, name, x):
@@ -53,7 +69,7 @@ def _replicated_value(op, name, x):
     tensor; a sharded DTensor is refused (each rank would read a different part)."""
     if not isinstance(x, DTensor):
         return x
-    _check_placements(op, name, x)
+    _check_placements(op, name, x.placements)
     if not all(isinstance(p, Replicate) for p in x.placements):
         raise ValueError(f"{op}: {name} is a DTensor placed {x.placements}; a scalar or per-parameter count "
                          "must be a plain tensor or a replicated DTensor")
@@ -69,19 +85,23 @@ def _unwrap_args(func, args, kwargs):
     # every argument, in schema order: the dispatcher leaves trailing defaults out of args
     bound = list(args) + [kwargs[a.name] if a.name in kwargs else a.default_value if a.has_default_value() else None
                           for a in schema_args[len(args):]]
-    ref, out = None, []
+    ref, out = None, []  # ref: the first list's specs
     for a, v in zip(schema_args, bound):
         if isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor):
             if a.name in _COUNTS:
                 out.append([_replicated_value(op, f"{a.name}[{i}]", t) for i, t in enumerate(v)])
             elif _STACKED.get(op) == a.name:
                 n = len(ref) if ref is not None else len(v) // args[1]  # gram: n = total / k
-                out.append([t for k in range(len(v) // n)
-                            for t in _unwrap_list(op, f"{a.name}[{k}]", v[k * n:(k + 1) * n], ref or v[:n])])
-                ref = ref or list(v[:n])
+                local = []
+                for k in range(len(v) // n):
+                    shards, specs = _unwrap_list(op, f"{a.name}[{k}]", v[k * n:(k + 1) * n], ref)
+                    local += shards
+                    ref = ref or specs
+                out.append(local)
             else:
-                out.append(_unwrap_list(op, a.name, v, ref))
-                ref = ref or list(v)
+                shards, specs = _unwrap_list(op, a.name, v, ref)
+                out.append(shards)
+                ref = ref or specs
         else:
             out.append(_replicated_value(op, a.name, v))
     return op, out, ref
@@ -89,22 +109,23 @@ def _unwrap_args(func, args, kwargs):
 
 # ---------------------------------------------------------------- reductions
 
-def _reduced_dims(ref):
-    """Mesh dimensions to sum over: those some tensor is not replicated on. Over the others
-    every rank already holds the whole result."""
-    mesh = ref[0].device_mesh
-    for t in ref:
-        if t.device_mesh != mesh:
+def _reduction_plan(specs):
+    """(mesh, dims, mask): the mesh dimensions to sum over (those some tensor is not
+    replicated on; over the others every rank holds the whole result already), and per tensor
+    whether this rank counts it: a tensor replicated over a summed dimension counts only at
+    coordinate 0 of that dimension, so once."""
+    mesh = specs[0].mesh
+    by_placements = {}  # the few distinct placements, by id
+    for sp in specs:
+        if sp.mesh is not mesh and sp.mesh != mesh:
             raise ValueError("roga_cuda reductions need every DTensor of one call on one device mesh, got "
-                             f"{mesh} and {t.device_mesh}")
-    return [d for d in range(mesh.ndim) if any(not isinstance(t.placements[d], Replicate) for t in ref)]
-
-
-def _contributes(t, dims):
-    """Does this rank count DTensor ``t`` in a sum over mesh dimensions ``dims``? Only at
-    coordinate 0 of the reduced dimensions over which ``t`` is replicated (it counts once)."""
-    coord = t.device_mesh.get_coordinate()
-    return all(coord[d] == 0 for d in dims if isinstance(t.placements[d], Replicate))
+                             f"{mesh} and {sp.mesh}")
+        by_placements.setdefault(id(sp.placements), sp.placements)
+    kinds = list(by_placements.values())
+    dims = [d for d in range(mesh.ndim) if any(not isinstance(pl[d], Replicate) for pl in kinds)]
+    coord = mesh.get_coordinate()
+    counts = {key: all(coord[d] == 0 for d in dims if isinstance(pl[d], Replicate)) for key, pl in by_placements.items()}
+    return mesh, dims, [counts[id(sp.placements)] for sp in specs]
 
 
 def _all_reduce(x, mesh, dims):
@@ -135,15 +156,15 @@ def _elementwise_rule(cls, func, types, args, kwargs):
 
 
 def _norm_rule(cls, func, types, args, kwargs):
-    op, local_args, ref = _unwrap_args(func, args, kwargs or {})
+    op, local_args, specs = _unwrap_args(func, args, kwargs or {})
     asam = op == "asam_norm"
     per_tensor = bool(local_args[-1])
-    mesh, dims = ref[0].device_mesh, _reduced_dims(ref)
+    mesh, dims, counted = _reduction_plan(specs)
     # Local per-tensor norms (one kernel call), then one all-reduce of their masked squares.
     call = list(local_args)
     call[-1] = True
     _, per = func(*call) if asam else func(local_args[0], True)
-    mask = torch.tensor([1.0 if _contributes(t, dims) else 0.0 for t in ref], dtype=torch.float64, device=per.device)
+    mask = torch.tensor(counted, dtype=torch.float64, device=per.device)
     sq = per.double().square() * mask
     sq = _all_reduce(torch.cat([sq, sq.sum().reshape(1)]), mesh, dims)
     total = sq[-1].sqrt().to(per.dtype)
@@ -152,12 +173,12 @@ def _norm_rule(cls, func, types, args, kwargs):
 
 
 def _gram_rule(cls, func, types, args, kwargs):
-    _, (flat, k), ref = _unwrap_args(func, args, kwargs or {})
+    _, (flat, k), specs = _unwrap_args(func, args, kwargs or {})
     n = len(flat) // k
-    mesh, dims = ref[0].device_mesh, _reduced_dims(ref)
-    keep = [i for i, t in enumerate(ref) if _contributes(t, dims)]
+    mesh, dims, counted = _reduction_plan(specs)
+    keep = [i for i in range(n) if counted[i]]
     if keep:
-        G = func([flat[j * n + i] for j in range(k) for i in keep], k)
+        G = func(flat if len(keep) == n else [flat[j * n + i] for j in range(k) for i in keep], k)
     else:  # nothing of this rank's counts: zeros of the result dtype
         dt = torch.float64 if any(t.dtype == torch.float64 for t in flat[:n]) else torch.float32
         G = torch.zeros(k, k, dtype=dt, device=flat[0].device)

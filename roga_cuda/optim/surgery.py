@@ -236,7 +236,10 @@ class PCGrad(WrapperOptimizer):
         task gradients to pending sums (gradient accumulation over micro-batches: surgery
         once, on the accumulated gradients, at align()). scaler: a GradScaler: the losses
         are scaled here, and clipping uses the unscaled norm. model: a
-        DistributedDataParallel model, whose own gradient sync is skipped (see ddp_sync).
+        DistributedDataParallel model, whose own gradient sync is skipped (see ddp_sync), or
+        an FSDP2 (fully_shard) model, whose parameters then stay gathered from one pass to
+        the next (they do not change in between) and are resharded after the last: no
+        re-gathering in passes 2..K, at the memory cost of the whole parameters meanwhile.
         """
         losses = self._check_losses(losses)
         k = len(losses)
@@ -252,9 +255,12 @@ class PCGrad(WrapperOptimizer):
                 for b in bufs:
                     b.zero_()
         ctx = model.no_sync() if model is not None and hasattr(model, "no_sync") else contextlib.nullcontext()
+        keep_gathered = model is not None and hasattr(model, "set_reshard_after_backward")  # FSDP2
         stash = []
-        with ctx:
+        with ctx, _resharded_at_exit(model if keep_gathered else None):
             for t, loss in enumerate(losses):
+                if keep_gathered:
+                    model.set_reshard_after_backward(t == k - 1)
                 # accumulate into the flat views / the pending sums, or let autograd allocate
                 if flat is not None:
                     _utils.set_grads(params, flat[t][1])
@@ -472,6 +478,16 @@ class PCGrad(WrapperOptimizer):
         n, f = state.get("n_conflict"), state.get("n_finite")
         self._n_conflict = None if n is None else n.to(dev)
         self._n_finite = None if n is None else (f if f is not None else torch.tensor(float(self._n_steps))).to(dev)
+
+
+@contextlib.contextmanager
+def _resharded_at_exit(model):
+    """FSDP2's default (reshard after backward) back on model at exit, also on an error."""
+    try:
+        yield
+    finally:
+        if model is not None:
+            model.set_reshard_after_backward(True)
 
 
 def _no_donated_buffers():
