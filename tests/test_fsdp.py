@@ -371,6 +371,31 @@ def _check_rules(rank):
         opt.backward(task_losses(out3, y) + [F.mse_loss(out3, torch.zeros_like(out3))])
         opt.step()
     out["generator"] = opt._gen.get_state()
+
+    # PCGrad's gradient accumulation: two half micro-batches add up in the stashed shards
+    acc_model = _sharded_net()
+    opt = PCGrad(acc_model.parameters(), torch.optim.SGD, lr=0.1, method="sum")
+    x, y = _local(*data(0), rank)
+    for mb in range(2):
+        o = acc_model(x[mb::2])
+        opt.backward([loss / 2 for loss in task_losses(o, y[mb::2])], align=False)
+    out["accumulated"] = [[g.full_tensor() for g in task] for task in opt._stash]
+
+    # FSDP's mixed precision (bfloat16 compute, float32 shards): every optimizer steps
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    mp_ok = {}
+    for kind in KINDS:
+        model = net()
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for m in (model.l1, model.l2, model):
+            fully_shard(m, mp_policy=policy)
+        before = _full(model)
+        opt = _optimizer(kind, model.parameters())
+        _step(kind, model, opt, 0, rank)
+        after = _full(model)
+        mp_ok[kind] = all(torch.isfinite(v).all() for v in after.values()) and any(
+            not torch.equal(after[k], v) for k, v in before.items())
+    out["mixed_precision"] = mp_ok
     return out
 
 
@@ -631,3 +656,23 @@ def test_pcgrad_random_order_is_shared_across_ranks(sharded):
     res = _ok(sharded, "rules")
     assert res[0]["initial_seed"] != res[1]["initial_seed"], "the ranks were meant to start from different seeds"
     assert torch.equal(res[0]["generator"], res[1]["generator"]), "the ranks drew different projection orders"
+
+
+def test_pcgrad_accumulates_micro_batches_in_the_shards(sharded):
+    res = _ok(sharded, "rules")
+    model = net()
+    ps = list(model.parameters())
+    x, y = data(0)
+    want = [torch.autograd.grad(loss, ps, retain_graph=True) for loss in task_losses(model(x), y)]
+    for r in range(WORLD):
+        for t, (got_t, want_t) in enumerate(zip(res[r]["accumulated"], want)):
+            for i, (a, b) in enumerate(zip(got_t, want_t)):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=lambda m: f"rank {r} task {t}[{i}]: {m}")
+
+
+def test_fsdp_mixed_precision_runs(sharded):
+    """MixedPrecisionPolicy (bfloat16 compute, float32 shards and reductions): one step of
+    each optimizer leaves finite parameters that moved."""
+    res = _ok(sharded, "rules")
+    for r in range(WORLD):
+        assert res[r]["mixed_precision"] == {k: True for k in KINDS}, (r, res[r]["mixed_precision"])
