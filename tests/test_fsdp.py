@@ -22,6 +22,7 @@ empty on rank 1):
 * AMP (GradScaler) with an inf/nan in one rank's shard only: both ranks skip that step and
   keep the same scale.
 """
+import copy
 import math
 import os
 import sys
@@ -313,8 +314,8 @@ def _check_rules(rank):
     buf = [distribute_tensor(torch.zeros_like(t), mesh, [Shard(0)]) for t in lists[0]]
     steps = [torch.zeros((), dtype=torch.float32) for _ in lists[0]]
     found = distribute_tensor(torch.zeros(1), mesh, [Replicate()])
-    ops.sgd_(p, gr, lr=torch.tensor(0.1, dtype=torch.float64), momentum_buffers=buf, steps=steps, momentum=0.9, weight_decay=0.01,
-             grad_weights=[1.0, -0.5], found_inf=found)
+    ops.sgd_(p, gr, lr=torch.tensor(0.1, dtype=torch.float64), momentum_buffers=buf, steps=steps, momentum=0.9,
+             weight_decay=0.01, grad_weights=[1.0, -0.5], found_inf=found)
     ops.sgd_(p, gr, lr=0.1, momentum_buffers=buf, steps=steps, momentum=0.9, weight_decay=0.01,
              grad_weights=[1.0, -0.5])
     m1 = [distribute_tensor(torch.zeros_like(t), mesh, [Shard(0)]) for t in lists[0]]
@@ -676,3 +677,38 @@ def test_fsdp_mixed_precision_runs(sharded):
     res = _ok(sharded, "rules")
     for r in range(WORLD):
         assert res[r]["mixed_precision"] == {k: True for k in KINDS}, (r, res[r]["mixed_precision"])
+
+
+def test_checkpoint_helpers_on_one_process():
+    """roga_cuda.optim.checkpoint without torch.distributed: the state round-trips into a
+    fresh optimizer (which then steps like the original), and another optimizer type is
+    refused before anything is loaded."""
+    from roga_cuda import RoGA, SAM
+    from roga_cuda.optim.checkpoint import get_state_dict, set_state_dict
+
+    def run(model, opt, steps):
+        for s in steps:
+            x, y = data(s)
+            F.cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+
+    model = net()
+    opt = SAM(model.parameters(), torch.optim.AdamW, lr=0.01, rho=0.1)
+    run(model, opt, range(2))
+    msd, osd = get_state_dict(model, opt)
+    msd, osd = copy.deepcopy(msd), copy.deepcopy(osd)  # as saved: the live state keeps changing
+    model2 = net()
+    opt2 = SAM(model2.parameters(), torch.optim.AdamW, lr=0.5, rho=0.1)  # lr comes from the checkpoint
+    set_state_dict(model2, opt2, msd, osd)
+    assert opt2.param_groups is opt2.base_optimizer.param_groups and opt2.param_groups[0]["lr"] == 0.01
+    run(model, opt, [2])
+    run(model2, opt2, [2])
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+    other = RoGA(net().parameters(), torch.optim.AdamW, lr=0.01)
+    with pytest.raises(ValueError, match="saved by a SAM, not a RoGA"):
+        set_state_dict(net(), other, msd, osd)
+    with pytest.raises(ValueError, match="was not written by roga_cuda.optim.checkpoint.get_state_dict"):
+        set_state_dict(model2, opt2, msd, opt2.base_optimizer.state_dict())

@@ -124,7 +124,8 @@ def _reduction_plan(specs):
     kinds = list(by_placements.values())
     dims = [d for d in range(mesh.ndim) if any(not isinstance(pl[d], Replicate) for pl in kinds)]
     coord = mesh.get_coordinate()
-    counts = {key: all(coord[d] == 0 for d in dims if isinstance(pl[d], Replicate)) for key, pl in by_placements.items()}
+    counts = {key: all(coord[d] == 0 for d in dims if isinstance(pl[d], Replicate))
+              for key, pl in by_placements.items()}
     return mesh, dims, [counts[id(sp.placements)] for sp in specs]
 
 

@@ -28,6 +28,8 @@ import io
 import torch
 from torch.distributed.checkpoint import state_dict as _dcp_sd
 
+from .base import _AGGREGATORS
+
 _WRAPPER = "roga_cuda_wrapper"
 
 
@@ -55,7 +57,7 @@ def set_state_dict(model, optimizer, model_state_dict, optim_state_dict, *, opti
                          "roga_cuda.optim.checkpoint.get_state_dict")
     extra = torch.load(io.BytesIO(blob), weights_only=False)
     name = type(optimizer).__name__
-    if extra["type"] != name:
+    if extra["type"] != name and not (name in _AGGREGATORS and extra["type"] in _AGGREGATORS):
         raise ValueError(f"set_state_dict: this checkpoint was saved by a {extra['type']}, not a {name}")
     optimizer._check_extra_state(extra["wrapper"])
     _dcp_sd.set_state_dict(model, optimizer.base_optimizer, model_state_dict=model_state_dict,
