@@ -208,8 +208,9 @@ def variants(m, backend="auto"):
 
     def pcgrad_step():
         # what PCGrad.backward does after autograd: stash, gram, coefficients, combine
-        pc._stash = [dict(zip(map(id, m.params), m.pool[0])), dict(zip(map(id, m.params), m.task2))]
-        pc._inv_scale = None
+        pc._t.stash = [list(m.pool[0]), list(m.task2)]  # per task, aligned with the parameters
+        pc._t.inv_scale = None
+        pc._t.stash_complete = True
         pc.align()
         pc.step()
         pc.zero_grad()

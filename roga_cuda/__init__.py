@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 from . import ops
 from .ops import backends
-from .optim import PCGrad, RoGA, SAM, clip_grad_norm_, freeze_bn_stats
+from .optim import GradientAggregator, PCGrad, RoGA, SAM, clip_grad_norm_, freeze_bn_stats
 
-__all__ = ["ops", "backends", "SAM", "RoGA", "PCGrad", "freeze_bn_stats", "clip_grad_norm_", "__version__"]
+__all__ = ["ops", "backends", "SAM", "RoGA", "PCGrad", "GradientAggregator", "freeze_bn_stats", "clip_grad_norm_", "__version__"]

@@ -8,7 +8,7 @@ directory (no TCP port to clash), and the run has a deadline (a collective that 
 the tests instead of the CI job).
 
 Per optimizer (SAM with clipping, RoGA with K=3 domains, PCGrad's pcgrad and its MGDA solver
-with clipping), on a small BatchNorm-free model whose parameters shard unevenly (one shard is
+with clipping, GradientAggregator's UPGrad solver), on a small BatchNorm-free model whose parameters shard unevenly (one shard is
 empty on rank 1):
 
 * parameters after 4 steps equal a single-process float64 run of the same math, written out
@@ -41,7 +41,8 @@ WORLD = 2
 STEPS = 4
 SAVE_AFTER = 2  # checkpoint after this many steps, resume for the rest
 K_ROGA = 3
-KINDS = ("sam", "roga", "pcgrad", "mgda")
+KINDS = ("sam", "roga", "pcgrad", "mgda", "upgrad")
+AGGREGATORS = ("pcgrad", "mgda", "upgrad")
 HYPER = dict(rho=0.1, alpha=0.01, max_norm=0.4)
 DEADLINE_S = 240
 
@@ -93,14 +94,15 @@ def data(step, domain=0, n=8):
 
 
 def task_losses(out, y):
-    """PCGrad's two tasks on one forward; the second conflicts with the first now and then."""
-    return [F.cross_entropy(out, y), -0.5 * F.cross_entropy(out, (y + 1) % 3)]
+    """The aggregators' two tasks on one forward: the second (another label) conflicts with the
+    first at every step of these runs, so PCGrad's and UPGrad's projections change the sum."""
+    return [F.cross_entropy(out, y), 0.5 * F.cross_entropy(out, (y + 1) % 3)]
 
 
 # ------------------------------------------------------------------ the sharded run (workers)
 
 def _optimizer(kind, params):
-    from roga_cuda import PCGrad, RoGA, SAM
+    from roga_cuda import GradientAggregator, PCGrad, RoGA, SAM
     if kind == "sam":
         return SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, rho=HYPER["rho"], max_grad_norm=HYPER["max_norm"])
     if kind == "roga":
@@ -108,7 +110,9 @@ def _optimizer(kind, params):
                     num_domains=K_ROGA)
     if kind == "pcgrad":
         return PCGrad(params, torch.optim.SGD, lr=0.1, momentum=0.9, method="pcgrad")
-    return PCGrad(params, torch.optim.Adam, lr=0.01, method="mgda", max_grad_norm=HYPER["max_norm"])
+    if kind == "mgda":
+        return PCGrad(params, torch.optim.Adam, lr=0.01, method="mgda", max_grad_norm=HYPER["max_norm"])
+    return GradientAggregator(params, torch.optim.SGD, lr=0.1, momentum=0.5, method="upgrad")
 
 
 def _sharded_net():
@@ -188,10 +192,11 @@ def _buffers(opt):
     for kind, entries in store.items():
         out[kind] = [(p, buf) for p, buf in entries.values()]
     lay = opt._layout()
-    if getattr(opt, "_acc", None):
-        out["acc"] = [(p, a) for (_, ps) in lay.parts for p, a in zip(ps, opt._acc.get(id(ps), []))]
-    if getattr(opt, "_stash", None):
-        out["stash"] = [(p, g) for task in opt._stash for p, g in zip(lay.params, task)]
+    t = opt._t  # the per-step state
+    if getattr(t, "acc", None):
+        out["acc"] = [(p, a) for (_, ps) in lay.parts for p, a in zip(ps, t.acc.get(id(ps), []))]
+    if getattr(t, "stash", None):
+        out["stash"] = [(p, g) for task in t.stash for p, g in zip(lay.params, task)]
     return out
 
 
@@ -255,7 +260,7 @@ def _run_kind(kind, rank, tmp):
     state = opt.base_optimizer.state
     mem["base state"] = _memory([(p, t) for p in opt._params() for k, t in state[p].items() if k != "step"])
     res.update(final=_full(model), memory=mem, all_reduces=per_step)
-    if kind in ("pcgrad", "mgda"):
+    if kind in AGGREGATORS:
         res["stats"] = (opt.stats["steps"], float(opt.conflict_rate))
 
     # resume: a fresh model and optimizer, loaded from the checkpoint
@@ -268,7 +273,7 @@ def _run_kind(kind, rank, tmp):
     for s in range(SAVE_AFTER, STEPS):
         _step(kind, model2, opt2, s, rank)
     res["resumed"] = _full(model2)
-    if kind in ("pcgrad", "mgda"):
+    if kind in AGGREGATORS:
         res["resumed_stats"] = (opt2.stats["steps"], float(opt2.conflict_rate))
 
     # AMP: the last backward of step 1 overflows on rank 0's shard only
@@ -371,7 +376,7 @@ def _check_rules(rank):
         opt.zero_grad()
         opt.backward(task_losses(out3, y) + [F.mse_loss(out3, torch.zeros_like(out3))])
         opt.step()
-    out["generator"] = opt._gen.get_state()
+    out["generator"] = opt.weighting.state_dict()["generator"]
 
     # PCGrad's gradient accumulation: two half micro-batches add up in the stashed shards
     acc_model = _sharded_net()
@@ -380,7 +385,7 @@ def _check_rules(rank):
     for mb in range(2):
         o = acc_model(x[mb::2])
         opt.backward([loss / 2 for loss in task_losses(o, y[mb::2])], align=False)
-    out["accumulated"] = [[g.full_tensor() for g in task] for task in opt._stash]
+    out["accumulated"] = [[g.full_tensor() for g in task] for task in opt._t.stash]
 
     # FSDP's mixed precision (bfloat16 compute, float32 shards): every optimizer steps
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -456,6 +461,8 @@ def _base(kind, ps):
         return torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01)
     if kind == "pcgrad":
         return torch.optim.SGD(ps, lr=0.1, momentum=0.9)
+    if kind == "upgrad":
+        return torch.optim.SGD(ps, lr=0.1, momentum=0.5)
     return torch.optim.Adam(ps, lr=0.01)
 
 
@@ -477,6 +484,17 @@ def _restore(ps, old):
 def _clip(gs, max_norm):
     c = min(1.0, max_norm / (float(_norm(gs)) + 1e-6))
     return [g * c for g in gs]
+
+
+def _project_dual_cone(v, a, b):
+    """Projection of v onto {x : a.x >= 0, b.x >= 0}: the nearest feasible point among the
+    projections onto the faces (no constraint, a.x = 0, b.x = 0, both), float64."""
+    cands = [v, v - (a @ v) / (a @ a) * a, v - (b @ v) / (b @ b) * b]
+    A = torch.stack([a, b])
+    cands.append(v - A.T @ torch.linalg.solve(A @ A.T, A @ v))
+    tol = 1e-12 * (a.norm() + b.norm()) * v.norm()
+    feasible = [c for c in cands if a @ c >= -tol and b @ c >= -tol]
+    return min(feasible, key=lambda c: float((c - v).norm()))
 
 
 def reference(kind, steps):
@@ -511,6 +529,8 @@ def reference(kind, steps):
                 if d < 0:
                     a, b = a - d / (b @ b) * b, b - d / (a @ a) * a
                 flat = a + b
+            elif kind == "upgrad":  # UPGrad, sum form: each gradient projected onto the dual cone
+                flat = _project_dual_cone(a, a, b) + _project_dual_cone(b, a, b)
             else:  # MGDA: twice the min-norm point of the segment [a, b] (reduction "sum"), clipped
                 gamma = min(1.0, max(0.0, float((b - a) @ b / ((a - b) @ (a - b)))))
                 flat = 2 * (gamma * a + (1 - gamma) * b)
@@ -539,13 +559,16 @@ def test_equals_single_process_on_the_whole_batch(sharded, kind):
         _assert_close(res[r]["final"], want, f"{kind}, rank {r}")
     moved = max((want[k] - v).abs().max().item() for k, v in net().state_dict().items())
     assert moved > 1e-3, "the reference run barely moved: the comparison would prove little"
+    if kind in AGGREGATORS:  # the tasks conflicted at every step: the projections were not idle
+        assert all(r["stats"] == (STEPS, 1.0) for r in res), [r["stats"] for r in res]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_buffers_are_local_shards(sharded, kind):
     res = _ok(sharded, kind)
     expected = {"sam": {"backup", "base state"}, "roga": {"backup", "acc", "base state"},
-                "pcgrad": {"stash", "base state"}, "mgda": {"stash", "base state"}}[kind]
+                "pcgrad": {"stash", "base state"}, "mgda": {"stash", "base state"},
+                "upgrad": {"stash", "base state"}}[kind]
     for r in range(WORLD):
         mem = res[r]["memory"]
         assert expected <= set(mem), (r, sorted(mem))
@@ -571,7 +594,7 @@ def test_only_the_reductions_add_collectives(sharded, kind):
     matrix (SAM: the perturbation's norm and the clipping norm; RoGA: one norm per domain;
     PCGrad: the Gram matrix, whose clipping needs nothing more) and no gradient all-reduce."""
     res = _ok(sharded, kind)
-    want = {"sam": 2, "roga": K_ROGA, "pcgrad": 1, "mgda": 1}[kind]
+    want = {"sam": 2, "roga": K_ROGA, "pcgrad": 1, "mgda": 1, "upgrad": 1}[kind]
     for r in range(WORLD):
         assert res[r]["all_reduces"] == [want] * STEPS, (kind, r, res[r]["all_reduces"])
 

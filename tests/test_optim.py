@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from roga_cuda import PCGrad, RoGA, SAM, freeze_bn_stats
-from roga_cuda.optim import mgda_weights
 
 from conftest import backend_cases
 
@@ -454,19 +453,28 @@ def simplex_grid(k, n):
     return torch.tensor([(a, b, 1 - a - b) for a, b in pts], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("k", [2, 3, 5])
 def test_mgda_is_min_norm_point(k):
+    """The optimizer's MGDA gradient (reduction "mean") is the min-norm point of the convex
+    hull of the task gradients: checked by its optimality conditions (d = sum w_k g_k with w
+    on the simplex; <g_k, d> >= |d|^2 for every k, with equality where w_k > 0), and against
+    a grid search over the simplex for small K."""
     U = make_U(7 + k, k)
     gs = torch.stack([flat(u) for u in U])
-    G = gs @ gs.T
-    w = torch.as_tensor(mgda_weights(G.numpy())) / k
-    assert w.min() >= -1e-12 and abs(w.sum().item() - 1) < 1e-9
-    best = min(((W @ gs).norm().item() for W in simplex_grid(k, 400 if k == 3 else 100001).split(1)))
-    assert (w @ gs).norm().item() <= best + 1e-6
     params, losses = linear_tasks(U)
     opt = PCGrad(params, torch.optim.SGD, method="mgda", reduction="mean", lr=1.0)
     opt.backward(losses())
-    torch.testing.assert_close(flat([p.grad for p in params]), w @ gs, rtol=1e-6, atol=1e-9)
+    d = flat([p.grad for p in params])
+    w = torch.linalg.lstsq(gs.T, d.unsqueeze(1)).solution.squeeze(1)  # d's coordinates on the gradients
+    assert w.min() >= -1e-9 and abs(w.sum().item() - 1) < 1e-9
+    dots = gs @ d
+    dd = d @ d
+    scale = gs.norm(dim=1).max() ** 2
+    assert (dots >= dd - 1e-9 * scale).all()
+    assert torch.all((w < 1e-9) | ((dots - dd).abs() <= 1e-9 * scale))
+    if k <= 3:
+        best = min(((W @ gs).norm().item() for W in simplex_grid(k, 400 if k == 3 else 100001).split(1)))
+        assert d.norm().item() <= best + 1e-6
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -522,7 +530,7 @@ def test_pcgrad_shared_graph_and_errors():
     with pytest.raises(ValueError, match="does not require grad"):
         opt.backward([torch.tensor(1.0)])
     with pytest.raises(ValueError, match="method"):
-        PCGrad(m.parameters(), torch.optim.SGD, method="nash", lr=0.1)
+        PCGrad(m.parameters(), torch.optim.SGD, method="bogus", lr=0.1)
     emb = nn.Embedding(10, 3, sparse=True)
     opt2 = SAM(emb.parameters(), torch.optim.SGD, lr=0.1)
     emb(torch.tensor([1, 2])).sum().backward()
@@ -723,7 +731,7 @@ def test_roga_rejects_gradscaler_step():
     opt.perturb(scaler=scaler)
     scaler.scale(loss_of(m, x, y)).backward()
     opt.accumulate()
-    with pytest.raises(Exception, match="optimizer.step\\(scaler=scaler\\)|No inf checks"):
+    with pytest.raises(RuntimeError, match=r"call optimizer.step\(scaler=scaler\), then scaler.update\(\)"):
         scaler.step(opt)
 
 

@@ -21,6 +21,8 @@ under ``torch.compile(fullgraph=True)``, ``torch.export`` and FakeTensor tracing
 subclasses reach the dispatcher rather than raw pointers. The layout of this package:
 ``registry`` (backends, ``auto``), ``checks`` (input checks), one module per backend.
 """
+import itertools
+
 import torch
 
 from . import checks
@@ -236,4 +238,4 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas=(0.9, 0.999)
 
 
 def _flat_grads(grads):
-    return grads[0] if len(grads) == 1 else [t for lst in grads for t in lst]
+    return grads[0] if len(grads) == 1 else list(itertools.chain.from_iterable(grads))

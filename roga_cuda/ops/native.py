@@ -8,6 +8,7 @@ an active TorchDispatchMode. Under torch.compile the registered operators are ca
 directly, so Dynamo records them in the graph.
 """
 import functools
+import itertools
 
 import torch
 
@@ -62,7 +63,7 @@ _f = {n: _fast(n) for n in ("norm", "perturb_", "restore_", "restore_accumulate_
 
 
 def _flat(lists):
-    return [t for lst in lists for t in lst]
+    return list(itertools.chain.from_iterable(lists))
 
 
 def _dispatch(op, name, first, inplace=True):

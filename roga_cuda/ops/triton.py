@@ -708,7 +708,7 @@ def _warps():
 
 # --------------------------------------------------------------------------- primitives
 
-def norm(ts, per_tensor, params, eta):
+def _norm_impl(ts, per_tensor, params, eta):
     lists = [ts] if params is None else [ts, params]
     plan, tables, aligned = _tables("norm", "norm", lists, _elementwise_block)
     dev = plan.device
@@ -742,7 +742,7 @@ def _scalar_args(s, anchor):
     return anchor, _f64_bits(s), False
 
 
-def perturb_(params, grads, backup, scale, adaptive, eta):
+def _perturb__impl(params, grads, backup, scale, adaptive, eta):
     plan, tables, aligned = _tables("perturb_", "perturb", [params, grads, backup], _elementwise_block)
     eta_bits = _f64_bits(eta)
     with _device_ctx(plan.device):
@@ -756,7 +756,7 @@ def perturb_(params, grads, backup, scale, adaptive, eta):
     torch.autograd.graph.increment_version(backup)
 
 
-def restore_(params, backup):
+def _restore__impl(params, backup):
     plan, tables, aligned = _tables("restore_", "restore", [params, backup], _elementwise_block)
     with _device_ctx(plan.device):
         for la, ptrs, al in zip(plan.launches, tables, aligned):
@@ -766,7 +766,7 @@ def restore_(params, backup):
     torch.autograd.graph.increment_version(params)
 
 
-def restore_accumulate_(params, backup, acc, grads, weight):
+def _restore_accumulate__impl(params, backup, acc, grads, weight):
     plan, tables, aligned = _tables("restore_accumulate_", "restore_acc", [params, backup, acc, grads],
                                     _elementwise_block)
     with _device_ctx(plan.device):
@@ -779,7 +779,7 @@ def restore_accumulate_(params, backup, acc, grads, weight):
     torch.autograd.graph.increment_version(acc)
 
 
-def gram(lists):
+def _gram_impl(lists):
     k = len(lists)
     kp = _next_pow2(k)
     plan, tables, aligned = _tables("gram", "gram", lists, _gram_block(kp))
@@ -798,7 +798,7 @@ def gram(lists):
     return out
 
 
-def combine_(out, lists, weights):
+def _combine__impl(out, lists, weights):
     k = len(lists)
     kp = _next_pow2(k)
     plan, tables, aligned = _tables("combine_", "combine", [out] + list(lists), _combine_block(kp))
@@ -852,7 +852,7 @@ def _run_update(kernel, kind, params, source, grads, weights, grad_out, states, 
             torch.autograd.graph.increment_version(lst)
 
 
-def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
+def _sgd__impl(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
          weight_decay, maximize, found_inf):
     _run_update(_sgd_kernel, "sgd", params, source, grads, weights, grad_out,
                 [momentum_buffers] if momentum else [], steps, lr, found_inf,
@@ -860,7 +860,7 @@ def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, 
                 MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), WD=weight_decay != 0, MAXIMIZE=bool(maximize))
 
 
-def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
+def _adam__impl(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
           eps, weight_decay, decoupled, amsgrad, maximize, found_inf):
     states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     _run_update(_adam_kernel, "adam", params, source, grads, weights, grad_out, states, steps, lr, found_inf,
@@ -869,6 +869,162 @@ def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_e
                 lb2_bits=_f64_bits(math.log(beta2) if beta2 > 0 else -math.inf), eps_bits=_f64_bits(eps),
                 wd_bits=_f64_bits(weight_decay), WD=weight_decay != 0, DECOUPLED=bool(decoupled),
                 AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize))
+
+
+# ------------------------------------------------- as operators (torch.compile, export)
+# The kernels reach tensors through device tables of raw pointers (one launch for hundreds
+# of tensors), which tracing cannot follow: under torch.compile / FakeTensor / tensor
+# subclasses the backend's calls are custom operators (roga_cuda::triton_*) with fake
+# kernels, opaque to Inductor; eager calls on plain tensors skip that wrapper. Not
+# torch.library.triton_op: Inductor would trace the kernels with only the pointer tables as
+# arguments and could not see which tensors they write (docs/kernels.md).
+
+def _traced(*lists):
+    if torch.compiler.is_compiling():
+        return True
+    for lst in lists:
+        if lst and type(lst[0]) is not torch.Tensor:
+            return True
+    return False
+
+
+def _split(s):
+    return (0.0, s) if isinstance(s, torch.Tensor) else (float(s), None)
+
+
+def _weights_split(w):
+    return ([], w) if isinstance(w, torch.Tensor) else (list(w), None)
+
+
+if triton is not None:
+    from typing import Optional
+
+    _lib_ns = "roga_cuda::triton_"
+
+    @torch.library.custom_op(_lib_ns + "norm", mutates_args=())
+    def _norm_op(ts: list[torch.Tensor], per_tensor: bool, params: list[torch.Tensor], eta: float) \
+            -> tuple[torch.Tensor, torch.Tensor]:
+        total, per = _norm_impl(ts, True, params or None, eta)
+        return total, per
+
+    @_norm_op.register_fake
+    def _(ts, per_tensor, params, eta):
+        dt = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+        return ts[0].new_empty((), dtype=dt), ts[0].new_empty((len(ts),), dtype=dt)
+
+    @torch.library.custom_op(_lib_ns + "perturb_", mutates_args=("params", "backup"))
+    def _perturb_op(params: list[torch.Tensor], grads: list[torch.Tensor], backup: list[torch.Tensor], scale: float,
+                    scale_t: Optional[torch.Tensor], adaptive: bool, eta: float) -> None:
+        _perturb__impl(params, grads, backup, scale if scale_t is None else scale_t, adaptive, eta)
+
+    @torch.library.custom_op(_lib_ns + "restore_", mutates_args=("params",))
+    def _restore_op(params: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
+        _restore__impl(params, backup)
+
+    @torch.library.custom_op(_lib_ns + "restore_accumulate_", mutates_args=("params", "acc"))
+    def _restore_acc_op(params: list[torch.Tensor], backup: list[torch.Tensor], acc: list[torch.Tensor],
+                        grads: list[torch.Tensor], weight: float, weight_t: Optional[torch.Tensor]) -> None:
+        _restore_accumulate__impl(params, backup, acc, grads, weight if weight_t is None else weight_t)
+
+    @torch.library.custom_op(_lib_ns + "gram", mutates_args=())
+    def _gram_op(flat: list[torch.Tensor], k: int) -> torch.Tensor:
+        n = len(flat) // k
+        return _gram_impl([flat[j * n:(j + 1) * n] for j in range(k)])
+
+    @_gram_op.register_fake
+    def _(flat, k):
+        n = len(flat) // k
+        dt = torch.float64 if any(t.dtype == torch.float64 for t in flat[:n]) else torch.float32
+        return flat[0].new_empty((k, k), dtype=dt)
+
+    @torch.library.custom_op(_lib_ns + "combine_", mutates_args=("out",))
+    def _combine_op(out: list[torch.Tensor], flat: list[torch.Tensor], weights: list[float],
+                    weights_t: Optional[torch.Tensor]) -> None:
+        n = len(out)
+        _combine__impl(out, [flat[j * n:(j + 1) * n] for j in range(len(flat) // n)],
+                       weights if weights_t is None else weights_t)
+
+    @torch.library.custom_op(_lib_ns + "sgd_", mutates_args=("params", "grad_out", "momentum_buffers", "steps"))
+    def _sgd_op(params: list[torch.Tensor], source: list[torch.Tensor], flat: list[torch.Tensor],
+                weights: list[float], weights_t: Optional[torch.Tensor], grad_out: list[torch.Tensor],
+                momentum_buffers: list[torch.Tensor], steps: list[torch.Tensor], lr: float,
+                lr_t: Optional[torch.Tensor], momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+                maximize: bool, found_inf: Optional[torch.Tensor]) -> None:
+        n = len(params)
+        _sgd__impl(params, source or None, [flat[j * n:(j + 1) * n] for j in range(len(flat) // n)],
+                   weights if weights_t is None else weights_t, grad_out or None, momentum_buffers, steps,
+                   lr if lr_t is None else lr_t, momentum, dampening, nesterov, weight_decay, maximize, found_inf)
+
+    @torch.library.custom_op(_lib_ns + "adam_", mutates_args=("params", "grad_out", "exp_avgs", "exp_avg_sqs",
+                                                               "max_exp_avg_sqs", "steps"))
+    def _adam_op(params: list[torch.Tensor], source: list[torch.Tensor], flat: list[torch.Tensor],
+                 weights: list[float], weights_t: Optional[torch.Tensor], grad_out: list[torch.Tensor],
+                 exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
+                 steps: list[torch.Tensor], lr: float, lr_t: Optional[torch.Tensor], beta1: float, beta2: float,
+                 eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool,
+                 found_inf: Optional[torch.Tensor]) -> None:
+        n = len(params)
+        _adam__impl(params, source or None, [flat[j * n:(j + 1) * n] for j in range(len(flat) // n)],
+                    weights if weights_t is None else weights_t, grad_out or None, exp_avgs, exp_avg_sqs,
+                    max_exp_avg_sqs, steps, lr if lr_t is None else lr_t, beta1, beta2, eps, weight_decay, decoupled,
+                    amsgrad, maximize, found_inf)
+
+
+def norm(ts, per_tensor, params, eta):
+    if _traced(ts):
+        total, per = _norm_op(ts, per_tensor, params or [], eta)
+        return total, (per if per_tensor else None)
+    return _norm_impl(ts, per_tensor, params, eta)
+
+
+def perturb_(params, grads, backup, scale, adaptive, eta):
+    if _traced(params):
+        return _perturb_op(params, grads, backup, *_split(scale), adaptive, eta)
+    _perturb__impl(params, grads, backup, scale, adaptive, eta)
+
+
+def restore_(params, backup):
+    if _traced(params):
+        return _restore_op(params, backup)
+    _restore__impl(params, backup)
+
+
+def restore_accumulate_(params, backup, acc, grads, weight):
+    if _traced(params):
+        return _restore_acc_op(params, backup, acc, grads, *_split(weight))
+    _restore_accumulate__impl(params, backup, acc, grads, weight)
+
+
+def gram(lists):
+    if _traced(lists[0]):
+        return _gram_op(list(chain.from_iterable(lists)), len(lists))
+    return _gram_impl(lists)
+
+
+def combine_(out, lists, weights):
+    if _traced(out):
+        return _combine_op(out, list(chain.from_iterable(lists)), *_weights_split(weights))
+    _combine__impl(out, lists, weights)
+
+
+def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
+         weight_decay, maximize, found_inf):
+    if _traced(params):
+        return _sgd_op(params, source or [], list(chain.from_iterable(grads)), *_weights_split(weights),
+                       grad_out or [], momentum_buffers, steps, *_split(lr), momentum, dampening, nesterov,
+                       weight_decay, maximize, found_inf)
+    _sgd__impl(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, momentum, dampening, nesterov,
+               weight_decay, maximize, found_inf)
+
+
+def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2,
+          eps, weight_decay, decoupled, amsgrad, maximize, found_inf):
+    if _traced(params):
+        return _adam_op(params, source or [], list(chain.from_iterable(grads)), *_weights_split(weights),
+                        grad_out or [], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *_split(lr), beta1, beta2,
+                        eps, weight_decay, decoupled, amsgrad, maximize, found_inf)
+    _adam__impl(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1,
+                beta2, eps, weight_decay, decoupled, amsgrad, maximize, found_inf)
 
 
 # ------------------------------------------------------------------------------ timing

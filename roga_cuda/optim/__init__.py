@@ -2,16 +2,20 @@
 
 * :class:`SAM` — SAM and ASAM (``adaptive=True``), davda54/sam's API.
 * :class:`RoGA` — robust gradient alignment over K domains (first-order or exact HVP alignment).
-* :class:`PCGrad` — gradient surgery in Gram space: PCGrad, GradVac, CAGrad, MGDA, plain sum.
+* :class:`GradientAggregator` — K task gradients aggregated in Gram space by a weighting
+  (:mod:`.weightings`: PCGrad, GradVac, CAGrad, MGDA, UPGrad, DualProj, IMTL-G, Aligned-MTL,
+  Nash-MTL, random, ConFIG, sum, or your own); :class:`PCGrad` is the same with
+  ``method="pcgrad"`` by default.
 
 Helpers: :func:`freeze_bn_stats` (BatchNorm statistics untouched on a perturbed pass) and
 :func:`clip_grad_norm_` (fused global-norm clipping).
 """
+from . import weightings
 from ._utils import clip_grad_norm_, freeze_bn_stats
+from .aggregator import METHODS, GradientAggregator, PCGrad
 from .base import WrapperOptimizer
 from .roga import RoGA
 from .sam import SAM
-from .surgery import METHODS, PCGrad, cagrad_weights, gradvac_weights, mgda_weights, pcgrad_weights
 
-__all__ = ["SAM", "RoGA", "PCGrad", "freeze_bn_stats", "clip_grad_norm_", "WrapperOptimizer", "METHODS",
-           "pcgrad_weights", "gradvac_weights", "cagrad_weights", "mgda_weights"]
+__all__ = ["SAM", "RoGA", "GradientAggregator", "PCGrad", "weightings", "freeze_bn_stats", "clip_grad_norm_",
+           "WrapperOptimizer", "METHODS"]

@@ -61,15 +61,16 @@ def local_value(x):
 
 # ---------------------------------------------------------------- norms and scaling
 
-def global_norm(pairs, backend="auto", adaptive=None):
-    """Global L2 norm of several (params, grads) lists, one fused call per list and device,
-    as a 0-d tensor on the first list's device (no host sync).
+def global_norm(pairs, backend="auto", adaptive=None, split=False):
+    """Global L2 norm of several (params, grads) lists, one fused call per list, as a 0-d
+    tensor on the first list's device (no host sync). Each list is on one device (the
+    optimizers' parts are), unless ``split``: then lists are split by device first.
 
     adaptive: per list, None or eta (ASAM norm || (|p| + eta) g ||)."""
     parts = []
     for i, (ps, gs) in enumerate(pairs):
         eta = None if adaptive is None else adaptive[i]
-        for dps, dgs in by_device(ps, gs):
+        for dps, dgs in (by_device(ps, gs) if split else [(ps, gs)]):
             parts.append(local_value(ops.norm(dgs, params=dps if eta is not None else None, eta=eta or 0.0,
                                               backend=backend)))
     if len(parts) == 1:
@@ -102,7 +103,7 @@ def clip_grad_norm_(parameters, max_norm, backend="auto"):
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    total = global_norm([(grads, grads)], backend)
+    total = global_norm([(grads, grads)], backend, split=True)
     scale_([gs for (gs,) in by_device(grads)], clip_coef(total, float(max_norm)), backend)
     return total
 

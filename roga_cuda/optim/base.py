@@ -56,6 +56,14 @@ class Layout:
         return tuple((id(g), id(g["params"]), len(g["params"])) for g in param_groups)
 
 
+class _Transient:
+    """The wrappers' per-step state (pending perturbations, accumulators, caches), kept on a
+    plain object rather than on the optimizer: Dynamo models torch.optim.Optimizer instances
+    as static and silently drops attribute writes to them inside a compiled region (torch
+    2.13), while it replays writes to plain objects, so a compiled step leaves the state an
+    eager one would."""
+
+
 class WrapperOptimizer(torch.optim.Optimizer):
     """Builds or adopts the base optimizer, shares its param_groups, caches the parameter
     layout, and runs the (fused) base update."""
@@ -67,6 +75,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}: max_grad_norm must be > 0 or None, got {max_grad_norm}")
         if backend != "auto" and backend not in ops.BACKENDS:
             raise ValueError(f"{name}: unknown backend {backend!r}; choose one of {('auto',) + ops.BACKENDS}")
+        self._t = _Transient()
         self.backend = backend
         self.max_grad_norm = max_grad_norm
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -94,7 +103,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
         self.base_optimizer.register_state_dict_post_hook(export_state_dict)
         self._update = FusedUpdate(self.base_optimizer, backend)
         self.fused = fused
-        self._layout_cache = None
+        self._t.layout_cache = None
 
     @property
     def fused(self):
@@ -151,7 +160,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
     def _base_loaded(self, wrapper_state):
         """After the base optimizer loaded a state_dict: share its new group dicts, load ours."""
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict made new group dicts
-        self._layout_cache = None
+        self._t.layout_cache = None
         self._load_extra_state(wrapper_state)
 
     def _check_extra_state(self, state):
@@ -162,9 +171,9 @@ class WrapperOptimizer(torch.optim.Optimizer):
 
     # -- the parameters of a step ------------------------------------------------------
     def _layout(self):
-        lay = self._layout_cache
+        lay = self._t.layout_cache
         if lay is None or lay.signature != Layout.signature_of(self.param_groups):
-            lay = self._layout_cache = Layout(self.param_groups)
+            lay = self._t.layout_cache = Layout(self.param_groups)
         return lay
 
     def _params(self):

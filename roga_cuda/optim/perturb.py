@@ -34,12 +34,15 @@ class Perturber:
         self.backend = backend
         self.strategy = strategy
         self._store = {}  # kind -> {id(p): (p, buffer)}; an entry keeps p, so its id is not reused
-        self._lists = {}  # (kind, id(list)) -> (list, buffers)
+        self._lists = {}  # (kind, id(list)) -> (list, buffers): the latest truth (unswap replaces them)
+        self._stale = set()  # kinds whose store lags behind a replaced list
         self._strategies = {}  # ids of the parts' lists -> (the lists, strategy)
 
     def strategy_for(self, param_lists):
         """"copy" or "swap" for these parameter lists: choose_strategy, cached per layout (its
         checks walk every parameter); always "copy" while a CUDA graph is captured."""
+        if torch.compiler.is_compiling():  # storage swaps are not traceable: copy inside a graph
+            return "copy"
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         if capturing and self.strategy != "swap":
             return "copy"
@@ -59,6 +62,11 @@ class Perturber:
         if hit is not None and hit[0] is params:
             return hit[1]
         store = self._store.setdefault(kind, {})
+        if kind in self._stale:  # bring the per-parameter store up to date (a new list, rare)
+            for (k, _), (ps, bufs) in self._lists.items():
+                if k == kind:
+                    store.update((id(p), (p, b)) for p, b in zip(ps, bufs))
+            self._stale.discard(kind)
         out = []
         for p in params:
             e = store.get(id(p))
@@ -66,15 +74,13 @@ class Perturber:
                 e = store[id(p)] = (p, torch.empty_like(p, memory_format=torch.preserve_format))
             out.append(e[1])
         if len(self._lists) > 64:  # parameter lists that come and go: keep the cache bounded
-            self._lists.clear()
+            self._lists.clear()  # (the store is current: refreshed above)
         self._lists[key] = (params, out)
         return out
 
     def _replace(self, kind, params, tensors):
-        store = self._store[kind]
-        for p, t in zip(params, tensors):
-            store[id(p)] = (p, t)
         self._lists[(kind, id(params))] = (params, tensors)
+        self._stale.add(kind)
 
     def perturb(self, params, grads, scale, strategy, adaptive=False, eta=0.0, group=None):
         """Moves ``params`` (one device) to ``p + scale * g`` (ASAM: ``p + scale (|p| + eta)^2 g``)."""

@@ -96,13 +96,13 @@ class RoGA(WrapperOptimizer):
             raise ValueError("RoGA: alignment='hvp' differentiates through the gradient, but the gradients of sharded "
                              "(FSDP) parameters come out of FSDP's reduce-scatter without an autograd graph; use "
                              "alignment='first_order'")
-        self._pending = None  # _Pending between perturb() and accumulate()
-        self._final = None  # _Final: the last domain, folded into step()
-        self._acc = {}  # id(layout part list) -> accumulated gradients of that list, this step
-        self._count = 0  # accumulate() calls this step
-        self._acc_is_mean = False  # the last accumulate() already divided by K
-        self._flat = None  # (layout, flat buffers, {id(param): view}) when syncing across processes
-        self._acc_zeroed = False  # the flat accumulators were zeroed this step
+        self._t.pending = None  # _Pending between perturb() and accumulate()
+        self._t.final = None  # _Final: the last domain, folded into step()
+        self._t.acc = {}  # id(layout part list) -> accumulated gradients of that list, this step
+        self._t.count = 0  # accumulate() calls this step
+        self._t.acc_is_mean = False  # the last accumulate() already divided by K
+        self._t.flat = None  # (layout, flat buffers, {id(param): view}) when syncing across processes
+        self._t.acc_zeroed = False  # the flat accumulators were zeroed this step
 
     @property
     def strategy(self):
@@ -121,17 +121,17 @@ class RoGA(WrapperOptimizer):
         scaler: the GradScaler whose scale is in ``.grad``: the alignment term
         ``-alpha g`` is not scale-invariant, so it is divided by the scale (on device).
         """
-        if self._pending is not None:
+        if self._t.pending is not None:
             raise RuntimeError("RoGA.perturb() called twice: call accumulate() after the backward pass at "
                                "the perturbed point")
-        if self._final is not None:
+        if self._t.final is not None:
             raise RuntimeError(f"RoGA.perturb(): all num_domains={self.num_domains} domains are accumulated; "
                                "call step() first")
         parts = self._gather()
         if not parts:
             raise RuntimeError("RoGA.perturb(): no parameter has a gradient; call loss.backward() first")
-        if self._count == 0 and self._flat is not None:
-            views = self._flat[2]
+        if self._t.count == 0 and self._t.flat is not None:
+            views = self._t.flat[2]
             if views.get(id(parts[0].params[0])) is parts[0].grads[0]:
                 raise RuntimeError("RoGA: .grad still holds the previous step's gradient; call opt.zero_grad() "
                                    "before the first backward of a step")
@@ -147,18 +147,18 @@ class RoGA(WrapperOptimizer):
             moves.append(self._perturber.perturb(part.params, part.grads, scale.to(part.params[0].device), strategy,
                                                  group=g))
         _utils.set_grads(self._layout().params, None)  # the moves keep the gradients the hvp needs
-        self._pending = _Pending(moves, inv)
+        self._t.pending = _Pending(moves, inv)
 
     @torch.no_grad()
     def accumulate(self):
         """Add the gradient at the perturbed point (domain d's second backward), restore the
         parameters, and clear ``.grad`` for the next domain."""
-        if self._pending is None:
+        if self._t.pending is None:
             raise RuntimeError("RoGA.accumulate() without perturb(): for each domain call backward, perturb(), "
                                "backward at the perturbed point, then accumulate()")
-        if self.num_domains is not None and self._count >= self.num_domains:
+        if self.num_domains is not None and self._t.count >= self.num_domains:
             raise RuntimeError(f"RoGA.accumulate() called more than num_domains={self.num_domains} times in one step")
-        moves, inv = self._pending.moves, self._pending.inv_scale
+        moves, inv = self._t.pending.moves, self._t.pending.inv_scale
         hs = [self._grads_at(m) for m in moves]
         if self.alignment == "hvp":  # checked before anything changes: abort() can still restore
             if not all(h.requires_grad for hl in hs for h in hl):
@@ -166,21 +166,21 @@ class RoGA(WrapperOptimizer):
                                    "graph: call loss.backward(create_graph=True) there (the closure form passes "
                                    "create_graph=True to closure(d, create_graph=True))")
             hs = [self._hvp(m, h, inv) for m, h in zip(moves, hs)]
-        self._pending = None
-        k = self._count + 1
+        self._t.pending = None
+        k = self._t.count + 1
         last = self.num_domains is not None and k == self.num_domains
         sync = self._sync()
         try:
             if last and self.fused and not sync and self.max_grad_norm is None and inv is None:
                 accs = [None if k == 1 else self._acc_positions(m, sync) for m in moves]
-                self._final = _Final(moves, hs, accs)  # restore + accumulate + update: one pass, in step()
+                self._t.final = _Final(moves, hs, accs)  # restore + accumulate + update: one pass, in step()
             else:
                 for m, h in zip(moves, hs):
                     self._restore_accumulate(m, h, first=(k == 1), mean=last and k > 1, sync=sync)
-                self._acc_is_mean = last and k > 1
+                self._t.acc_is_mean = last and k > 1
         finally:
             _utils.set_grads(self._layout().params, None)
-        self._count = k
+        self._t.count = k
 
     def _grads_at(self, m):
         gs, missing = _utils.grads_of(m.params)
@@ -216,14 +216,14 @@ class RoGA(WrapperOptimizer):
     def _acc_positions(self, m, sync):
         """The accumulator tensors at m's positions (allocating the part's accumulators)."""
         full, idx = self._full(m)
-        acc = self._acc.get(id(full))
+        acc = self._t.acc.get(id(full))
         if acc is None:
             if sync:
                 views = self._flat_views()
                 acc = [views[id(p)] for p in full]
             else:
                 acc = [torch.zeros_like(p) for p in full]
-            self._acc[id(full)] = acc
+            self._t.acc[id(full)] = acc
         return acc if idx is None else [acc[i] for i in idx]
 
     def _restore_accumulate(self, m, hs, first, mean, sync):
@@ -231,13 +231,13 @@ class RoGA(WrapperOptimizer):
         full, idx = self._full(m)
         if first and not sync and idx is None:  # the gradients themselves become the accumulator: no copy
             self._perturber.restore([m])
-            self._acc[id(full)] = hs
+            self._t.acc[id(full)] = hs
             return
         acc = self._acc_positions(m, sync)
-        if first and sync and not self._acc_zeroed:
-            for buf in self._flat[1]:
+        if first and sync and not self._t.acc_zeroed:
+            for buf in self._t.flat[1]:
                 buf.zero_()
-            self._acc_zeroed = True
+            self._t.acc_zeroed = True
         if mean:  # acc = (acc + h) / K in the same pass
             self._perturber.restore([m])
             w = 1.0 / self.num_domains
@@ -251,22 +251,22 @@ class RoGA(WrapperOptimizer):
     def _flat_views(self):
         """Accumulators as views of one flat buffer per dtype/device: one all-reduce per step."""
         lay = self._layout()
-        if self._flat is None or self._flat[0] is not lay:
-            self._flat = (lay, *_utils.flat_views(lay.params))
-            self._acc_zeroed = False
-        return self._flat[2]
+        if self._t.flat is None or self._t.flat[0] is not lay:
+            self._t.flat = (lay, *_utils.flat_views(lay.params))
+            self._t.acc_zeroed = False
+        return self._t.flat[2]
 
     @torch.no_grad()
     def abort(self):
         """Undo a pending perturbation and drop what was accumulated this step."""
-        for moves in (self._pending.moves if self._pending else [], self._final.moves if self._final else []):
+        for moves in (self._t.pending.moves if self._t.pending else [], self._t.final.moves if self._t.final else []):
             self._perturber.restore(moves)
         _utils.set_grads(self._layout().params, None)
-        self._pending = self._final = None
+        self._t.pending = self._t.final = None
         self._reset_step()
 
     def _reset_step(self):
-        self._acc, self._count, self._acc_is_mean, self._acc_zeroed = {}, 0, False, False
+        self._t.acc, self._t.count, self._t.acc_is_mean, self._t.acc_zeroed = {}, 0, False, False
 
     # ---------------------------------------------------------------------------------
     def step(self, closure=None, num_domains=None, *, scaler=None, bn_model=None):
@@ -285,10 +285,10 @@ class RoGA(WrapperOptimizer):
         loss = None
         if closure is not None:
             loss = self._run_closure(closure, num_domains, scaler, bn_model)
-        if self._pending is not None:
+        if self._t.pending is not None:
             raise RuntimeError("RoGA.step(): perturb() was called without accumulate(); run the backward pass at "
                                "the perturbed point and accumulate() first (or abort())")
-        if self._count == 0:
+        if self._t.count == 0:
             raise RuntimeError("RoGA.step() with nothing accumulated: for each domain call backward, perturb(), "
                                "backward, accumulate() first, or use step(closure, num_domains)")
         self._apply(scaler)
@@ -298,7 +298,7 @@ class RoGA(WrapperOptimizer):
         k = num_domains if num_domains is not None else self.num_domains
         if k is None or int(k) < 1:
             raise ValueError("RoGA.step(closure): give num_domains (the number of domains closure(d) accepts)")
-        if self._pending is not None or self._count:
+        if self._t.pending is not None or self._t.count:
             raise RuntimeError("RoGA.step(closure): a manual perturb()/accumulate() cycle is in progress")
         saved_k, self.num_domains = self.num_domains, int(k)
         self.zero_grad(set_to_none=True)
@@ -328,24 +328,24 @@ class RoGA(WrapperOptimizer):
 
     @torch.no_grad()
     def _apply(self, scaler):
-        if self._final is not None:
+        if self._t.final is not None:
             if scaler is None or not scaler.is_enabled():
                 self._apply_final()
                 return
             self._unfold()  # AMP must see the whole gradient before the update: no fold
         sync = self._sync()
         lay = self._layout()
-        accs = [(group, ps, self._acc[id(ps)]) for group, ps in lay.parts if id(ps) in self._acc]
+        accs = [(group, ps, self._t.acc[id(ps)]) for group, ps in lay.parts if id(ps) in self._t.acc]
         if sync:  # every parameter gets its (all-reduced) gradient, zero where this rank had none
             views = self._flat_views()
-            if not self._acc_zeroed:  # a rank with no gradient at all this step still joins the collective
-                for buf in self._flat[1]:
+            if not self._t.acc_zeroed:  # a rank with no gradient at all this step still joins the collective
+                for buf in self._t.flat[1]:
                     buf.zero_()
             accs = [(group, ps, [views[id(p)] for p in ps]) for group, ps in lay.parts]
-        coef = 1.0 if self._acc_is_mean else 1.0 / self._count
+        coef = 1.0 if self._t.acc_is_mean else 1.0 / self._t.count
         self._reset_step()
         if sync:
-            for buf in self._flat[1]:
+            for buf in self._t.flat[1]:
                 dist.all_reduce(buf)  # one collective per dtype/device: the whole step's gradient
             coef = coef / dist.get_world_size()
         for _, ps, acc in accs:
@@ -365,15 +365,15 @@ class RoGA(WrapperOptimizer):
 
     def _unfold(self):
         """Turns a folded last domain back into its restore + accumulate (mean) passes."""
-        fin, self._final = self._final, None
+        fin, self._t.final = self._t.final, None
         for m, hs in zip(fin.moves, fin.hs):
-            self._restore_accumulate(m, hs, first=self._count == 1, mean=self._count > 1, sync=False)
-        self._acc_is_mean = self._count > 1
+            self._restore_accumulate(m, hs, first=self._t.count == 1, mean=self._t.count > 1, sync=False)
+        self._t.acc_is_mean = self._t.count > 1
 
     def _apply_final(self):
         """The last domain folded into the update: params <- update(backup, mean gradient)."""
-        fin, self._final = self._final, None
-        k = self._count
+        fin, self._t.final = self._t.final, None
+        k = self._t.count
         parts = []
         for m, hs, acc in zip(fin.moves, fin.hs, fin.accs):
             source = None
@@ -391,8 +391,8 @@ class RoGA(WrapperOptimizer):
         self._base_step(parts)
 
     def state_dict(self):
-        if self._pending is not None or self._count or self._final is not None:
-            raise RuntimeError(f"RoGA.state_dict() in the middle of a step ({self._count} domain(s) accumulated, "
+        if self._t.pending is not None or self._t.count or self._t.final is not None:
+            raise RuntimeError(f"RoGA.state_dict() in the middle of a step ({self._t.count} domain(s) accumulated, "
                                "their gradients live only in this step): save before the first domain or after "
                                "step() (or call abort())")
         return super().state_dict()

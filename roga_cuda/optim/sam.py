@@ -68,12 +68,12 @@ class SAM(WrapperOptimizer):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta)
         super().__init__(params, base_optimizer, defaults, backend, max_grad_norm, fused, **base_kwargs)
         self._perturber = Perturber(backend, strategy)
-        self._moves = None  # [Move] between first_step and second_step
+        self._t.moves = None  # [Move] between first_step and second_step
 
     @torch.no_grad()
     def first_step(self, zero_grad=False):
         """Move to the worst-case neighbour ``p + e`` (uses the gradients in ``.grad``)."""
-        if self._moves is not None:
+        if self._t.moves is not None:
             raise RuntimeError("SAM.first_step() called twice: the parameters are still perturbed. "
                                "Call second_step() (or scaler.step(optimizer) with AMP) after the second backward, "
                                "or abort() to restore them.")
@@ -89,16 +89,16 @@ class SAM(WrapperOptimizer):
             scale = (g["rho"] / (norm + 1e-12)).to(part.params[0].device)
             moves.append(self._perturber.perturb(part.params, part.grads, scale, strategy, g["adaptive"], g["eta"],
                                                  group=g))
-        self._moves = moves
+        self._t.moves = moves
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad=False):
         """Restore the parameters and let the base optimizer step with the perturbed gradient."""
-        if self._moves is None:
+        if self._t.moves is None:
             raise RuntimeError("SAM.second_step() without first_step(): call first_step() after the first backward")
-        moves, self._moves = self._moves, None
+        moves, self._t.moves = self._t.moves, None
         # Set by torch.amp.GradScaler.step() (we declare _step_supports_amp_scaling):
         # grad_scale is the scale still applied to .grad (None once unscale_ ran), found_inf
         # whether any gradient is inf/nan. Both stay on the device.
@@ -134,8 +134,8 @@ class SAM(WrapperOptimizer):
     @torch.no_grad()
     def abort(self):
         """Undo a pending perturbation (after a failed second forward/backward, say)."""
-        if self._moves is not None:
-            moves, self._moves = self._moves, None
+        if self._t.moves is not None:
+            moves, self._t.moves = self._t.moves, None
             self._perturber.restore(moves)
 
     def step(self, closure=None):
@@ -144,7 +144,7 @@ class SAM(WrapperOptimizer):
         it is ``second_step()`` (the path ``GradScaler.step(optimizer)`` takes). A closure
         that raises leaves the parameters restored."""
         if closure is None:
-            if self._moves is None:
+            if self._t.moves is None:
                 raise RuntimeError("SAM.step() needs a closure that re-evaluates the loss (forward + backward), "
                                    "or call first_step() / second_step() yourself")
             self.second_step()
