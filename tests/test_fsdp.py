@@ -402,7 +402,36 @@ def _check_rules(rank):
         mp_ok[kind] = all(torch.isfinite(v).all() for v in after.values()) and any(
             not torch.equal(after[k], v) for k, v in before.items())
     out["mixed_precision"] = mp_ok
+    out["every_method"] = {m: _every_method_run(m, rank) for m in _methods()}
     return out
+
+
+def _methods():
+    from roga_cuda.optim.weightings import available
+    return available()
+
+
+def _three_tasks(out, y):
+    """K = 3 (random projection orders for pcgrad/gradvac): the two tasks and a norm penalty."""
+    return task_losses(out, y) + [0.1 * out.pow(2).mean()]
+
+
+def _every_method_run(method, rank=None):
+    """Two GradientAggregator steps with ``method`` (seeded), K = 3; sharded when ``rank`` is
+    given (this rank's half of the batch), else one process on the whole batch. Returns the
+    weights per step and the final whole parameters."""
+    from roga_cuda import GradientAggregator
+    model = _sharded_net() if rank is not None else net()
+    opt = GradientAggregator(model.parameters(), torch.optim.SGD, lr=0.1, method=method, seed=3)
+    weights = []
+    for s in range(2):
+        x, y = data(s) if rank is None else _local(*data(s), rank)
+        opt.zero_grad()
+        opt.backward(_three_tasks(model(x), y))
+        opt.step()
+        weights.append(opt.stats["weights"].detach().clone())
+    return dict(weights=weights, final=_full(model) if rank is not None else
+                {k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
 def _worker(rank, tmp):
@@ -692,6 +721,25 @@ def test_pcgrad_accumulates_micro_batches_in_the_shards(sharded):
         for t, (got_t, want_t) in enumerate(zip(res[r]["accumulated"], want)):
             for i, (a, b) in enumerate(zip(got_t, want_t)):
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=lambda m: f"rank {r} task {t}[{i}]: {m}")
+
+
+def test_every_method_equals_its_single_process_run(sharded):
+    """Every weighting of roga_cuda.optim.weightings on the sharded model: the same weights on
+    both ranks (the Gram matrix is all-reduced, the random ones share their draws) as on one
+    process on the whole batch, and the same parameters after two steps."""
+    res = _ok(sharded, "rules")
+    methods = _methods()
+    assert set(res[0]["every_method"]) == set(methods)
+    for m in methods:
+        want = _every_method_run(m)
+        for r in range(WORLD):
+            got = res[r]["every_method"][m]
+            for s, (a, b) in enumerate(zip(got["weights"], want["weights"])):
+                assert torch.isfinite(a).all(), (m, r, s, a)
+                torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=lambda msg: f"{m} rank {r} step {s}: {msg}")
+            for k, v in want["final"].items():
+                torch.testing.assert_close(got["final"][k], v, rtol=1e-7, atol=1e-9,
+                                           msg=lambda msg: f"{m} rank {r} {k}: {msg}")
 
 
 def test_fsdp_mixed_precision_runs(sharded):
