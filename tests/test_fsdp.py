@@ -21,6 +21,9 @@ empty on rank 1):
   all-reduce of gradients FSDP already reduce-scattered);
 * AMP (GradScaler) with an inf/nan in one rank's shard only: both ranks skip that step and
   keep the same scale.
+
+Every other weighting (GradientAggregator, K = 3) is checked against its own single-process
+run on the whole batch (weights and parameters after two steps).
 """
 import copy
 import math
