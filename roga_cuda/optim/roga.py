@@ -109,6 +109,11 @@ class RoGA(WrapperOptimizer):
         self.alignment = alignment
         self.num_domains = None if num_domains is None else int(num_domains)
         self.ddp_sync = ddp_sync
+        self._sync()  # a clear error now for ddp_sync=True on sharded (FSDP) parameters
+        if alignment == "hvp" and self._layout().sharded:
+            raise ValueError("RoGA: alignment='hvp' differentiates through the gradient, but the gradients of sharded "
+                             "(FSDP) parameters come out of FSDP's reduce-scatter without an autograd graph; use "
+                             "alignment='first_order'")
         self._t.pending = None  # _Pending between perturb() and accumulate()
         self._t.final = None  # _Final: the last domain, folded into step()
         self._t.acc = {}  # id(layout part list) -> accumulated gradients of that list, this step
