@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from roga_cuda import SAM, GradientAggregator, RoGA
+from roga_cuda import GSAM, SAM, WSAM, FriendlySAM, GradientAggregator, LookSAM, RoGA
 
 
 class Lines:
@@ -50,6 +50,15 @@ def _sam_step(params, opt, seed, t):
     t.run(opt.second_step, zero_grad=True)
 
 
+def _sam_steps2(params, opt, seed, t):
+    """Two steps: with interval/k = 2 one perturbed step and one plain (reuse) step."""
+    for s in (seed, seed + 2):
+        _grads(params, s)
+        if t.run(opt.first_step, zero_grad=True):
+            _grads(params, s + 1)
+        t.run(opt.second_step, zero_grad=True)
+
+
 def _roga_step(params, opt, seed, t):
     t.run(opt.zero_grad)
     for d in range(3):
@@ -70,6 +79,12 @@ def _aggregate_step(params, opt, seed, t):
 CASES = {
     "sam": (lambda ps: SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, strategy="copy"), _sam_step),
     "sam-adamw-clip": (lambda ps: SAM(ps, torch.optim.AdamW, lr=0.1, max_grad_norm=1.0), _sam_step),
+    "gsam-clip": (lambda ps: GSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, rho_min=0.01, max_grad_norm=1.0),
+                  _sam_step),
+    "wsam": (lambda ps: WSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, strategy="copy"), _sam_step),
+    "fsam": (lambda ps: FriendlySAM(ps, torch.optim.AdamW, lr=0.1), _sam_step),
+    "looksam": (lambda ps: LookSAM(ps, torch.optim.SGD, lr=0.1, k=2, max_grad_norm=1.0), _sam_steps2),
+    "sam-interval": (lambda ps: SAM(ps, torch.optim.SGD, lr=0.1, interval=2), _sam_steps2),
     "roga-fold": (lambda ps: RoGA(ps, torch.optim.SGD, lr=0.1, momentum=0.9, strategy="copy", num_domains=3),
                   _roga_step),
     "roga-swap": (lambda ps: RoGA(ps, torch.optim.SGD, lr=0.1, strategy="swap"), _roga_step),

@@ -41,7 +41,12 @@ if "torch.distributed.tensor" in __import__("sys").modules:  # else on first use
 
 def _backend(backend, first):
     """The backend for lists whose first tensor is ``first`` (None: empty lists)."""
-    return resolve_backend(backend, first.device if first is not None else torch.device("cpu"))
+    be = resolve_backend(backend, first.device if first is not None else torch.device("cpu"))
+    if not be.compiled and first is not None and type(first).__name__ == "DTensor":
+        raise TypeError(f"roga_cuda.ops: DTensor inputs run through the compiled operators (backend 'auto', 'cpu' or "
+                        f"'cuda': one collective per reduction), not backend {be.name!r}"
+                        + ("" if backend != "auto" else " (what 'auto' chose: the compiled backend is unavailable)"))
+    return be
 
 
 def _first(lst):

@@ -3,11 +3,14 @@ parallelism): registered with ``torch.library.register_torch_dispatch``, so both
 ``roga_cuda.ops.*`` and ``torch.ops.roga_cuda.*`` accept DTensors.
 
 * Element-wise ops (``perturb_``, ``restore_``, ``restore_accumulate_``, ``combine_``, the
-  fused updates) run on the local shards: tensors at one position must share their mesh and
-  placements, so their shards line up.
-* Reductions (``norm``, ``gram``) are a local result plus one all-reduce over the mesh. A
-  tensor replicated over a mesh dimension counts once: only ranks at coordinate 0 of its
-  replicated dimensions contribute it. The result is a replicated DTensor.
+  fused updates ``sgd_``/``adam_``) run on the local shards: tensors at one position of the
+  lists must share their mesh and placements, so their shards line up. The updates' step
+  counts and the tensor scalars (scale, weights, lr, found_inf) are plain tensors or
+  replicated DTensors (the same value on every rank).
+* Reductions (``norm``, ``gram``) are a local result plus one all-reduce over the mesh
+  dimensions some tensor is sharded on. A tensor replicated over a reduced dimension counts
+  once: only ranks at coordinate 0 of that dimension contribute it. The result is a
+  replicated DTensor.
 * A list mixing DTensors and plain tensors, and Partial placements (a pending reduction,
   whose local values are not the tensor's), are refused with a clear error.
 """
@@ -15,77 +18,137 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-_ELEMENTWISE = ("perturb_", "asam_perturb_", "restore_", "restore_accumulate_", "combine_")
-_REDUCTIONS = ("norm", "asam_norm", "gram")
+_ELEMENTWISE = ("perturb_", "asam_perturb_", "restore_", "restore_accumulate_", "combine_", "sgd_", "adam_")
+# Arguments that are K tensor lists of one length, concatenated (the schema's Tensor[]).
+_STACKED = {"gram": "lists", "combine_": "lists", "sgd_": "grads", "adam_": "grads"}
+# Per-parameter lists that are not sharded like the parameters: the updates' step counts.
+_COUNTS = ("steps",)
+
+
+# Placements already found free of Partial, by id (the tuples are kept alive so that ids stay
+# unique). FSDP gives a parameter and its gradients one spec, so a step checks nothing twice.
+_CHECKED = {}
+
+
+def _check_placements(op, name, placements):
+    if id(placements) in _CHECKED:
+        return
+    if any(isinstance(p, Partial) for p in placements):
+        raise ValueError(f"{op}: {name} has a Partial placement (a pending reduction: its local values "
+                         "are not the tensor's); redistribute it to Shard or Replicate first")
+    if len(_CHECKED) > 4096:
+        _CHECKED.clear()
+    _CHECKED[id(placements)] = placements
 
 
 def _unwrap_list(op, name, lst, ref=None):
-    """Local shards of a DTensor list; ``ref`` (a list of DTensors) fixes mesh/placements per position."""
-    out = []
+    """Local shards of a DTensor list, and their specs. ``ref`` (the first list's specs) fixes
+    mesh and placements per position; the first list itself is checked for Partial."""
+    out, specs = [], []
     for i, t in enumerate(lst):
         if not isinstance(t, DTensor):
             raise TypeError(f"{op}: {name}[{i}] is a plain tensor but other tensors of the call are DTensors; "
                             "give DTensors everywhere (e.g. the parameters and gradients of one fully_shard model) "
                             "or plain tensors everywhere")
-        if any(isinstance(p, Partial) for p in t.placements):
-            raise ValueError(f"{op}: {name}[{i}] has a Partial placement (a pending reduction: its local values "
-                             "are not the tensor's); redistribute it to Shard or Replicate first")
-        if ref is not None and (t.device_mesh != ref[i].device_mesh or t.placements != ref[i].placements):
-            raise ValueError(f"{op}: {name}[{i}] is placed {t.placements} on {t.device_mesh} but the tensor at its "
-                             f"position in the first list is placed {ref[i].placements} on {ref[i].device_mesh}; "
-                             "tensors at one position must share their sharding")
+        spec = t._spec
+        if ref is None:
+            _check_placements(op, f"{name}[{i}]", spec.placements)
+        else:
+            r = ref[i]
+            if spec is not r and (spec.placements != r.placements or (spec.mesh is not r.mesh and spec.mesh != r.mesh)):
+                raise ValueError(f"{op}: {name}[{i}] is placed {spec.placements} on {spec.mesh} but the tensor at its "
+                                 f"position in the first list is placed {r.placements} on {r.mesh}; tensors at one "
+                                 "position must share their sharding")
         out.append(t._local_tensor)
-    return out
+        specs.append(spec)
+    return out, specs
 
 
-def _local(x):
-    return x._local_tensor if isinstance(x, DTensor) else x
+def _replicated_value(op, name, x):
+    """A value every rank holds whole: a plain tensor as is, a replicated DTensor's local
+    tensor; a sharded DTensor is refused (each rank would read a different part)."""
+    if not isinstance(x, DTensor):
+        return x
+    _check_placements(op, name, x.placements)
+    if not all(isinstance(p, Replicate) for p in x.placements):
+        raise ValueError(f"{op}: {name} is a DTensor placed {x.placements}; a scalar or per-parameter count "
+                         "must be a plain tensor or a replicated DTensor")
+    return x._local_tensor
 
 
 def _unwrap_args(func, args, kwargs):
     """Local shards for every tensor-list argument (checked against the first list), local
-    values for tensor scalars, everything else as is."""
+    values for tensor scalars and step counts, everything else as is; all of the schema's
+    arguments, defaults filled in."""
     op = func._schema.name.split("::")[-1]
     schema_args = func._schema.arguments
-    bound = list(args) + [kwargs[a.name] for a in schema_args[len(args):] if a.name in kwargs]
-    ref, out = None, []
+    # every argument, in schema order: the dispatcher leaves trailing defaults out of args
+    bound = list(args) + [kwargs[a.name] if a.name in kwargs else a.default_value if a.has_default_value() else None
+                          for a in schema_args[len(args):]]
+    ref, out = None, []  # ref: the first list's specs
     for a, v in zip(schema_args, bound):
         if isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor):
-            if op in ("gram", "combine_") and a.name == "lists":
-                n = len(ref) if ref is not None else len(v) // args[1]  # combine_: len(out); gram: n = total / k
-                out.append([t for k in range(len(v) // n)
-                            for t in _unwrap_list(op, f"lists[{k}]", v[k * n:(k + 1) * n], ref or v[:n])])
-                ref = ref or list(v[:n])
+            if a.name in _COUNTS:
+                out.append([_replicated_value(op, f"{a.name}[{i}]", t) for i, t in enumerate(v)])
+            elif _STACKED.get(op) == a.name:
+                n = len(ref) if ref is not None else len(v) // args[1]  # gram: n = total / k
+                local = []
+                for k in range(len(v) // n):
+                    shards, specs = _unwrap_list(op, f"{a.name}[{k}]", v[k * n:(k + 1) * n], ref)
+                    local += shards
+                    ref = ref or specs
+                out.append(local)
             else:
-                out.append(_unwrap_list(op, a.name, v, ref))
-                ref = ref or list(v)
+                shards, specs = _unwrap_list(op, a.name, v, ref)
+                out.append(shards)
+                ref = ref or specs
         else:
-            out.append(_local(v))
+            out.append(_replicated_value(op, a.name, v))
     return op, out, ref
 
 
-def _mesh_groups(mesh):
-    """Process groups whose all-reduces, in turn, sum over the whole mesh."""
-    if mesh.ndim == 1:
-        return [mesh.get_group()]
-    return [mesh.get_group(d) for d in range(mesh.ndim)]
+# ---------------------------------------------------------------- reductions
+
+def _reduction_plan(specs):
+    """(mesh, dims, mask): the mesh dimensions to sum over (those some tensor is not
+    replicated on; over the others every rank holds the whole result already), and per tensor
+    whether this rank counts it: a tensor replicated over a summed dimension counts only at
+    coordinate 0 of that dimension, so once."""
+    mesh = specs[0].mesh
+    by_placements = {}  # the few distinct placements, by id
+    for sp in specs:
+        if sp.mesh is not mesh and sp.mesh != mesh:
+            raise ValueError("roga_cuda reductions need every DTensor of one call on one device mesh, got "
+                             f"{mesh} and {sp.mesh}")
+        by_placements.setdefault(id(sp.placements), sp.placements)
+    kinds = list(by_placements.values())
+    dims = [d for d in range(mesh.ndim) if any(not isinstance(pl[d], Replicate) for pl in kinds)]
+    coord = mesh.get_coordinate()
+    counts = {key: all(coord[d] == 0 for d in dims if isinstance(pl[d], Replicate))
+              for key, pl in by_placements.items()}
+    return mesh, dims, [counts[id(sp.placements)] for sp in specs]
 
 
-def _contributes(t):
-    """Does this rank count DTensor ``t`` in a sum over the mesh? Only at coordinate 0 of
-    the mesh dimensions over which ``t`` is replicated (it counts once per shard)."""
-    coord = t.device_mesh.get_coordinate()
-    return all(c == 0 for c, p in zip(coord, t.placements) if isinstance(p, Replicate))
+def _all_reduce(x, mesh, dims):
+    """Sums x over mesh dimensions ``dims``: one collective when they span the mesh (the
+    mesh's own group, or the default group when the mesh is the whole world) or are one
+    dimension; otherwise one per dimension."""
+    if not dims:
+        return x
+    if len(dims) == 1:
+        group = mesh.get_group(dims[0])
+    elif len(dims) == mesh.ndim and mesh.size() == dist.get_world_size():
+        group = None  # the default group spans the mesh
+    else:
+        for d in dims:
+            dist.all_reduce(x, group=mesh.get_group(d))
+        return x
+    dist.all_reduce(x, group=group)
+    return x
 
 
 def _replicated(local, mesh):
     return DTensor.from_local(local, mesh, [Replicate()] * mesh.ndim, run_check=False)
-
-
-def _all_reduce(x, mesh):
-    for g in _mesh_groups(mesh):
-        dist.all_reduce(x, group=g)
-    return x
 
 
 def _elementwise_rule(cls, func, types, args, kwargs):
@@ -94,34 +157,33 @@ def _elementwise_rule(cls, func, types, args, kwargs):
 
 
 def _norm_rule(cls, func, types, args, kwargs):
-    op, local_args, ref = _unwrap_args(func, args, kwargs or {})
+    op, local_args, specs = _unwrap_args(func, args, kwargs or {})
     asam = op == "asam_norm"
-    ts = local_args[0]
     per_tensor = bool(local_args[-1])
+    mesh, dims, counted = _reduction_plan(specs)
     # Local per-tensor norms (one kernel call), then one all-reduce of their masked squares.
     call = list(local_args)
     call[-1] = True
-    _, per = func(*call) if asam else func(ts, True)
-    mask = torch.tensor([1.0 if _contributes(t) else 0.0 for t in ref], dtype=per.dtype, device=per.device)
-    sq = per.double().square() * mask.double()
-    mesh = ref[0].device_mesh
-    sq = _all_reduce(torch.cat([sq, sq.sum().reshape(1)]), mesh)
+    _, per = func(*call) if asam else func(local_args[0], True)
+    mask = torch.tensor(counted, dtype=torch.float64, device=per.device)
+    sq = per.double().square() * mask
+    sq = _all_reduce(torch.cat([sq, sq.sum().reshape(1)]), mesh, dims)
     total = sq[-1].sqrt().to(per.dtype)
     per = sq[:-1].sqrt().to(per.dtype) if per_tensor else per.new_empty(0)
     return _replicated(total, mesh), _replicated(per, mesh)
 
 
 def _gram_rule(cls, func, types, args, kwargs):
-    _, (flat, k), _ = _unwrap_args(func, args, kwargs or {})
+    _, (flat, k), specs = _unwrap_args(func, args, kwargs or {})
     n = len(flat) // k
-    keep = [i for i, t in enumerate(args[0][:n]) if _contributes(t)]
-    mesh = args[0][0].device_mesh
+    mesh, dims, counted = _reduction_plan(specs)
+    keep = [i for i in range(n) if counted[i]]
     if keep:
-        G = func([flat[j * n + i] for j in range(k) for i in keep], k)
+        G = func(flat if len(keep) == n else [flat[j * n + i] for j in range(k) for i in keep], k)
     else:  # nothing of this rank's counts: zeros of the result dtype
         dt = torch.float64 if any(t.dtype == torch.float64 for t in flat[:n]) else torch.float32
         G = torch.zeros(k, k, dtype=dt, device=flat[0].device)
-    return _replicated(_all_reduce(G.contiguous(), mesh), mesh)
+    return _replicated(_all_reduce(G.contiguous(), mesh, dims), mesh)
 
 
 _registered = False

@@ -1,6 +1,8 @@
 """Drop-in optimizers built on the fused primitives of :mod:`roga_cuda.ops`.
 
-* :class:`SAM` — SAM and ASAM (``adaptive=True``), davda54/sam's API.
+* :class:`SAM` — SAM and ASAM (``adaptive=True``), davda54/sam's API; ``interval=k``.
+* :class:`GSAM`, :class:`WSAM`, :class:`FriendlySAM`, :class:`LookSAM` — SAM variants
+  (surrogate gap, weighted sharpness, noise-only ascent, reused ascent gradient).
 * :class:`RoGA` — robust gradient alignment over K domains (first-order or exact HVP alignment).
 * :class:`GradientAggregator` — K task gradients aggregated in Gram space by a weighting
   (:mod:`.weightings`: PCGrad, GradVac, CAGrad, MGDA, UPGrad, DualProj, IMTL-G, Aligned-MTL,
@@ -16,6 +18,7 @@ from .aggregator import METHODS, GradientAggregator, PCGrad
 from .base import WrapperOptimizer
 from .roga import RoGA
 from .sam import SAM
+from .sam_family import GSAM, WSAM, FriendlySAM, LookSAM
 
-__all__ = ["SAM", "RoGA", "GradientAggregator", "PCGrad", "weightings", "freeze_bn_stats", "clip_grad_norm_",
-           "WrapperOptimizer", "METHODS"]
+__all__ = ["SAM", "GSAM", "WSAM", "FriendlySAM", "LookSAM", "RoGA", "GradientAggregator", "PCGrad", "weightings",
+           "freeze_bn_stats", "clip_grad_norm_", "WrapperOptimizer", "METHODS"]

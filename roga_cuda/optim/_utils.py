@@ -2,6 +2,7 @@
 grouping, flat views for DDP, AMP, BatchNorm freezing and clipping."""
 import contextlib
 import math
+import sys
 
 import torch
 
@@ -43,6 +44,21 @@ def swap_data(params, data):
     return old
 
 
+# ---------------------------------------------------------------- sharded (DTensor) tensors
+
+def is_dtensor(t):
+    """Is ``t`` a DTensor (an FSDP2 ``fully_shard`` parameter or gradient)? Never imports
+    torch.distributed.tensor (seconds): if it is not loaded, nothing is a DTensor."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def local_value(x):
+    """A reduction's result (a norm, a Gram matrix) as a plain tensor: on DTensors the ops
+    return a replicated DTensor, whose local tensor is the whole value on every rank."""
+    return x.to_local() if is_dtensor(x) else x
+
+
 # ---------------------------------------------------------------- norms and scaling
 
 def global_norm(pairs, backend="auto", adaptive=None, split=False):
@@ -55,7 +71,8 @@ def global_norm(pairs, backend="auto", adaptive=None, split=False):
     for i, (ps, gs) in enumerate(pairs):
         eta = None if adaptive is None else adaptive[i]
         for dps, dgs in (by_device(ps, gs) if split else [(ps, gs)]):
-            parts.append(ops.norm(dgs, params=dps if eta is not None else None, eta=eta or 0.0, backend=backend))
+            parts.append(local_value(ops.norm(dgs, params=dps if eta is not None else None, eta=eta or 0.0,
+                                              backend=backend)))
     if len(parts) == 1:
         return parts[0]
     dev = parts[0].device

@@ -82,9 +82,13 @@ class GradientAggregator(WrapperOptimizer):
         beta, c, cagrad_rescale: shortcuts for GradVac's ``beta`` and CAGrad's ``c``/``rescale``.
         max_grad_norm: clip the final gradient (free: its norm follows from G).
         seed: seeds the random methods (projection orders, random weights); saved in state_dict.
+            Under torch.distributed every rank must draw the same: give every rank the same
+            seed, or leave it None and rank 0's generator is broadcast before the first draw.
         ddp_sync: all-reduce the K task gradients across processes before the aggregation
             (default: when torch.distributed runs with more than one process); pass the
             DDP model to backward(model=...) so the K backward passes skip DDP's own sync.
+            Never on sharded (FSDP2 ``fully_shard``) parameters: FSDP reduce-scatters each
+            backward pass itself (ddp_sync=True there is an error).
         fused: run the base update (SGD, Adam, AdamW) as a fused primitive.
 
     ``step(closure)`` with a closure that returns the K losses runs backward, the aggregation
@@ -118,6 +122,10 @@ class GradientAggregator(WrapperOptimizer):
         super().__init__(params, base_optimizer, {}, backend, max_grad_norm, fused, **base_kwargs)
         self.reduction = reduction
         self.ddp_sync = ddp_sync
+        self._sync()  # a clear error now for ddp_sync=True on sharded (FSDP) parameters
+        # Random weightings draw from a host generator: ranks drawing differently would give
+        # DDP replicas / FSDP shards different weights. None: rank 0's state is broadcast once.
+        self._t.draws_shared = seed is not None
         self._shared = None if shared is None else _param_ids(shared, "shared")
         self._groups = None if groups is None else [_param_ids(g, f"groups[{i}]") for i, g in enumerate(groups)]
         self._t.units_cache = None
@@ -183,7 +191,10 @@ class GradientAggregator(WrapperOptimizer):
         task gradients to pending sums (gradient accumulation over micro-batches: the
         aggregation runs once, on the accumulated gradients, at align()). scaler: a
         GradScaler: the losses are scaled here, and clipping uses the unscaled norm. model:
-        a DistributedDataParallel model, whose own gradient sync is skipped (see ddp_sync).
+        a DistributedDataParallel model, whose own gradient sync is skipped (see ddp_sync), or
+        an FSDP2 (fully_shard) model, whose parameters then stay gathered from one pass to
+        the next (they do not change in between) and are resharded after the last: no
+        re-gathering in passes 2..K, at the memory cost of the whole parameters meanwhile.
         """
         losses = self._check_losses(losses)
         k = len(losses)
@@ -199,9 +210,12 @@ class GradientAggregator(WrapperOptimizer):
                 for b in bufs:
                     b.zero_()
         ctx = model.no_sync() if model is not None and hasattr(model, "no_sync") else contextlib.nullcontext()
+        keep_gathered = model is not None and hasattr(model, "set_reshard_after_backward")  # FSDP2
         stash, missing = [], 0
-        with ctx:
+        with ctx, _resharded_at_exit(model if keep_gathered else None):
             for t, loss in enumerate(losses):
+                if keep_gathered:
+                    model.set_reshard_after_backward(t == k - 1)
                 # accumulate into the flat views / the pending sums, or let autograd allocate
                 if flat is not None:
                     _utils.set_grads(params, flat[t][1])
@@ -291,12 +305,14 @@ class GradientAggregator(WrapperOptimizer):
         for u, ls in zip(units, lists):
             if u.wgroup is None:
                 continue
-            G = ops.gram(ls, backend=self.backend)
+            G = _utils.local_value(ops.gram(ls, backend=self.backend))  # sharded: replicated, all-reduced once
             g0 = grams[u.wgroup]
             grams[u.wgroup] = G if g0 is None else g0 + G.to(g0.device)
         dev = next(g.device for g in grams if g is not None)
         grams = [g.to(dev) if g is not None else torch.zeros(k, k, device=dev) for g in grams]
         G = torch.stack(grams) if self._groups is not None else grams[0]
+        if not self._t.draws_shared:
+            self._share_draws(G.device)
         w = self.weighting(G).to(G.dtype if G.dtype == torch.float64 else torch.float64)
         if self.reduction == "mean":
             w = w / k
@@ -305,7 +321,7 @@ class GradientAggregator(WrapperOptimizer):
             sq = (w.unsqueeze(-2) @ G.double() @ w.unsqueeze(-1)).sum()
             heads = [ls for u, ls in zip(units, lists) if u.wgroup is None]
             for ls in heads:
-                sq = sq + ops.gram(ls, backend=self.backend).double().sum().to(sq.device)
+                sq = sq + _utils.local_value(ops.gram(ls, backend=self.backend)).double().sum().to(sq.device)
             dnorm = sq.clamp_min(0).sqrt()
             if self._t.inv_scale is not None:
                 dnorm = dnorm * self._t.inv_scale.to(dnorm.device, torch.float64)
@@ -322,6 +338,18 @@ class GradientAggregator(WrapperOptimizer):
                 wu = w[u.wgroup] if self._groups is not None else w
                 out.append(wu.to(dev_u))
         return out
+
+    def _share_draws(self, device):
+        """Rank 0's generator state for every rank (once, before the first draw)."""
+        self._t.draws_shared = True
+        state = self.weighting.state_dict()
+        gen = state.get("generator")
+        if gen is None or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        buf = gen.to(device)  # NCCL broadcasts device tensors only
+        dist.broadcast(buf, src=0)
+        state["generator"] = buf.cpu()
+        self.weighting.load_state_dict(state)
 
     def _record(self, G, w):
         d = G.diagonal().clamp_min(torch.finfo(G.dtype).tiny).sqrt()  # a zero gradient: cosine 0
@@ -417,6 +445,8 @@ class GradientAggregator(WrapperOptimizer):
         if ws is None:  # written before weightings existed: the same fields, flat
             ws = {key: state[key] for key in ("targets", "generator") if state.get(key) is not None}
         self.weighting.load_state_dict(ws)
+        if ws.get("generator") is not None:
+            self._t.draws_shared = True  # the same saved state on every rank
         self._t.k = state.get("k")
         self._t.n_steps = state.get("n_steps", 0)
         n, f = state.get("n_conflict"), state.get("n_finite")
@@ -479,6 +509,16 @@ def _scaled(w, coef, k, device):
         return w * coef.to(w.device)
     c = coef.to(device).float().reshape(1)
     return torch.cat([c * x for x in w]) if any(x != 1.0 for x in w) else c.repeat(k)
+
+
+@contextlib.contextmanager
+def _resharded_at_exit(model):
+    """FSDP2's default (reshard after backward) back on model at exit, also on an error."""
+    try:
+        yield
+    finally:
+        if model is not None:
+            model.set_reshard_after_backward(True)
 
 
 def _keep_graph_ok():

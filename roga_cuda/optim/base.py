@@ -31,7 +31,8 @@ class Part:
 class Layout:
     """The wrapper's parameters, cached: per (group, device) the params in group order, each
     parameter once (torch only warns about one listed twice in a group; a fused op would
-    write it twice). ``params`` concatenates them, ``bounds`` delimits each part in it."""
+    write it twice). ``params`` concatenates them, ``bounds`` delimits each part in it.
+    ``sharded``: some parameter is a DTensor (FSDP2 ``fully_shard``)."""
 
     def __init__(self, param_groups):
         self.signature = Layout.signature_of(param_groups)
@@ -48,6 +49,7 @@ class Layout:
                 self.params.extend(ps)
                 self.parts.append((group, ps))
                 self.bounds.append((start, len(self.params)))
+        self.sharded = any(_utils.is_dtensor(p) for p in self.params)
 
     @staticmethod
     def signature_of(param_groups):
@@ -163,9 +165,13 @@ class WrapperOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}.load_state_dict: this state_dict was saved by a {kind}, not a {name}")
         self._check_extra_state(state_dict.get("wrapper", {}))
         self.base_optimizer.load_state_dict(state_dict["base"])
+        self._base_loaded(state_dict.get("wrapper", {}))
+
+    def _base_loaded(self, wrapper_state):
+        """After the base optimizer loaded a state_dict: share its new group dicts, load ours."""
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict made new group dicts
         self._t.layout_cache = None
-        self._load_extra_state(state_dict.get("wrapper", {}))
+        self._load_extra_state(wrapper_state)
 
     def _check_extra_state(self, state):
         """Raise before anything is loaded if the wrapper state is not this optimizer's."""
@@ -201,7 +207,14 @@ class WrapperOptimizer(torch.optim.Optimizer):
 
     def _sync(self):
         """All-reduce across processes? ``ddp_sync`` (RoGA, PCGrad) if given, else whether
-        torch.distributed runs with more than one process."""
+        torch.distributed runs with more than one process. Never for sharded (FSDP2)
+        parameters: FSDP reduce-scatters every backward pass itself, so the gradients are
+        already global (and their shards are what the fused ops read)."""
+        if self._layout().sharded:
+            if getattr(self, "ddp_sync", None):
+                raise ValueError(f"{type(self).__name__}: ddp_sync=True, but the parameters are DTensors "
+                                 "(fully_shard): FSDP already reduce-scatters the gradients; leave ddp_sync=None")
+            return False
         if getattr(self, "ddp_sync", None) is not None:
             return bool(self.ddp_sync)
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -213,7 +226,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
         sources, weights and grad_out are applied first, then torch's step()."""
         if self.fused:
             self._update.step(parts, found_inf)
-            self._opt_called = True  # LR schedulers check this
+            self._opt_called = self.base_optimizer._opt_called = True  # LR schedulers check this (either may have one)
             return
         for part in parts:
             if part.source is not None:

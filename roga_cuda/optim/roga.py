@@ -25,6 +25,18 @@ or ``opt.step(closure, num_domains=K)`` with ``closure(d)`` doing forward + back
 domain ``d`` and returning its loss. With AMP: ``scaler.scale(loss).backward()`` for both
 passes, ``opt.perturb(scaler=scaler)``, and ``opt.step(scaler=scaler); scaler.update()``.
 
+``interval=k``: RoGA every k-th step (the first included), the base optimizer on the mean
+domain gradient in between (one backward per domain): ``perturb()`` returns False then and
+leaves ``.grad`` for ``accumulate()``, so skip the perturbed backward::
+
+    for x, y in domain_batches:
+        loss_fn(model(x), y).backward()
+        if opt.perturb():
+            with freeze_bn_stats(model):
+                loss_fn(model(x), y).backward()
+        opt.accumulate()
+    opt.step()
+
 Passes per domain: norm, perturb, restore + accumulate (3). With ``num_domains`` known,
 no clipping, no AMP and no cross-process sync, the last domain's restore and accumulation
 are folded into the base update: that domain costs norm, perturb, update (DESIGN.md).
@@ -39,8 +51,8 @@ from .. import ops
 from . import _utils
 from .base import WrapperOptimizer
 from .fused import UpdatePart
-from .perturb import Perturber
-from .sam import check_hyper
+from .perturb import Move, Perturber
+from .sam import check_hyper, check_interval
 
 
 @dataclass
@@ -48,6 +60,7 @@ class _Pending:
     """Between perturb() and accumulate(): what moved, and AMP's inverse scale."""
     moves: list
     inv_scale: object
+    plain: bool = False  # a step of `interval` without perturbation: .grad is accumulated as it is
 
 
 @dataclass
@@ -74,13 +87,17 @@ class RoGA(WrapperOptimizer):
             (default: when torch.distributed is initialised with more than one process).
             Run every forward/backward under ``model.no_sync()`` (see :meth:`no_sync`).
         fused: run the base update (SGD, Adam, AdamW) as a fused primitive.
+        interval: perturb every ``interval``-th step only, the plain mean domain gradient
+            in between (see the module docstring); the step count is in ``state_dict()``.
     """
 
     _step_supports_amp_scaling = True  # so GradScaler.step(opt) reaches step() and gets a clear error
 
     def __init__(self, params, base_optimizer, rho=0.1, alpha=2e-4, alignment="first_order", backend="auto",
-                 strategy="auto", max_grad_norm=None, num_domains=None, ddp_sync=None, fused=True, **base_kwargs):
+                 strategy="auto", max_grad_norm=None, num_domains=None, ddp_sync=None, fused=True, interval=1,
+                 **base_kwargs):
         check_hyper("RoGA", rho=rho, alpha=alpha)
+        self.interval = check_interval("RoGA", interval)
         if alignment not in ("first_order", "hvp"):
             raise ValueError(f"RoGA: alignment must be 'first_order' or 'hvp', got {alignment!r}")
         if num_domains is not None and int(num_domains) < 1:
@@ -88,9 +105,15 @@ class RoGA(WrapperOptimizer):
         super().__init__(params, base_optimizer, dict(rho=rho, alpha=alpha), backend, max_grad_norm, fused,
                          **base_kwargs)
         self._perturber = Perturber(backend, strategy)
+        self._t.steps = 0  # completed steps: which ones perturb (interval); in state_dict()
         self.alignment = alignment
         self.num_domains = None if num_domains is None else int(num_domains)
         self.ddp_sync = ddp_sync
+        self._sync()  # a clear error now for ddp_sync=True on sharded (FSDP) parameters
+        if alignment == "hvp" and self._layout().sharded:
+            raise ValueError("RoGA: alignment='hvp' differentiates through the gradient, but the gradients of sharded "
+                             "(FSDP) parameters come out of FSDP's reduce-scatter without an autograd graph; use "
+                             "alignment='first_order'")
         self._t.pending = None  # _Pending between perturb() and accumulate()
         self._t.final = None  # _Final: the last domain, folded into step()
         self._t.acc = {}  # id(layout part list) -> accumulated gradients of that list, this step
@@ -115,6 +138,8 @@ class RoGA(WrapperOptimizer):
 
         scaler: the GradScaler whose scale is in ``.grad``: the alignment term
         ``-alpha g`` is not scale-invariant, so it is divided by the scale (on device).
+        Returns True when it perturbed; False on a plain step of ``interval`` (``.grad``
+        is kept for ``accumulate()``: no backward at a perturbed point).
         """
         if self._t.pending is not None:
             raise RuntimeError("RoGA.perturb() called twice: call accumulate() after the backward pass at "
@@ -130,8 +155,11 @@ class RoGA(WrapperOptimizer):
             if views.get(id(parts[0].params[0])) is parts[0].grads[0]:
                 raise RuntimeError("RoGA: .grad still holds the previous step's gradient; call opt.zero_grad() "
                                    "before the first backward of a step")
-        norm = _utils.global_norm([(p.params, p.grads) for p in parts], self.backend)
         inv = _utils.inv_scale_of(scaler)
+        if self._t.steps % self.interval != 0:
+            self._t.pending = _Pending([], inv, plain=True)
+            return False
+        norm = _utils.global_norm([(p.params, p.grads) for p in parts], self.backend)
         strategy = self._perturber.strategy_for([p.params for p in parts])
         moves = []
         for part in parts:
@@ -143,6 +171,7 @@ class RoGA(WrapperOptimizer):
                                                  group=g))
         _utils.set_grads(self._layout().params, None)  # the moves keep the gradients the hvp needs
         self._t.pending = _Pending(moves, inv)
+        return True
 
     @torch.no_grad()
     def accumulate(self):
@@ -153,9 +182,11 @@ class RoGA(WrapperOptimizer):
                                "backward at the perturbed point, then accumulate()")
         if self.num_domains is not None and self._t.count >= self.num_domains:
             raise RuntimeError(f"RoGA.accumulate() called more than num_domains={self.num_domains} times in one step")
-        moves, inv = self._t.pending.moves, self._t.pending.inv_scale
+        moves, inv, plain = self._t.pending.moves, self._t.pending.inv_scale, self._t.pending.plain
+        if plain:  # the gradient at theta itself: "moves" that did not move
+            moves = [Move("none", p.params, None, p.grads, p.group) for p in self._gather()]
         hs = [self._grads_at(m) for m in moves]
-        if self.alignment == "hvp":  # checked before anything changes: abort() can still restore
+        if self.alignment == "hvp" and not plain:  # checked before anything changes: abort() can still restore
             if not all(h.requires_grad for hl in hs for h in hl):
                 raise RuntimeError("RoGA(alignment='hvp') needs the backward pass at the perturbed point to keep its "
                                    "graph: call loss.backward(create_graph=True) there (the closure form passes "
@@ -166,7 +197,7 @@ class RoGA(WrapperOptimizer):
         last = self.num_domains is not None and k == self.num_domains
         sync = self._sync()
         try:
-            if last and self.fused and not sync and self.max_grad_norm is None and inv is None:
+            if last and self.fused and not sync and self.max_grad_norm is None and inv is None and not plain:
                 accs = [None if k == 1 else self._acc_positions(m, sync) for m in moves]
                 self._t.final = _Final(moves, hs, accs)  # restore + accumulate + update: one pass, in step()
             else:
@@ -225,7 +256,7 @@ class RoGA(WrapperOptimizer):
         be = self.backend
         full, idx = self._full(m)
         if first and not sync and idx is None:  # the gradients themselves become the accumulator: no copy
-            self._perturber.restore([m])
+            self._undo(m)
             self._t.acc[id(full)] = hs
             return
         acc = self._acc_positions(m, sync)
@@ -234,14 +265,19 @@ class RoGA(WrapperOptimizer):
                 buf.zero_()
             self._t.acc_zeroed = True
         if mean:  # acc = (acc + h) / K in the same pass
-            self._perturber.restore([m])
+            self._undo(m)
             w = 1.0 / self.num_domains
             ops.combine_(acc, [acc, hs], [w, w], backend=be)
         elif m.kind == "copy":
             ops.restore_accumulate_(m.params, m.saved, acc, hs, 1.0, backend=be)
         else:
-            self._perturber.unswap(m)
+            self._undo(m)
             ops.combine_(acc, [acc, hs], [1.0, 1.0], backend=be)
+
+    def _undo(self, m):
+        """Restore a move's parameters (nothing to do on a plain step)."""
+        if m.kind != "none":
+            self._perturber.restore([m])
 
     def _flat_views(self):
         """Accumulators as views of one flat buffer per dtype/device: one all-reduce per step."""
@@ -287,6 +323,7 @@ class RoGA(WrapperOptimizer):
             raise RuntimeError("RoGA.step() with nothing accumulated: for each domain call backward, perturb(), "
                                "backward, accumulate() first, or use step(closure, num_domains)")
         self._apply(scaler)
+        self._t.steps += 1
         return loss
 
     def _run_closure(self, closure, num_domains, scaler, bn_model):
@@ -305,13 +342,13 @@ class RoGA(WrapperOptimizer):
                 if loss is None:
                     raise RuntimeError("RoGA.step(closure): closure(d) returned None; it must return the loss "
                                        "after calling loss.backward()")
-                self.perturb(scaler=scaler)
-                ctx = _utils.freeze_bn_stats(bn_model) if bn_model is not None else contextlib.nullcontext()
-                with ctx, torch.enable_grad():
-                    if self.alignment == "hvp":
-                        closure(d, create_graph=True)
-                    else:
-                        closure(d)
+                if self.perturb(scaler=scaler):
+                    ctx = _utils.freeze_bn_stats(bn_model) if bn_model is not None else contextlib.nullcontext()
+                    with ctx, torch.enable_grad():
+                        if self.alignment == "hvp":
+                            closure(d, create_graph=True)
+                        else:
+                            closure(d)
                 self.accumulate()
                 losses.append(loss.detach())
         except BaseException:
@@ -384,6 +421,17 @@ class RoGA(WrapperOptimizer):
                 _utils.set_grads(m.params, acc)
         self._reset_step()
         self._base_step(parts)
+
+    def _extra_state(self):
+        return {"steps": self._t.steps}
+
+    def _check_extra_state(self, state):
+        steps = state.get("steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"RoGA.load_state_dict: 'steps' must be an integer >= 0, got {steps!r}")
+
+    def _load_extra_state(self, state):
+        self._t.steps = state.get("steps", 0)
 
     def state_dict(self):
         if self._t.pending is not None or self._t.count or self._t.final is not None:

@@ -23,17 +23,17 @@ from ..common.cli import (RUN_FLAGS, USER_ERRORS, RunSpec, add_run_args, default
 from ..common.config import ConfigError, load_config, save_config
 from ..common.runtime import cleanup_distributed, is_main, print0
 from .data import ImageReadError
+from .train import METHODS
 
 # errors caused by input (config, files, data): reported in one line, exit code 2
 USER_ERRORS = USER_ERRORS + (ImageReadError,)
 
 APP = "image"
-METHODS = ("erm", "sam", "roga")
 
 
 def _train_parser():
-    p = make_parser("roga-train", "Train an image deepfake detector with ERM, SAM or RoGA.", __doc__)
-    add_run_args(p, APP, "erm | sam | roga")
+    p = make_parser("roga-train", "Train an image deepfake detector with ERM, SAM (or a SAM variant) or RoGA.", __doc__)
+    add_run_args(p, APP, " | ".join(METHODS))
     p.add_argument("--out", required=True, help="run folder (metrics.json, log.csv, plots, checkpoints, config.yaml)")
     p.add_argument("--optimizer", dest="method_alias", choices=METHODS, help="same as --method (older name)")
     p.add_argument("--base-optimizer", dest="base", choices=["sgd", "adam", "adamw"], help="config: optim.name")
@@ -120,7 +120,7 @@ def train_main(argv=None):
             methods = [m.strip() for m in args.compare.split(",") if m.strip()]
             bad = [m for m in methods if m not in METHODS]
             if bad or not methods or len(set(methods)) != len(methods):
-                raise ConfigError(f"--compare takes a list of distinct erm, sam, roga; got {args.compare!r}")
+                raise ConfigError(f"--compare takes a list of distinct {', '.join(METHODS)}; got {args.compare!r}")
             if args.method or args.method_alias:
                 raise ConfigError("--compare and --method are exclusive")
             if args.resume not in (None, "auto"):

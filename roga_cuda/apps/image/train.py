@@ -1,4 +1,5 @@
-"""The image detector's training: ERM, SAM or RoGA over K training domains.
+"""The image detector's training: ERM, SAM (or GSAM, WSAM, Friendly-SAM, LookSAM) or RoGA
+over K training domains.
 
 Every step draws one batch per training domain (half real, half fake; the batches are a
 pure function of the step, see ``common.training.BatchStream``). ERM and SAM train on the
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...optim import SAM, RoGA, clip_grad_norm_, freeze_bn_stats
+from ...optim import GSAM, SAM, WSAM, FriendlySAM, LookSAM, RoGA, clip_grad_norm_, freeze_bn_stats
 from ..common import metrics as M
 from ..common.checkpoint import load_checkpoint, save_checkpoint
 from ..common.plots import plot_det, plot_roc, plot_training_curves
@@ -31,8 +32,10 @@ from .models import build_model
 
 __all__ = ["train", "ImageTrainer", "build_optimizer", "evaluate_domains", "predict", "summarize", "METHODS"]
 
-METHODS = ("erm", "sam", "roga")
+METHODS = ("erm", "sam", "gsam", "wsam", "fsam", "looksam", "roga")
+SAM_FAMILY = ("sam", "gsam", "wsam", "fsam", "looksam")  # first_step / second backward / second_step
 MONITORS = ("auc", "eer", "video_auc", "ap")
+OPTIMIZERS = METHODS  # the name main's SAM-family merge used
 
 
 def build_optimizer(cfg, params, num_domains):
@@ -43,10 +46,19 @@ def build_optimizer(cfg, params, num_domains):
     if name == "erm":
         return make_optimizer(o, params)
     common = dict(backend=o.backend, strategy=o.strategy, max_grad_norm=o.max_grad_norm or None)
-    if name == "sam":
-        return make_optimizer(o, params, SAM, rho=o.rho, adaptive=o.adaptive, **common)
-    return make_optimizer(o, params, RoGA, rho=o.rho, alpha=o.alpha, alignment=o.alignment, num_domains=num_domains,
-                          **common)
+    if name == "looksam":  # its k is its interval
+        if o.interval != 1:
+            raise ValueError("method=looksam: set its SAM-step period with optim.looksam_k, not optim.interval")
+        return make_optimizer(o, params, LookSAM, rho=o.rho, k=o.looksam_k, alpha=o.looksam_alpha,
+                              adaptive=o.adaptive, **common)
+    common["interval"] = o.interval
+    if name == "roga":
+        return make_optimizer(o, params, RoGA, rho=o.rho, alpha=o.alpha, alignment=o.alignment,
+                              num_domains=num_domains, **common)
+    variant = {"sam": (SAM, {}), "gsam": (GSAM, dict(alpha=o.gsam_alpha)), "wsam": (WSAM, dict(gamma=o.wsam_gamma)),
+               "fsam": (FriendlySAM, dict(sigma=o.fsam_sigma, lmbda=o.fsam_lmbda))}
+    cls, extra = variant[name]
+    return make_optimizer(o, params, cls, rho=o.rho, adaptive=o.adaptive, **extra, **common)
 
 
 def _bce(logits, y):
@@ -74,9 +86,9 @@ class _Stepper:
                 for x, y in batches:
                     loss = self._loss(x, y)
                     self.amp.scale(loss).backward()
-                    self.opt.perturb(scaler=scaler)
-                    with freeze_bn_stats(self.model):
-                        self.amp.scale(self._loss(x, y)).backward(create_graph=self.hvp)
+                    if self.opt.perturb(scaler=scaler):  # False: a plain step of optim.interval
+                        with freeze_bn_stats(self.model):
+                            self.amp.scale(self._loss(x, y)).backward(create_graph=self.hvp)
                     self.opt.accumulate()
                     losses.append(loss.detach())
             self.opt.step(scaler=scaler)
@@ -85,14 +97,18 @@ class _Stepper:
             return torch.stack(losses).mean()
         x = torch.cat([b[0] for b in batches])
         y = torch.cat([b[1] for b in batches])
-        if self.kind == "sam":
-            local = self.ddp and not self.cfg.optim.sam_sync_first_pass
+        if self.kind in SAM_FAMILY:
+            # A local (unsynchronised) first pass only feeds the ascent: not for the variants
+            # whose update reads it (GSAM, WSAM, LookSAM) nor for interval's plain steps.
+            local = (self.ddp and not self.cfg.optim.sam_sync_first_pass and self.kind in ("sam", "fsam")
+                     and self.cfg.optim.interval == 1)
             with (self.model.no_sync() if local else contextlib.nullcontext()):
                 loss = self._loss(x, y)
                 self.amp.scale(loss).backward()
-            self.opt.first_step(zero_grad=True)
-            with freeze_bn_stats(self.model):
-                self.amp.scale(self._loss(x, y)).backward()
+            kw = {"scaler": scaler} if self.kind == "fsam" else {}  # F-SAM averages unscaled gradients
+            if self.opt.first_step(zero_grad=True, **kw):  # False: a plain (reuse) step, one backward
+                with freeze_bn_stats(self.model):
+                    self.amp.scale(self._loss(x, y)).backward()
             if scaler is not None:
                 scaler.step(self.opt)  # reaches SAM.step(): restore, unscale, skip on inf/nan
                 scaler.update()
