@@ -72,7 +72,7 @@ def test_compiled_model_trains_like_eager(kind, strategy, backend):
     train(kind, eager, make(kind, eager.parameters(), strategy))
     torch._dynamo.reset()
     # Inductor's in-place buffer reuse corrupts a saved tensor of the dynamic-shape backward
-    # (torch 2.13; see test_inductor_retained_backward_torch_bug): the documented workaround.
+    # (torch 2.13; tools/repro_inductor_retained_backward.py): the documented workaround.
     with torch._inductor.config.patch(inplace_buffers=False):
         train(kind, torch.compile(comp, backend=backend), make(kind, comp.parameters(), strategy))
     exact = backend == "aot_eager"
@@ -81,31 +81,6 @@ def test_compiled_model_trains_like_eager(kind, strategy, backend):
             torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
         else:
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="torch bug: Inductor (in-place buffers, dynamic shapes) corrupts a "
-                   "saved tensor, so repeated backward passes through one retained graph disagree; when this "
-                   "passes, drop the workaround in docs/optimizers.md and test_compiled_model_trains_like_eager")
-def test_inductor_retained_backward_torch_bug():
-    """Plain torch, no roga_cuda: the backward of one loss, taken three times through a retained
-    graph of a compiled Linear(bias=False)-BatchNorm-ReLU-Linear model, must repeat itself."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-    compiled = torch.compile(net, backend="inductor")
-    params = list(net.parameters())
-    import torch._functorch.config as functorch_config
-    with functorch_config.patch(donated_buffer=False):
-        for n in (16, 24, 32):  # the second size recompiles with dynamic shapes
-            x, y = torch.randn(n, 4), torch.randn(n, 2)
-            out = compiled(x)
-            loss_a, loss_b = F.mse_loss(out[: n // 2], y[: n // 2]), F.mse_loss(out[n // 2:], y[n // 2:])
-            first = torch.autograd.grad(loss_a, params, retain_graph=True)
-            torch.autograd.grad(loss_b, params, retain_graph=True)
-            again = torch.autograd.grad(loss_a, params, retain_graph=True)
-            for a, b in zip(first, again):
-                torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 def test_optimizer_steps_compile_without_graph_breaks():
