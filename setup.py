@@ -116,22 +116,26 @@ setup(
     package_data={"roga_cuda": ["apps/*/presets/*.yaml"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "matplotlib", "scikit-learn", "pillow"],
+    # The library (ops, optimizers) needs torch and numpy only; the training apps' packages
+    # are the [apps] extra (roga-train / dpda-train say so when they are missing).
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton"],
-        # torchjd: the peer the weighting tests cross-check against (needs torch>=2.3, keeps the installed one);
-        # pytorch-optimizer: the SAM variants' peer (needs torch>=2.1, keeps the installed one)
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "soundfile", "torchjd[quadprog-projector]>=0.18",
-                 "pytorch-optimizer>=4.1"],
+        "apps": ["pyyaml", "tqdm", "matplotlib", "pillow", "soundfile"],
+        # the apps' packages (their tests), scikit-learn (the metrics tests' reference),
+        # torchjd (the peer the weighting tests cross-check against; needs torch>=2.3, keeps
+        # the installed one) and pytorch-optimizer (the SAM variants' peer; needs torch>=2.1)
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "scikit-learn", "torchjd[quadprog-projector]>=0.18",
+                 "pytorch-optimizer>=4.1", "pyyaml", "tqdm", "matplotlib", "pillow", "soundfile"],
         "audio": ["soundfile"],
         "timm": ["timm"],  # EfficientNet-B4 backbone; pulls torchvision
     },
     entry_points={
         "console_scripts": [
-            "roga-train=roga_cuda.apps.image.cli:train_main",
-            "roga-eval=roga_cuda.apps.image.cli:eval_main",
-            "dpda-train=roga_cuda.apps.speech.cli:train_main",
-            "dpda-eval=roga_cuda.apps.speech.cli:eval_main",
+            "roga-train=roga_cuda.apps.launch:roga_train",
+            "roga-eval=roga_cuda.apps.launch:roga_eval",
+            "dpda-train=roga_cuda.apps.launch:dpda_train",
+            "dpda-eval=roga_cuda.apps.launch:dpda_eval",
         ]
     },
 )

@@ -13,7 +13,12 @@ from roga_cuda.apps.common import (BatchStream, CheckpointError, Checkpointer, C
                                    latest_checkpoint, load_checkpoint, load_config, lr_factor, read_log,
                                    restore_state, roc_auc, roc_curve, save_checkpoint, save_config, video_auc)
 
-sk = pytest.importorskip("sklearn.metrics")
+
+
+@pytest.fixture
+def sk():
+    """scikit-learn's metrics, the independent reference (only these tests need it)."""
+    return pytest.importorskip("sklearn.metrics")
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -32,7 +37,7 @@ def _cases(seed):
     return out
 
 
-def _brute_eer(y, s):
+def _brute_eer(sk, y, s):
     """EER from scikit-learn's ROC points: linear interpolation where FNR - FPR changes sign."""
     fpr, tpr, thr = sk.roc_curve(y, s, drop_intermediate=False)
     fnr = 1 - tpr
@@ -47,7 +52,7 @@ def _brute_eer(y, s):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_metrics_match_sklearn(seed):
+def test_metrics_match_sklearn(seed, sk):
     for y, s in _cases(seed):
         assert roc_auc(y, s) == pytest.approx(sk.roc_auc_score(y, s), abs=1e-12)
         assert average_precision(y, s) == pytest.approx(sk.average_precision_score(y, s), abs=1e-12)
@@ -59,7 +64,7 @@ def test_metrics_match_sklearn(seed):
         np.testing.assert_allclose(thr[1:], ethr[1:])
         assert np.isinf(thr[0])
         e, t = eer(y, s)
-        assert e == pytest.approx(_brute_eer(y, s), abs=1e-12)
+        assert e == pytest.approx(_brute_eer(sk, y, s), abs=1e-12)
         # the returned threshold's own error rates straddle the EER within one step
         far = np.mean(s[y == 0] >= t)
         frr = np.mean(s[y == 1] < t)
@@ -104,7 +109,7 @@ def test_metric_input_errors():
         video_auc([0, 1, 1], [0.1, 0.2, 0.3], ["a", "a", "b"])
 
 
-def test_video_auc_matches_sklearn_on_frame_means():
+def test_video_auc_matches_sklearn_on_frame_means(sk):
     rs = np.random.RandomState(3)
     vids = np.repeat(np.arange(40), rs.randint(1, 6, 40))
     vlab = rs.randint(0, 2, 40)
@@ -151,6 +156,34 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     bad.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(CheckpointError, match="corrupt.pt"):
         load_checkpoint(bad)
+
+
+def test_checkpoint_checksum_detects_flipped_bytes(tmp_path):
+    import hashlib
+    import zipfile
+    path = tmp_path / "ck.pt"
+    state = {"model": {"w": torch.randn(300, generator=torch.Generator().manual_seed(0))}, "step": 7}
+    save_checkpoint(path, state)
+    data = path.read_bytes()
+    # the file is a plain torch zip whose archive comment holds the SHA-256 of everything before it
+    comment = zipfile.ZipFile(path).comment
+    assert comment.startswith(b"roga_cuda-sha256:")
+    assert comment[len(b"roga_cuda-sha256:"):] == hashlib.sha256(data[:-len(comment)]).hexdigest().encode()
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], state["model"]["w"])
+    assert ckpt_mod.verify_checkpoint(path) is True
+    rs = np.random.RandomState(0)
+    body = len(data) - len(comment)
+    for pos in sorted(set(rs.randint(0, body, 40).tolist()) | {0, body // 2, body - 1}):
+        bad = bytearray(data)
+        bad[pos] ^= 1 << rs.randint(8)
+        path.write_bytes(bytes(bad))
+        with pytest.raises(CheckpointError, match="ck.pt"):
+            load_checkpoint(path)
+    # a file without the checksum (torchvision weights, torch.save) loads unverified
+    plain = tmp_path / "plain.pt"
+    torch.save(state, plain)
+    assert ckpt_mod.verify_checkpoint(plain) is False
+    assert load_checkpoint(plain)["step"] == 7
 
 
 def test_latest_and_average(tmp_path):
@@ -218,6 +251,106 @@ def test_config_errors(presets):
         load_config("nope", app=presets)
 
 
+def test_renamed_keys_still_work_with_a_warning(tmp_path):
+    old = tmp_path / "old.yaml"  # an image run's config.yaml from before the shared vocabulary
+    old.write_text("optimizer: sam\nnum_threads: 1\noptim:\n  base: adam\ntrain:\n  schedule: step\n"
+                   "  early_stopping_patience: 3\n  num_workers: 0\nlog:\n  tensorboard: false\n")
+    with pytest.warns(FutureWarning) as got:
+        cfg = load_config(path=str(old), overrides=["train.amp=false", "device=cpu"], app="image")
+    assert any("'optimizer'" in str(w.message) and "'method'" in str(w.message) for w in got)
+    assert len(got) == 9  # one per old name
+    assert cfg.method == "sam" and cfg.runtime.threads == 1 and cfg.optim.name == "adam"
+    assert cfg.optim.schedule == "step" and cfg.train.patience == 3 and cfg.data.workers == 0
+    assert cfg.runtime.tensorboard is False and cfg.runtime.amp is False and cfg.runtime.device == "cpu"
+    assert "log" not in cfg and "optimizer" not in cfg
+    with pytest.warns(FutureWarning) as got:
+        sp = load_config(overrides=["mode=baseline", "align=gradvac", "train.ckpt_every_steps=4"], app="speech")
+    assert any("'align'" in str(w.message) and "'optim.align'" in str(w.message) for w in got) and len(got) == 3
+    assert sp.method == "baseline" and sp.optim.align == "gradvac" and sp.train.checkpoint_every == 4
+    # every rename points at a key of the schema, and no old name is still one
+    import yaml
+    from roga_cuda.apps.common.config import RENAMED_FILE, _leaves, preset_dir
+    for app in ("image", "speech"):
+        schema = yaml.safe_load(open(os.path.join(preset_dir(app), "default.yaml")))
+        leaves = set(_leaves(schema))
+        renamed = yaml.safe_load(open(os.path.join(preset_dir(app), RENAMED_FILE)))
+        assert set(renamed.values()) <= leaves and not set(renamed) & leaves, app
+        assert "_renamed_keys" not in __import__("roga_cuda.apps.common.config", fromlist=["x"]).list_presets(app)
+
+
+def test_both_apps_share_one_vocabulary():
+    img, sp = load_config(app="image"), load_config(app="speech")
+    assert set(img.runtime) == set(sp.runtime) == {"device", "threads", "amp", "amp_dtype", "deterministic",
+                                                    "progress", "tensorboard"}
+    shared_optim = {"name", "lr", "momentum", "nesterov", "weight_decay", "betas", "max_grad_norm", "schedule",
+                    "warmup_steps", "min_lr_ratio", "step_size", "gamma", "backend"}
+    assert shared_optim <= set(img.optim) and shared_optim <= set(sp.optim)
+    shared_train = {"steps", "batch_size", "log_every", "patience", "monitor", "checkpoint_every", "keep_checkpoints"}
+    assert shared_train <= set(img.train) and shared_train <= set(sp.train)
+    assert "batch_size" in img.eval and "batch_size" in sp.eval and "workers" in img.data and "workers" in sp.data
+    assert img.method in ("erm", "sam", "roga") and sp.method in ("baseline", "dpda")
+
+
+def test_scheduler_warning_filter_matches_torchs_message():
+    import re
+    import warnings
+    from roga_cuda.apps.common.trainer import SCHEDULER_WARNING
+    p = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        sched.step()  # before any optimizer.step(): what a GradScaler-skipped first step looks like
+    msgs = [str(w.message) for w in got if "lr_scheduler.step()" in str(w.message)]
+    assert msgs, "torch no longer warns; the filter can go"
+    assert all(re.match(SCHEDULER_WARNING, m) for m in msgs)  # filterwarnings matches at the start
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message=SCHEDULER_WARNING)
+        torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([p], lr=0.1), lambda s: 1.0).step()
+    assert not [w for w in got if "lr_scheduler.step()" in str(w.message)]
+
+
+def _t_quantile_975(df):
+    """Student t 97.5% quantile by bisection on the CDF, integrated numerically (Simpson)."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+
+    def cdf(x, n=4000):
+        h = x / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < 0.975 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def test_seed_noise_intervals():
+    from roga_cuda.apps.common.cli import _T975, mean_sd, paired_interval, seed_noise_report
+    for df in (1, 2, 3, 5, 10, 30):
+        assert _T975[df - 1] == pytest.approx(_t_quantile_975(df), abs=6e-4), df
+    rs = np.random.RandomState(1)
+    for n in (2, 3, 5, 12):
+        a, b = rs.rand(n), rs.rand(n)
+        d = a.astype(np.float64) - b
+        half = _t_quantile_975(n - 1) * d.std(ddof=1) / math.sqrt(n)
+        m, lo, hi = paired_interval(a.tolist(), b.tolist())
+        assert m == pytest.approx(d.mean()) and lo == pytest.approx(d.mean() - half, abs=1e-3)
+        assert hi == pytest.approx(d.mean() + half, abs=1e-3)
+    assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert math.isnan(mean_sd([1.0])[1]) and all(math.isnan(v) for v in paired_interval([1.0], [0.5])[1:])
+    # a consistent gain over seeds exceeds the noise; the same mean gain with a wild spread does not
+    clear = seed_noise_report({"erm": [0.70, 0.72, 0.71], "roga": [0.75, 0.77, 0.76]}, "AUC", True)
+    assert any("roga - erm" in ln and "exceeds seed noise" in ln for ln in clear)
+    noisy = seed_noise_report({"erm": [0.70, 0.80, 0.60], "roga": [0.80, 0.70, 0.75]}, "AUC", True)
+    assert any("roga - erm" in ln and "within seed noise" in ln for ln in noisy)
+    assert "differences between the methods are within seed noise" in noisy[-1]
+    one = seed_noise_report({"erm": [0.7], "roga": [0.8]}, "AUC", True)
+    assert len(one) == 1 and "cannot be told apart from seed noise" in one[0] and "--seeds" in one[0]
+
+
 # ----------------------------------------------------------------------- loop utilities
 def test_schedule_and_early_stopping():
     assert lr_factor(0, 100, "cosine", warmup_steps=4) == pytest.approx(0.2)
@@ -229,6 +362,16 @@ def test_schedule_and_early_stopping():
     es = EarlyStopping(patience=2, mode="min")
     assert es.update(0.5) and not es.update(0.6) and not es.should_stop
     assert not es.update(float("nan")) and es.should_stop and es.best == 0.5
+    # ties on the monitored value go to the lower tiebreak (the speech app: dev EER, then dev loss)
+    es = EarlyStopping(patience=3, mode="min")
+    assert es.update(0.2, 1, tiebreak=0.9) and es.update(0.2, 2, tiebreak=0.8)
+    assert not es.update(0.2, 3, tiebreak=0.8) and not es.update(0.2, 4, tiebreak=float("nan"))
+    assert es.best_step == 2 and es.bad == 2
+    es2 = EarlyStopping(patience=3, mode="min")
+    es2.load_state_dict(es.state_dict())
+    assert not es2.update(0.2, 5, tiebreak=0.85) and es2.update(0.2, 6, tiebreak=0.1)
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=-1)
 
 
 def test_batch_stream_is_a_function_of_the_step():
@@ -330,6 +473,7 @@ def test_resume_is_bit_identical(tmp_path, optimizer):
 
 
 def test_plots_write_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
     from roga_cuda.apps.common.plots import plot_det, plot_roc, plot_training_curves
     rs = np.random.RandomState(0)
     y = rs.randint(0, 2, 200)

@@ -15,7 +15,7 @@ from roga_cuda.apps.image.models import ResNet34, build_model
 from roga_cuda.apps.image.synthetic import generate
 
 # Tiny runs: 3 steps, 32 px, a few videos; one synthetic dataset shared by the tests (in-process cache).
-TINY = ["num_threads=1", "train.steps=3", "train.eval_every=0", "train.log_every=1", "train.progress=false",
+TINY = ["runtime.threads=1", "train.steps=3", "train.eval_every=0", "train.log_every=1", "runtime.progress=false",
         "data.synthetic.videos=[4,2,2]", "data.synthetic.frames=4"]
 
 
@@ -32,8 +32,8 @@ def _params(path):
 
 @pytest.mark.parametrize("optimizer", ["erm", "sam", "gsam", "wsam", "fsam", "looksam", "roga"])
 def test_end_to_end_per_optimizer(tmp_path, optimizer):
-    m = _train(tmp_path, f"optimizer={optimizer}")
-    assert m["optimizer"] == optimizer and m["steps"] == 3
+    m = _train(tmp_path, f"method={optimizer}")
+    assert m["method"] == optimizer and m["steps"] == 3
     assert set(m["in_domain"]) == {"blend", "color"} and set(m["cross_domain"]) == {"upsample", "hq"}
     for part in ("in_domain", "cross_domain"):
         for dom, res in m[part].items():
@@ -44,7 +44,7 @@ def test_end_to_end_per_optimizer(tmp_path, optimizer):
               "scores/hq.csv"):
         assert (tmp_path / f).is_file(), f
     cfg = load_config(path=str(tmp_path / "config.yaml"), app="image")  # the resolved config round-trips
-    assert cfg.optimizer == optimizer and cfg.train.steps == 3
+    assert cfg.method == optimizer and cfg.train.steps == 3
     # the parameters moved from the seed's initialisation and are finite; the loss was finite
     torch.manual_seed(0)
     init = build_model("resnet34", 32, 8).state_dict()
@@ -57,15 +57,15 @@ def test_end_to_end_per_optimizer(tmp_path, optimizer):
 
 
 def test_roga_hvp_alignment_and_clipping_run(tmp_path):
-    m = _train(tmp_path, "optimizer=roga", "optim.alignment=hvp", "optim.max_grad_norm=1.0", "train.steps=2")
+    m = _train(tmp_path, "method=roga", "optim.alignment=hvp", "optim.max_grad_norm=1.0", "train.steps=2")
     assert m["steps"] == 2 and np.isfinite(m["summary"]["in_domain"]["auc_mean"])
 
 
 def test_early_stopping(tmp_path):
     # lr 0: only BatchNorm statistics move, the validation AUC soon stops improving
     from roga_cuda.apps.common import read_log
-    m = _train(tmp_path, "optimizer=erm", "optim.lr=0.0", "train.steps=60", "train.eval_every=1",
-               "train.early_stopping_patience=2", "eval.select=best")
+    m = _train(tmp_path, "method=erm", "optim.lr=0.0", "train.steps=60", "train.eval_every=1",
+               "train.patience=2", "eval.select=best")
     assert m["stopped_early"] and m["steps"] < 60
     log = read_log(str(tmp_path / "log.csv"))
     vals = [(int(s), v) for s, v in zip(log["step"], log["val_auc_mean"]) if v is not None]
@@ -90,14 +90,14 @@ def test_python_m_entry_point(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (AMP is off on CPU)")
 @pytest.mark.parametrize("optimizer", ["erm", "sam", "roga"])
 def test_cuda_amp(tmp_path, optimizer):
-    m = _train(tmp_path, f"optimizer={optimizer}", "device=cuda", "train.amp=true", "train.steps=4")
+    m = _train(tmp_path, f"method={optimizer}", "runtime.device=cuda", "runtime.amp=true", "train.steps=4")
     assert m["device"].startswith("cuda") and np.isfinite(m["summary"]["in_domain"]["auc_mean"])
 
 
 def test_training_is_deterministic_and_optimizers_differ(tmp_path):
-    _train(tmp_path / "a", "optimizer=roga")
-    _train(tmp_path / "b", "optimizer=roga")
-    _train(tmp_path / "c", "optimizer=sam")
+    _train(tmp_path / "a", "method=roga")
+    _train(tmp_path / "b", "method=roga")
+    _train(tmp_path / "c", "method=sam")
     pa, pb, pc = (_params(tmp_path / n / "final.pt") for n in "abc")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert not torch.equal(pa["fc.weight"], pc["fc.weight"])
@@ -105,7 +105,7 @@ def test_training_is_deterministic_and_optimizers_differ(tmp_path):
 
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
     from roga_cuda.apps.common import training
-    extra = ["optimizer=roga", "train.steps=6", "train.checkpoint_every=2", "train.eval_every=3",
+    extra = ["method=roga", "train.steps=6", "train.checkpoint_every=2", "train.eval_every=3",
              "train.keep_checkpoints=0", "data.synthetic.videos=[4,2,2]"]
     _train(tmp_path / "full", *extra)
     # a fresh run into a folder with an earlier run's checkpoints is refused (they would mix)
@@ -203,7 +203,7 @@ def test_folder_layout_trains_and_roga_eval(tmp_path, faces):
     root = tmp_path / "faces"
     _make_folder(str(root), faces, videos=8)
     ov = [f"data.root={root}", "data.source=folder", "data.train_domains=[dfA,dfB]", "data.test_domains=[heldout]",
-          "data.split=[0.5,0.25,0.25]", "train.num_workers=0", "optimizer=roga", "eval.select=last"]
+          "data.split=[0.5,0.25,0.25]", "data.workers=0", "method=roga", "eval.select=last"]
     m = _train(tmp_path / "run", *ov)
     assert set(m["cross_domain"]) == {"heldout"}
     assert "path" in (tmp_path / "run" / "scores" / "heldout.csv").read_text().splitlines()[0]
@@ -304,6 +304,42 @@ def test_missing_and_corrupt_files(tmp_path, faces, capsys):
     assert "skipped 1 unreadable" in capsys.readouterr().out
 
 
+def _bomb_png(path, side):
+    """A valid PNG header for a side x side 1-bit image with almost no data: Pillow knows its
+    size as soon as it opens it (a 'decompression bomb' if it were decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    row = b"\0" + bytes((side + 7) // 8)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)) +
+           chunk(b"IDAT", zlib.compress(row * 4)) + chunk(b"IEND", b""))
+    path.write_bytes(png)
+    return path
+
+
+def test_decompression_bomb_is_refused_and_skippable(tmp_path, faces):
+    from PIL import Image
+    assert 10000 ** 2 > Image.MAX_IMAGE_PIXELS  # Pillow warns above its limit and refuses above twice it
+    for side in (20000, 10000):
+        p = _bomb_png(tmp_path / f"bomb{side}.png", side)
+        assert p.stat().st_size < 50_000
+        with pytest.raises(data_mod.ImageReadError, match=f"bomb{side}.png.*decompression bomb"):
+            data_mod.load_image(str(p), 32)
+    rgb, (ffj, cdfj) = _dfb_json(tmp_path, faces)
+    victim = rgb / "cdf" / "CelebDFv2_fake" / "test" / "1" / "001.png"
+    _bomb_png(victim, 20000)
+    ov = ["data.source=deepfakebench", f"data.root={rgb}", f"data.json=[{ffj},{cdfj}]",
+          "data.train_domains=[FF-DF]", "data.test_domains=[Celeb-DF-v2]"]
+    data = data_mod.build_image_data(load_config("smoke", overrides=ov + ["data.skip_corrupt=true"], app="image"))
+    assert data.skipped == 1
+    assert str(victim) not in data.test_domains[0].splits["test"].paths
+    fs = data_mod.build_image_data(load_config("smoke", overrides=ov, app="image")).test_domains[0].splits["test"]
+    with pytest.raises(data_mod.ImageReadError, match="001.png"):
+        fs[fs.paths.index(os.path.normpath(str(victim)))]
+
+
 # ------------------------------------------------------------------------------------- DDP
 def _free_port():
     with socket.socket() as s:
@@ -316,7 +352,7 @@ def _ddp_worker(rank, world, port, out, optimizer, strategy):
                       MASTER_PORT=str(port))
     from roga_cuda.apps.image.train import train
     from roga_cuda.apps.common.runtime import cleanup_distributed
-    cfg = load_config("smoke", overrides=TINY + [f"optimizer={optimizer}", "train.eval_every=2", "device=cpu",
+    cfg = load_config("smoke", overrides=TINY + [f"method={optimizer}", "train.eval_every=2", "runtime.device=cpu",
                                                  f"optim.strategy={strategy}", "eval.select=last"], app="image")
     try:
         import roga_cuda.apps.image.train as T
@@ -421,7 +457,7 @@ def _variant_cfg(*extra):
 
 
 def test_sam_variants_built_from_config():
-    from roga_cuda.apps.image.train import make_optimizer
+    from roga_cuda.apps.image.train import build_optimizer
     from roga_cuda.optim import GSAM, WSAM, FriendlySAM, LookSAM
     model = torch.nn.Linear(4, 1)
     cases = {"gsam": (GSAM, "optim.gsam_alpha=0.25", {"alpha": 0.25}),
@@ -429,16 +465,16 @@ def test_sam_variants_built_from_config():
              "fsam": (FriendlySAM, "optim.fsam_lmbda=0.5", {"lmbda": 0.5, "sigma": 1.0}),
              "looksam": (LookSAM, "optim.looksam_alpha=0.3", {"alpha": 0.3})}
     for name, (cls, override, group) in cases.items():
-        opt = make_optimizer(_variant_cfg(f"optimizer={name}", "optim.rho=0.03", override), model.parameters(), 2)
+        opt = build_optimizer(_variant_cfg(f"method={name}", "optim.rho=0.03", override), model.parameters(), 2)
         assert type(opt) is cls, name
         assert opt.param_groups[0]["rho"] == 0.03 and opt.param_groups[0]["lr"] == 0.1
         for k, v in group.items():
             assert opt.param_groups[0][k] == v, (name, k)
-    assert make_optimizer(_variant_cfg("optimizer=looksam", "optim.looksam_k=3"), model.parameters(), 2).k == 3
-    assert make_optimizer(_variant_cfg("optimizer=gsam", "optim.interval=4"), model.parameters(), 2).interval == 4
-    assert make_optimizer(_variant_cfg("optimizer=roga", "optim.interval=2"), model.parameters(), 2).interval == 2
+    assert build_optimizer(_variant_cfg("method=looksam", "optim.looksam_k=3"), model.parameters(), 2).k == 3
+    assert build_optimizer(_variant_cfg("method=gsam", "optim.interval=4"), model.parameters(), 2).interval == 4
+    assert build_optimizer(_variant_cfg("method=roga", "optim.interval=2"), model.parameters(), 2).interval == 2
     with pytest.raises(ValueError, match="looksam_k"):
-        make_optimizer(_variant_cfg("optimizer=looksam", "optim.interval=2"), model.parameters(), 2)
+        build_optimizer(_variant_cfg("method=looksam", "optim.interval=2"), model.parameters(), 2)
 
 
 @pytest.mark.parametrize("optimizer", ["sam", "fsam", "roga"])
@@ -447,13 +483,13 @@ def test_interval_plain_steps_take_one_pass_and_a_plain_update(optimizer):
     are the base optimizer's plain SGD step on the first pass's gradient (one pass each),
     checked against p - lr * grad computed here with autograd."""
     from roga_cuda.apps.common.runtime import Amp
-    from roga_cuda.apps.image.train import _Stepper, make_optimizer
+    from roga_cuda.apps.image.train import _Stepper, build_optimizer
     torch.manual_seed(0)
-    cfg = _variant_cfg(f"optimizer={optimizer}", "optim.interval=2", "optim.rho=0.5", "optim.alpha=0.01")
+    cfg = _variant_cfg(f"method={optimizer}", "optim.interval=2", "optim.rho=0.5", "optim.alpha=0.01")
     model = torch.nn.Linear(6, 1)
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    opt = make_optimizer(cfg, model.parameters(), 2)
+    opt = build_optimizer(cfg, model.parameters(), 2)
     stepper = _Stepper(cfg, model, opt, Amp("cpu", enabled=False), ddp=False)
     batches = [(torch.randn(8, 6), torch.randint(0, 2, (8,))) for _ in range(2)]
     for step in range(4):

@@ -194,6 +194,39 @@ def test_loader_errors_name_the_file(tmp_path):
         sdata.read_audio(str(tmp_path / "missing.flac"))
 
 
+def test_non_utf8_protocol_names_the_file(tmp_path):
+    proto = tmp_path / "ASVspoof2019_LA_cm_protocols" / "ASVspoof2019.LA.cm.train.trn.txt"
+    proto.parent.mkdir()
+    proto.write_bytes("LA_0079 LA_T_1138215 - - bonafide  # Jos\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"ASVspoof2019\.LA\.cm\.train\.trn\.txt is not UTF-8 text"):
+        sdata.asvspoof2019_set(str(tmp_path), "train")
+    itw = tmp_path / "itw"
+    itw.mkdir()
+    (itw / "meta.csv").write_bytes("file,speaker,label\n0.wav,Bj\u00f6rk,spoof\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="meta.csv is not UTF-8"):
+        sdata.in_the_wild_set(str(itw))
+
+
+@needs_soundfile
+def test_nan_audio_is_caught_when_loaded(tmp_path):
+    folder = tmp_path / "itw"
+    folder.mkdir()
+    good = (0.1 * np.random.RandomState(0).randn(1500)).astype(np.float32)
+    bad = good.copy()
+    bad[700] = np.nan
+    sf.write(str(folder / "0.wav"), good, 16000, subtype="FLOAT")
+    sf.write(str(folder / "1.wav"), bad, 16000, subtype="FLOAT")
+    (folder / "meta.csv").write_text("file,speaker,label\n0.wav,a,spoof\n1.wav,b,bona-fide\n")
+    ws = sdata.in_the_wild_set(str(folder), n_samples=1000)
+    assert torch.isfinite(ws.load([0])).all()
+    with pytest.raises(ValueError, match=r"1\.wav: 1 non-finite.*at sample 700"):
+        ws.load([0, 1])
+    with pytest.raises(ValueError, match=r"1\.wav"):  # from a DataLoader worker too
+        list(sdata.iterate_batches(ws, [[0], [1]], workers=1))
+    # past the crop length the NaN is never used: not an error
+    assert torch.isfinite(sdata.in_the_wild_set(str(folder), n_samples=500).load([1])).all()
+
+
 @needs_soundfile
 def test_in_the_wild_loader(tmp_path):
     folder = tmp_path / "itw"
@@ -305,7 +338,7 @@ def test_ssl_front_end_local_only(tmp_path):
 # -------------------------------------------------------------------------- end to end
 
 TINY = ["data.n_samples=2000", "data.synthetic.scale=0.05", "train.epochs=2", "train.batch_size=8",
-        "train.eval_batch_size=32", "runtime.progress=false", "runtime.tensorboard=false"]
+        "eval.batch_size=32", "runtime.progress=false", "runtime.tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
@@ -315,16 +348,16 @@ def cache_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("mode,extra", [
     ("baseline", ["train.probe_conflict_every=2"]),
-    ("dpda", ["align=pcgrad"]),
-    ("dpda", ["align=sum", "train.forward=separate", "model.name=rawnet2"]),
+    ("dpda", ["optim.align=pcgrad"]),
+    ("dpda", ["optim.align=sum", "train.forward=separate", "model.name=rawnet2"]),
 ])
 def test_end_to_end(tmp_path, cache_dir, mode, extra):
     out = tmp_path / "run"
-    rc = train_main(["--preset", "smoke", "--out", str(out), "--mode", mode,
+    rc = train_main(["--preset", "smoke", "--out", str(out), "--method", mode,
                      f"data.synthetic.cache_dir={cache_dir}"] + TINY + extra)
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["mode"] == mode and 0 <= m["eer"] <= 1
+    assert m["method"] == mode and 0 <= m["eer"] <= 1
     assert 0 <= m["conflict_rate"] <= 1 and len(m["conflict_rate_by_epoch"]) == 2
     assert set(m["per_attack_eer"]) == set(synth.ATTACKS)            # main set = eval: seen + unseen
     assert set(m["sets"]) == {"dev", "eval", "wild"} and "min_tdcf" not in m
@@ -351,13 +384,14 @@ def test_end_to_end(tmp_path, cache_dir, mode, extra):
 
 
 def test_resume_continues_exactly(tmp_path, cache_dir, monkeypatch):
-    """A run that crashes mid-epoch and is resumed from its last checkpoint ends with the same
-    weights, conflict statistics and scores as an uninterrupted run."""
+    """A run that crashes mid-epoch, is moved to another folder and resumed from its last
+    checkpoint ends with the same weights, conflict statistics and scores as an
+    uninterrupted run."""
     from roga_cuda.apps.speech import train as strain
-    args = ["--preset", "smoke", "--mode", "dpda", f"data.synthetic.cache_dir={cache_dir}",
-            "train.ckpt_every_steps=3", "train.average_best=1", "runtime.device=cpu"] + TINY  # CPU: bit-exact
+    args = ["--preset", "smoke", "--method", "dpda", f"data.synthetic.cache_dir={cache_dir}",
+            "train.checkpoint_every=3", "train.average_best=1", "runtime.device=cpu"] + TINY  # CPU: bit-exact
     assert train_main(args + ["--out", str(tmp_path / "full")]) == 0
-    original = strain.Trainer._train_step
+    original = strain.SpeechTrainer.train_step
     calls = {"n": 0}
 
     def crashing(self, *a, **k):
@@ -366,22 +400,29 @@ def test_resume_continues_exactly(tmp_path, cache_dir, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return original(self, *a, **k)
 
-    monkeypatch.setattr(strain.Trainer, "_train_step", crashing)
+    monkeypatch.setattr(strain.SpeechTrainer, "train_step", crashing)
     with pytest.raises(KeyboardInterrupt):
         train_main(args + ["--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(strain.Trainer, "_train_step", original)
+    monkeypatch.setattr(strain.SpeechTrainer, "train_step", original)
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["step_00000003.pt"]
-    assert train_main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
+    # the run folder is moved (another disk, another machine) before it is resumed: the kept
+    # best epochs are found under the new folder
+    import shutil
+    shutil.move(str(tmp_path / "cut"), str(tmp_path / "moved"))
+    assert train_main(args + ["--out", str(tmp_path / "moved"), "--resume"]) == 0
     a = torch.load(tmp_path / "full" / "model_avg.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "cut" / "model_avg.pt", weights_only=True)["model"]
+    moved = torch.load(tmp_path / "moved" / "model_avg.pt", weights_only=True)
+    assert moved["averaged"] == [os.path.join("best", f"epoch_{e:04d}.pt") for e in
+                                 json.loads((tmp_path / "moved" / "metrics.json").read_text())["averaged_epochs"]]
+    b = moved["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
     ma = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    mb = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "moved" / "metrics.json").read_text())
     assert ma["conflict_rate"] == mb["conflict_rate"] and ma["eer"] == mb["eer"]
     assert ma["conflict_rate_by_epoch"] == mb["conflict_rate_by_epoch"]
     steps_a = (tmp_path / "full" / "steps.csv").read_text()
-    assert steps_a == (tmp_path / "cut" / "steps.csv").read_text()
+    assert steps_a == (tmp_path / "moved" / "steps.csv").read_text()
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -403,8 +444,8 @@ def _ddp_worker(rank, world, port, overrides, out, results):
     torch.set_num_threads(1)
     try:
         from roga_cuda.apps.common.runtime import cleanup_distributed
-        from roga_cuda.apps.speech.train import Trainer
-        tr = Trainer(load_config("smoke", overrides=overrides, app="speech"), out)
+        from roga_cuda.apps.speech.train import SpeechTrainer
+        tr = SpeechTrainer(load_config("smoke", overrides=overrides, app="speech"), out)
         tr.fit()
         flat = torch.cat([p.detach().flatten().double() for p in tr.model.parameters()]).numpy()  # by value
         results.put((rank, flat, tr.opt.conflict_rate))
@@ -423,7 +464,7 @@ def test_ddp_two_processes(tmp_path, cache_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "ddp")
-    overrides = ["mode=dpda", f"data.synthetic.cache_dir={cache_dir}", "runtime.device=cpu"] + TINY + \
+    overrides = ["method=dpda", f"data.synthetic.cache_dir={cache_dir}", "runtime.device=cpu"] + TINY + \
         ["train.batch_size=4"]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

@@ -8,15 +8,24 @@ checkpoint untouched (the temporary file is removed).
 
 Checkpoints hold only what ``torch.load(weights_only=True)`` accepts (tensors, dicts,
 lists, tuples, numbers, strings), so loading one never runs pickled code.
+
+Integrity: torch's zip reader does not check its records' CRCs, so a file with flipped
+bytes can load silently with wrong numbers. ``save_checkpoint`` therefore stores a SHA-256
+of the file in the zip archive's comment field (part of the zip format: ``torch.load`` and
+``zipfile`` read the file as usual), written before the atomic rename, so the checksum
+and the bytes it covers always arrive together. ``load_checkpoint`` verifies it and raises
+:class:`CheckpointError` on a mismatch; files without it (torchvision weights, other tools)
+load unverified.
 """
 import glob
+import hashlib
 import os
 import re
 import tempfile
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_path",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "latest_checkpoint", "checkpoint_path",
            "prune_checkpoints", "average_checkpoints"]
 
 CKPT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
@@ -24,6 +33,58 @@ CKPT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable or not what was expected."""
+
+
+# The zip end-of-central-directory record: signature, ..., comment length (last 2 bytes).
+_EOCD, _EOCD_LEN = b"PK\x05\x06", 22
+_SIG = b"roga_cuda-sha256:"
+_SIG_LEN = len(_SIG) + 64  # + hex digest
+
+
+def _sha256(f, n):
+    """SHA-256 of the first ``n`` bytes of the open file ``f``."""
+    h = hashlib.sha256()
+    f.seek(0)
+    left = n
+    while left > 0:
+        chunk = f.read(min(left, 1 << 22))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest().encode("ascii")
+
+
+def _sign(f):
+    """Put the SHA-256 of the zip just written to ``f`` into its (empty) archive comment."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(size - _EOCD_LEN)
+    eocd = f.read(_EOCD_LEN)
+    if size < _EOCD_LEN or eocd[:4] != _EOCD or eocd[-2:] != b"\0\0":
+        raise CheckpointError("torch.save did not write a zip archive without a comment; cannot sign it")
+    f.seek(size - 2)
+    f.write(_SIG_LEN.to_bytes(2, "little"))  # the comment length is covered by the checksum
+    digest = _sha256(f, size)
+    f.seek(size)
+    f.write(_SIG + digest)
+
+
+def verify_checkpoint(path):
+    """Check the SHA-256 that :func:`save_checkpoint` stored in ``path``; True when it
+    matches, False for a file without one, :class:`CheckpointError` when it differs."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        tail = _EOCD_LEN + _SIG_LEN
+        if size < tail:
+            return False
+        f.seek(size - tail)
+        t = f.read(tail)
+        if not t[_EOCD_LEN:].startswith(_SIG):  # found by its own marker: damage to the zip fields is caught too
+            return False
+        if _sha256(f, size - len(_SIG) - 64) != t[-64:]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 differs from the one stored when it was "
+                                  "written (damaged on disk or in transfer); use another checkpoint")
+    return True
 
 
 def _fsync_dir(folder):
@@ -46,8 +107,9 @@ def save_checkpoint(path, state):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w+b") as f:
             torch.save(state, f)
+            _sign(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,6 +131,7 @@ def load_checkpoint(path, map_location="cpu", weights_only=True):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    verify_checkpoint(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:  # truncated zip, wrong format, disallowed pickle global, ...

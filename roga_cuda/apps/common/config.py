@@ -12,11 +12,16 @@ default: ``bool`` accepts true/false/yes/no/on/off/1/0, ``int`` and ``float`` th
 literals (``1e-3`` too), ``str`` is taken verbatim, lists and dicts as YAML
 (``domains=[df,fs]``); ``null``/``none`` sets any key to None, and a key whose default is
 None takes any YAML value.
+
+Renamed keys: ``presets/_renamed_keys.yaml`` (optional) maps old dotted names to new ones
+(``optimizer: method``). Old names in presets, files (e.g. the ``config.yaml`` of an
+earlier run) and overrides still work and give a :class:`FutureWarning` naming the new key.
 """
 import copy
 import difflib
 import os
 import re
+import warnings
 
 import yaml
 
@@ -61,7 +66,47 @@ def list_presets(app):
     d = preset_dir(app)
     if not os.path.isdir(d):
         return []
-    return sorted(f[:-5] for f in os.listdir(d) if f.endswith(".yaml"))
+    return sorted(f[:-5] for f in os.listdir(d) if f.endswith(".yaml") and not f.startswith("_"))
+
+
+RENAMED_FILE = "_renamed_keys.yaml"
+
+
+def _renamed(pdir):
+    """{old dotted key: new dotted key} of an app (empty when it has no rename file)."""
+    path = os.path.join(pdir, RENAMED_FILE)
+    return {str(k): str(v) for k, v in _read_yaml(path).items()} if os.path.isfile(path) else {}
+
+
+def _warn_renamed(old, new, where):
+    warnings.warn(f"config key {old!r} (from {where}) is now called {new!r}; the old name still works for now",
+                  FutureWarning, stacklevel=4)
+
+
+def _apply_renames(data, renamed, where):
+    """``data`` (a nested dict from a file) with renamed keys moved to their new place."""
+    if not renamed:
+        return data
+    out = copy.deepcopy(data)
+
+    def walk(d, prefix):
+        for k in list(d):
+            key = f"{prefix}{k}"
+            if key in renamed:
+                v = d.pop(k)
+                _warn_renamed(key, renamed[key], where)
+                node = out
+                *parents, leaf = renamed[key].split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = v
+            elif isinstance(d[k], dict):
+                walk(d[k], key + ".")
+                if not d[k] and any(r.startswith(key + ".") for r in renamed):
+                    del d[k]  # a section that held only renamed keys (e.g. ``log:``)
+
+    walk(out, "")
+    return out
 
 
 def _read_yaml(path):
@@ -157,7 +202,7 @@ def _merge(base, upd, where, prefix=""):
             base[k] = _coerce(v, base[k], f"{where}: {key}")
 
 
-def parse_override(text, schema):
+def parse_override(text, schema, renamed=None):
     """``'a.b=value'`` -> (('a', 'b'), value converted to the schema's type)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=0.01)")
@@ -165,6 +210,9 @@ def parse_override(text, schema):
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
+    if renamed and key in renamed:
+        _warn_renamed(key, renamed[key], f"override {text!r}")
+        key = renamed[key]
     path = key.split(".")
     if len(path) == 1 and key not in schema:  # a unique leaf name is a shortcut
         matches = [leaf for leaf in _leaves(schema) if leaf.split(".")[-1] == key]
@@ -204,21 +252,27 @@ def load_config(preset=None, path=None, overrides=(), *, app):
 
     Returns a :class:`Config`. ``preset`` is a bundled preset name (see
     :func:`list_presets`) or a path to a YAML file; ``path`` a file or a list of files
-    merged in order."""
+    (or of dicts, e.g. a checkpoint's stored config) merged in order."""
     pdir = preset_dir(app)
     default_path = os.path.join(pdir, "default.yaml")
     if not os.path.isfile(default_path):
         raise ConfigError(f"app {app!r} has no presets/default.yaml (looked in {pdir})")
     cfg = _read_yaml(default_path)
+    renamed = _renamed(pdir)
     if preset not in (None, "", "default"):
         ppath = preset if (os.sep in preset or preset.endswith((".yaml", ".yml"))) else os.path.join(pdir, preset + ".yaml")
-        if not os.path.isfile(ppath):
+        if not os.path.isfile(ppath) or os.path.basename(ppath).startswith("_"):
             raise ConfigError(f"unknown preset {preset!r} for {app}; bundled presets: {', '.join(list_presets(app))}")
-        _merge(cfg, _read_yaml(ppath), f"preset {preset!r}")
-    for f in ([path] if isinstance(path, (str, os.PathLike)) else (path or ())):
-        _merge(cfg, _read_yaml(f), f"config file {f}")
+        where = f"preset {preset!r}"
+        _merge(cfg, _apply_renames(_read_yaml(ppath), renamed, where), where)
+    for f in ([path] if isinstance(path, (str, os.PathLike, dict)) else (path or ())):
+        if isinstance(f, dict):  # e.g. the config stored in a checkpoint
+            where, data = "the stored config", f
+        else:
+            where, data = f"config file {f}", _read_yaml(f)
+        _merge(cfg, _apply_renames(data, renamed, where), where)
     for text in overrides or ():
-        keys, value = parse_override(text, cfg)
+        keys, value = parse_override(text, cfg, renamed)
         node = cfg
         for k in keys[:-1]:
             node = node[k]

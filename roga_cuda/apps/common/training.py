@@ -58,24 +58,36 @@ def build_scheduler(optimizer, name="cosine", total_steps=1, warmup_steps=0, min
 # ------------------------------------------------------------------------- early stopping
 class EarlyStopping:
     """Stop when the monitored metric has not improved by ``min_delta`` for ``patience``
-    evaluations (patience <= 0: never stop). mode 'max' (AUC) or 'min' (EER, loss)."""
+    evaluations (patience <= 0: never stop). mode 'max' (AUC) or 'min' (EER, loss).
+
+    ``update(value, step, tiebreak)``: with a ``tiebreak`` (lower is better, e.g. the dev
+    loss), a value equal to the best improves when its tiebreak is lower."""
 
     def __init__(self, patience=0, mode="max", min_delta=0.0):
         if mode not in ("max", "min"):
             raise ValueError(f"early stopping mode must be 'max' or 'min', got {mode!r}")
+        if int(patience) < 0:
+            raise ValueError(f"early stopping patience must be >= 0 (0: never stop), got {patience}")
         self.patience, self.mode, self.min_delta = int(patience), mode, float(min_delta)
         self.best = None
+        self.best_tiebreak = None
         self.best_step = None
         self.bad = 0
 
-    def update(self, value, step=None):
+    def update(self, value, step=None, tiebreak=None):
         """Record a validation value; True when it is a new best. NaN never improves."""
         value = float(value)
-        better = not math.isnan(value) and (
-            self.best is None or
-            (value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta))
+        if math.isnan(value):
+            better = False
+        elif self.best is None:
+            better = True
+        elif value == self.best and tiebreak is not None and self.best_tiebreak is not None:
+            better = float(tiebreak) < self.best_tiebreak
+        else:
+            better = value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
         if better:
             self.best, self.best_step, self.bad = value, step, 0
+            self.best_tiebreak = None if tiebreak is None else float(tiebreak)
         else:
             self.bad += 1
         return better
@@ -85,10 +97,11 @@ class EarlyStopping:
         return self.patience > 0 and self.bad >= self.patience
 
     def state_dict(self):
-        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "best_tiebreak": self.best_tiebreak}
 
     def load_state_dict(self, s):
         self.best, self.best_step, self.bad = s["best"], s["best_step"], s["bad"]
+        self.best_tiebreak = s.get("best_tiebreak")
 
 
 # ----------------------------------------------------------------------------- data order

@@ -1,6 +1,6 @@
 """``python -m roga_cuda.apps.image [train] ...`` = roga-train; ``... eval ...`` = roga-eval."""
 import sys
 
-from .cli import main
+from ..launch import run
 
-sys.exit(main())
+sys.exit(run("roga-train", "roga_cuda.apps.image.cli", "main"))

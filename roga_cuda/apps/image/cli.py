@@ -2,8 +2,8 @@
 ``python -m roga_cuda.apps.image [train|eval] ...``).
 
     roga-train --preset smoke --out runs/smoke
-    roga-train --preset demo --compare erm,sam,roga --out runs/demo     # the ERM/SAM/RoGA table
-    roga-train --optimizer roga --lr 0.005 data.source=folder data.root=/data/faces \\
+    roga-train --preset demo --compare erm,sam,roga --seeds 0,1,2 --out runs/demo   # ERM/SAM/RoGA table
+    roga-train --method roga --lr 0.005 data.source=folder data.root=/data/faces \\
         data.train_domains=[DF,F2F,FS,NT] data.test_domains=[CDF] --out runs/ff
     torchrun --nproc_per_node=2 -m roga_cuda.apps.image --preset smoke --out runs/ddp
     roga-eval runs/smoke/final.pt --out runs/smoke-eval [data.test_domains=[hq] ...]
@@ -11,76 +11,51 @@
 Positional ``key=value`` arguments override any config key (``a.b=value``); see
 ``roga_cuda/apps/image/presets/default.yaml`` for the keys.
 """
-import argparse
 import json
 import math
 import os
 import sys
 import time
 
-import numpy as np
 
-from ..common.config import ConfigError, list_presets, load_config, save_config
-from ..common.checkpoint import CheckpointError
+from ..common.cli import (RUN_FLAGS, USER_ERRORS, RunSpec, add_run_args, default_jobs, flag_overrides, make_parser,
+                          mean_sd, parse_args, parse_seeds, run_all, seed_noise_report)
+from ..common.config import ConfigError, load_config, save_config
 from ..common.runtime import cleanup_distributed, is_main, print0
 from .data import ImageReadError
-from .train import OPTIMIZERS
+from .train import METHODS
 
 # errors caused by input (config, files, data): reported in one line, exit code 2
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, ImageReadError, CheckpointError, ImportError)
+USER_ERRORS = USER_ERRORS + (ImageReadError,)
 
 APP = "image"
 
 
-def _add_config_args(p):
-    p.add_argument("--preset", default=None, help=f"bundled preset: {', '.join(list_presets(APP))} (default: default)")
-    p.add_argument("--config", default=None, help="a YAML file merged over the preset")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value or a.b=value (e.g. optim.lr=0.01)")
-
-
 def _train_parser():
-    p = argparse.ArgumentParser(prog="roga-train", description="Train an image deepfake detector with ERM, SAM (or a SAM variant) or RoGA.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    _add_config_args(p)
+    p = make_parser("roga-train", "Train an image deepfake detector with ERM, SAM (or a SAM variant) or RoGA.", __doc__)
+    add_run_args(p, APP, " | ".join(METHODS))
     p.add_argument("--out", required=True, help="run folder (metrics.json, log.csv, plots, checkpoints, config.yaml)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help="training method (config: optimizer)")
-    p.add_argument("--compare", default=None, metavar="LIST",
-                   help="train several methods (e.g. erm,sam,roga) into OUT/<method>/ and print a comparison table")
-    p.add_argument("--seeds", default=None, metavar="LIST",
-                   help="with --compare: repeat for these training seeds (e.g. 0,1,2) and report mean±sd")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint file, a folder's latest, or (no value) OUT's latest")
-    p.add_argument("--base-optimizer", dest="base", choices=["sgd", "adam", "adamw"], help="optim.base")
-    p.add_argument("--lr", type=float, help="optim.lr")
-    p.add_argument("--rho", type=float, help="optim.rho")
-    p.add_argument("--alpha", type=float, help="optim.alpha")
-    p.add_argument("--arch", choices=["resnet34", "xception", "efficientnet_b4", "meso4"], help="model.arch")
-    p.add_argument("--pretrained", help="model.pretrained: local weight file")
-    p.add_argument("--steps", type=int, help="train.steps")
-    p.add_argument("--batch-size", type=int, help="train.batch_size (per domain)")
-    p.add_argument("--device", help="device: auto, cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, help="seed")
-    p.add_argument("--skip-corrupt", action="store_true", help="data.skip_corrupt=true: drop unreadable images")
-    p.add_argument("--no-progress", action="store_true", help="train.progress=false")
+    p.add_argument("--optimizer", dest="method_alias", choices=METHODS, help="same as --method (older name)")
+    p.add_argument("--base-optimizer", dest="base", choices=["sgd", "adam", "adamw"], help="config: optim.name")
+    p.add_argument("--rho", type=float, help="config: optim.rho")
+    p.add_argument("--alpha", type=float, help="config: optim.alpha")
+    p.add_argument("--arch", choices=["resnet34", "xception", "efficientnet_b4", "meso4"], help="config: model.arch")
+    p.add_argument("--pretrained", help="config: model.pretrained (a local weight file)")
+    p.add_argument("--steps", type=int, help="config: train.steps")
+    p.add_argument("--skip-corrupt", action="store_true", help="config: data.skip_corrupt=true (drop unreadable images)")
     return p
 
 
-_FLAG_KEYS = {"optimizer": "optimizer", "base": "optim.base", "lr": "optim.lr", "rho": "optim.rho",
-              "alpha": "optim.alpha", "arch": "model.arch", "pretrained": "model.pretrained", "steps": "train.steps",
-              "batch_size": "train.batch_size", "device": "device", "seed": "seed"}
+_FLAG_KEYS = {**RUN_FLAGS, "method_alias": "method", "base": "optim.name", "rho": "optim.rho",
+              "alpha": "optim.alpha", "arch": "model.arch", "pretrained": "model.pretrained", "steps": "train.steps"}
 
 
 def _config_from(args, extra=()):
-    ov = list(args.overrides or [])
-    for attr, key in _FLAG_KEYS.items():
-        v = getattr(args, attr, None)
-        if v is not None:
-            ov.append(f"{key}={v}")
+    ov = flag_overrides(args, _FLAG_KEYS)
     if getattr(args, "skip_corrupt", False):
         ov.append("data.skip_corrupt=true")
-    if getattr(args, "no_progress", False):
-        ov.append("train.progress=false")
-    return load_config(args.preset, args.config, ov + list(extra), app=APP)
+    return load_config(args.preset, args.config, ov + list(args.set) + list(args.overrides or []) + list(extra),
+                       app=APP)
 
 
 def _fmt(v, pct=False):
@@ -96,7 +71,8 @@ def _cell(vals, pct=False):
     if len(vals) == 1:
         return _fmt(vals[0], pct)
     k = 100 if pct else 1
-    mean, sd = float(np.mean(vals)) * k, float(np.std(vals, ddof=1)) * k
+    mean, sd = mean_sd(vals)
+    mean, sd = mean * k, sd * k
     return f"{mean:.2f}±{sd:.2f}" if pct else f"{mean:.3f}±{sd:.3f}"
 
 
@@ -134,48 +110,52 @@ def comparison_table(results):
 
 
 def train_main(argv=None):
-    from .train import train
-    args = _train_parser().parse_intermixed_args(argv)
+    t0 = time.time()
     try:
-        if args.seeds and not args.compare:
+        args = parse_args(_train_parser(), argv)
+        seeds = parse_seeds(args.seeds)
+        if seeds and not args.compare:
             raise ConfigError("--seeds is for --compare (for one run use --seed)")
         if args.compare:
             methods = [m.strip() for m in args.compare.split(",") if m.strip()]
-            bad = [m for m in methods if m not in OPTIMIZERS]
-            if bad or not methods:
-                raise ConfigError(f"--compare takes a list of {', '.join(OPTIMIZERS)}; got {args.compare!r}")
-            if args.optimizer:
-                raise ConfigError("--compare and --optimizer are exclusive")
+            bad = [m for m in methods if m not in METHODS]
+            if bad or not methods or len(set(methods)) != len(methods):
+                raise ConfigError(f"--compare takes a list of distinct {', '.join(METHODS)}; got {args.compare!r}")
+            if args.method or args.method_alias:
+                raise ConfigError("--compare and --method are exclusive")
             if args.resume not in (None, "auto"):
                 raise ConfigError("with --compare, --resume takes no value (each method resumes from its own folder)")
-            try:
-                seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
-            except ValueError:
-                raise ConfigError(f"--seeds takes integers like 0,1,2; got {args.seeds!r}") from None
-            results = {m: [] for m in methods}
-            t0 = time.time()
+            seeds = seeds or [None]
+            specs = []
             for seed in seeds:
                 for m in methods:
-                    extra = [f"optimizer={m}"] + ([f"seed={seed}"] if seed is not None else [])
-                    cfg = _config_from(args, extra)
+                    cfg = _config_from(args, [f"method={m}"] + ([f"seed={seed}"] if seed is not None else []))
                     out = os.path.join(args.out, m) if len(seeds) == 1 else os.path.join(args.out, m, f"seed{seed}")
-                    print0(f"\n=== {m}" + (f", seed {seed}" if seed is not None else "") + " ===")
-                    results[m].append(train(cfg, out, resume=args.resume))
-            table = comparison_table(results)
+                    specs.append(RunSpec(m + (f", seed {seed}" if seed is not None else ""), APP,
+                                         "roga_cuda.apps.image.train:train", cfg.to_dict(), out, args.resume))
+            jobs = default_jobs(cfg, len(specs), args.jobs)
+            done = run_all(specs, jobs, say=print0, describe=lambda r: (
+                f"held-out AUC {r['summary']['cross_domain']['auc_mean']:.3f}, in-domain AUC "
+                f"{r['summary']['in_domain']['auc_mean']:.3f} ({r['wall_time_s']:.0f} s)"))
+            results = {m: [] for m in methods}
+            for r in done:  # in seed order
+                results[r["method"]].append(r)
             total = time.time() - t0
+            report = comparison_table(results) + "\n\n" + "\n".join(noise_report(results))
             if is_main():
                 with open(os.path.join(args.out, "compare.md"), "w", encoding="utf-8") as f:
-                    f.write(table + f"\n\ntotal wall time {total:.0f} s\n")
+                    f.write(report + f"\n\ntotal wall time {total:.0f} s\n")
                 keep = ("summary", "in_domain", "cross_domain", "steps", "train_time_s", "wall_time_s", "selected")
                 with open(os.path.join(args.out, "compare.json"), "w", encoding="utf-8") as f:
                     json.dump({m: [{"seed": sd, **{k: r[k] for k in keep}} for sd, r in zip(seeds, rs)]
                                for m, rs in results.items()}, f, indent=2, default=float)
-            print0("\n" + table + f"\n\ntotal wall time {total:.0f} s  (details: {args.out}/<method>/)")
+            print0("\n" + report + f"\n\ntotal wall time {total:.0f} s  (details: {args.out}/<method>/)")
         else:
+            from .train import train
             cfg = _config_from(args)
             r = train(cfg, args.out, resume=args.resume)
-            print0("\n" + comparison_table({cfg.optimizer: r}))
-            print0(f"\nwrote {os.path.join(args.out, 'metrics.json')}")
+            print0("\n" + comparison_table({cfg.method: r}))
+            print0(f"\nwrote {os.path.join(args.out, 'metrics.json')}; total wall time {time.time() - t0:.0f} s")
     except USER_ERRORS as e:
         print(f"roga-train: error: {e}", file=sys.stderr)
         return 2
@@ -184,50 +164,63 @@ def train_main(argv=None):
     return 0
 
 
+def noise_report(results):
+    """Seed-noise lines for the held-out (cross-domain) and in-domain mean AUC."""
+    lines = []
+    for part, name in (("cross_domain", "held-out mean AUC"), ("in_domain", "in-domain mean AUC")):
+        per = {m: [r["summary"][part]["auc_mean"] for r in rs] for m, rs in results.items()}
+        lines += seed_noise_report(per, name, higher_is_better=True)
+        if len(next(iter(results.values()))) < 2:
+            break  # the one-seed sentence once is enough
+    return lines
+
+
 def _eval_parser():
-    p = argparse.ArgumentParser(prog="roga-eval", description="Score a trained detector on a dataset.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = make_parser("roga-eval", "Score a trained detector on a dataset.", __doc__)
     p.add_argument("checkpoint", help="final.pt / best.pt / checkpoints/step_<N>.pt of a roga-train run")
     p.add_argument("--out", required=True, help="folder for metrics.json, scores/, roc.png")
     p.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="split of the training domains to score (held-out domains: always test)")
     p.add_argument("--config", default=None, help="YAML merged over the checkpoint's config (e.g. another dataset)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="config: runtime.device")
+    p.add_argument("--threads", type=int, default=None, help="config: runtime.threads")
     p.add_argument("--skip-corrupt", action="store_true")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.source=folder data.root=DIR "
                                                 "data.test_domains=[X]")
     return p
 
 
-def evaluate_checkpoint(path, out_dir, overrides=(), config=None, split="test", device=None, skip_corrupt=False):
-    import tempfile
-
+def evaluate_checkpoint(path, out_dir, overrides=(), config=None, split="test", device=None, skip_corrupt=False,
+                        threads=None):
     from ..common.checkpoint import load_checkpoint
     from ..common.runtime import Amp, select_device, set_num_threads
+    from ..common.trainer import check_app
     from .data import build_image_data
     from .models import build_model
     from .train import _write_outputs, evaluate_domains, summarize
 
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+    check_app(ckpt, APP, path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
         raise ValueError(f"{path}: not a roga-train checkpoint (needs 'model' and 'config')")
     ov = list(overrides) + (["data.skip_corrupt=true"] if skip_corrupt else []) + \
-        ([f"device={device}"] if device else [])
-    with tempfile.TemporaryDirectory() as tmp:  # the checkpoint's config as a file, so the schema checks apply
-        cpath = os.path.join(tmp, "ckpt.yaml")
-        save_config(ckpt["config"], cpath)
-        cfg = load_config(None, [cpath] + ([config] if config else []), ov, app=APP)
-    set_num_threads(cfg.num_threads)
-    dev = select_device(cfg.device)
+        ([f"runtime.device={device}"] if device else []) + ([f"runtime.threads={threads}"] if threads is not None else [])
+    cfg = load_config(None, [ckpt["config"]] + ([config] if config else []), ov, app=APP)
+    set_num_threads(cfg.runtime.threads)
+    dev = select_device(cfg.runtime.device)
     model = build_model(cfg.model.arch, int(cfg.data.image_size), cfg.model.width, None, float(cfg.model.dropout),
                         int(cfg.model.xception_middle_blocks)).to(dev)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not fit the model its config describes ({str(e).splitlines()[0]})") \
+            from e
     data = build_image_data(cfg)
-    amp = Amp(dev, cfg.train.amp, cfg.train.amp_dtype)
+    amp = Amp(dev, cfg.runtime.amp, cfg.runtime.amp_dtype)
     t0 = time.time()
     in_dom, raw_in = evaluate_domains(model, data.train_domains, split, cfg, dev, amp)
     cross, raw_x = evaluate_domains(model, data.test_domains, "test", cfg, dev, amp)
-    result = {"checkpoint": os.path.abspath(path), "optimizer": cfg.optimizer, "model": cfg.model.arch,
+    result = {"checkpoint": os.path.abspath(path), "method": cfg.method, "model": cfg.model.arch,
               "steps": int(ckpt.get("step", ckpt.get("counters", {}).get("step", -1))), "split": split,
               "in_domain": in_dom, "cross_domain": cross,
               "summary": {"in_domain": summarize(in_dom), "cross_domain": summarize(cross)},
@@ -239,14 +232,14 @@ def evaluate_checkpoint(path, out_dir, overrides=(), config=None, split="test", 
 
 
 def eval_main(argv=None):
-    args = _eval_parser().parse_intermixed_args(argv)
     try:
+        args = _eval_parser().parse_intermixed_args(argv)
         r = evaluate_checkpoint(args.checkpoint, args.out, args.overrides, args.config, args.split, args.device,
-                                args.skip_corrupt)
+                                args.skip_corrupt, args.threads)
     except USER_ERRORS as e:
         print(f"roga-eval: error: {e}", file=sys.stderr)
         return 2
-    name = f"{r['optimizer']} @ step {r['steps']}"
+    name = f"{r['method']} @ step {r['steps']}"
     print(comparison_table({name: r}))
     print(f"\nwrote {os.path.join(args.out, 'metrics.json')}")
     return 0

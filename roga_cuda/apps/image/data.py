@@ -24,6 +24,7 @@ is decoded once up front, the unreadable ones are dropped, and the count is logg
 import json
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -43,17 +44,30 @@ class ImageReadError(RuntimeError):
 
 
 def load_image(path, size):
-    """A file -> uint8 (3, size, size) RGB tensor (bilinear resize with antialiasing)."""
-    from PIL import Image, UnidentifiedImageError
+    """A file -> uint8 (3, size, size) RGB tensor (bilinear resize with antialiasing).
+
+    An image above Pillow's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89 M pixels:
+    a "decompression bomb", a small file that would decode to gigabytes) is an unreadable
+    image like any other, never decoded."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise ImportError("reading image files needs Pillow: pip install pillow (or the roga_cuda[apps] extra)") \
+            from None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), getattr(Image, "Resampling", Image).BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        with warnings.catch_warnings():  # Pillow only warns between 1x and 2x its limit: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), getattr(Image, "Resampling", Image).BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8).copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageReadError(f"cannot read image {path}: too many pixels, refused as a possible decompression bomb "
+                             f"({e})") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as e:
         raise ImageReadError(f"cannot read image {path}: {e}") from e
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 

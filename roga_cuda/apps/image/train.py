@@ -1,17 +1,20 @@
-"""The image detector's training loop: ERM, SAM (or GSAM, WSAM, Friendly-SAM, LookSAM) or RoGA
+"""The image detector's training: ERM, SAM (or GSAM, WSAM, Friendly-SAM, LookSAM) or RoGA
 over K training domains.
 
 Every step draws one batch per training domain (half real, half fake; the batches are a
 pure function of the step, see ``common.training.BatchStream``). ERM and SAM train on the
 K batches concatenated; RoGA runs its per-domain cycle (backward, perturb, backward at
 the perturbed point with BatchNorm statistics frozen, accumulate) and steps once.
+
+:class:`ImageTrainer` fills in the shared loop of :class:`roga_cuda.apps.common.trainer.Trainer`
+(checkpoints, resume, logging, early stopping, progress) with this app's data, model,
+step and metrics.
 """
 import contextlib
 import json
 import math
 import os
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -19,52 +22,43 @@ import torch.nn.functional as F
 
 from ...optim import GSAM, SAM, WSAM, FriendlySAM, LookSAM, RoGA, clip_grad_norm_, freeze_bn_stats
 from ..common import metrics as M
-from ..common.checkpoint import save_checkpoint
-from ..common.config import save_config
+from ..common.checkpoint import load_checkpoint, save_checkpoint
 from ..common.plots import plot_det, plot_roc, plot_training_curves
-from ..common.runtime import (Amp, all_gather_objects, barrier, init_distributed, is_main, make_generator, print0,
-                              progress, seed_everything, select_device, set_num_threads)
-from ..common.training import (BatchStream, Checkpointer, EarlyStopping, MetricLogger, build_scheduler, capture_state,
-                               read_log, restore_state, unwrap_model)
+from ..common.runtime import all_gather_objects, barrier, is_main, make_generator, print0
+from ..common.trainer import Trainer, make_optimizer
+from ..common.training import BatchStream, read_log, unwrap_model
 from .data import build_image_data, to_input
 from .models import build_model
 
-__all__ = ["train", "make_optimizer", "evaluate_domains", "predict", "summarize"]
+__all__ = ["train", "ImageTrainer", "build_optimizer", "evaluate_domains", "predict", "summarize", "METHODS"]
 
-OPTIMIZERS = ("erm", "sam", "gsam", "wsam", "fsam", "looksam", "roga")
+METHODS = ("erm", "sam", "gsam", "wsam", "fsam", "looksam", "roga")
 SAM_FAMILY = ("sam", "gsam", "wsam", "fsam", "looksam")  # first_step / second backward / second_step
+MONITORS = ("auc", "eer", "video_auc", "ap")
+OPTIMIZERS = METHODS  # the name main's SAM-family merge used
 
 
-def make_optimizer(cfg, params, num_domains):
-    o = cfg.optim
-    name = cfg.optimizer
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if o.base == "sgd":
-        base, kw = torch.optim.SGD, dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                         nesterov=o.nesterov)
-    elif o.base in ("adam", "adamw"):
-        base = torch.optim.Adam if o.base == "adam" else torch.optim.AdamW
-        kw = dict(lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    else:
-        raise ValueError(f"unknown optim.base {o.base!r}; choose sgd, adam or adamw")
-    params = [p for p in params if p.requires_grad]
+def build_optimizer(cfg, params, num_domains):
+    """The base optimizer (``optim.name``), wrapped in SAM or RoGA for those methods."""
+    o, name = cfg.optim, cfg.method
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     if name == "erm":
-        return base(params, **kw)
-    common = dict(backend=o.backend, strategy=o.strategy, max_grad_norm=o.max_grad_norm)
+        return make_optimizer(o, params)
+    common = dict(backend=o.backend, strategy=o.strategy, max_grad_norm=o.max_grad_norm or None)
     if name == "looksam":  # its k is its interval
         if o.interval != 1:
-            raise ValueError("optimizer=looksam: set its SAM-step period with optim.looksam_k, not optim.interval")
-        return LookSAM(params, base, rho=o.rho, k=o.looksam_k, alpha=o.looksam_alpha, adaptive=o.adaptive,
-                       **common, **kw)
+            raise ValueError("method=looksam: set its SAM-step period with optim.looksam_k, not optim.interval")
+        return make_optimizer(o, params, LookSAM, rho=o.rho, k=o.looksam_k, alpha=o.looksam_alpha,
+                              adaptive=o.adaptive, **common)
     common["interval"] = o.interval
     if name == "roga":
-        return RoGA(params, base, rho=o.rho, alpha=o.alpha, alignment=o.alignment, num_domains=num_domains,
-                    **common, **kw)
+        return make_optimizer(o, params, RoGA, rho=o.rho, alpha=o.alpha, alignment=o.alignment,
+                              num_domains=num_domains, **common)
     variant = {"sam": (SAM, {}), "gsam": (GSAM, dict(alpha=o.gsam_alpha)), "wsam": (WSAM, dict(gamma=o.wsam_gamma)),
                "fsam": (FriendlySAM, dict(sigma=o.fsam_sigma, lmbda=o.fsam_lmbda))}
     cls, extra = variant[name]
-    return cls(params, base, rho=o.rho, adaptive=o.adaptive, **extra, **common, **kw)
+    return make_optimizer(o, params, cls, rho=o.rho, adaptive=o.adaptive, **extra, **common)
 
 
 def _bce(logits, y):
@@ -76,8 +70,8 @@ class _Stepper:
 
     def __init__(self, cfg, model, opt, amp, ddp):
         self.cfg, self.model, self.opt, self.amp, self.ddp = cfg, model, opt, amp, ddp
-        self.kind = cfg.optimizer
-        self.hvp = cfg.optimizer == "roga" and cfg.optim.alignment == "hvp"
+        self.kind = cfg.method
+        self.hvp = cfg.method == "roga" and cfg.optim.alignment == "hvp"
 
     def _loss(self, x, y):
         with self.amp.autocast():
@@ -150,11 +144,11 @@ def predict(model, frames, cfg, device, amp=None):
     bs = int(cfg.eval.batch_size)
     out = []
     mean, std = cfg.data.mean, cfg.data.std
-    if frames.in_memory or cfg.train.num_workers == 0:
+    if frames.in_memory or cfg.data.workers == 0:
         chunks = (frames.batch(idx[i:i + bs])[0] for i in range(0, len(idx), bs))
     else:
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(frames, idx.tolist()), batch_size=bs,
-                                             num_workers=int(cfg.train.num_workers))
+                                             num_workers=int(cfg.data.workers))
         chunks = (x for x, _ in loader)
     ctx = amp.autocast() if amp is not None else contextlib.nullcontext()
     for x in chunks:
@@ -198,165 +192,129 @@ def summarize(per_domain):
 
 # --------------------------------------------------------------------------------- training
 def _model_file(model, cfg, step, which):
-    return {"format": "roga_cuda.image.model/1", "model": unwrap_model(model).state_dict(), "config": cfg.to_dict(),
-            "step": int(step), "which": which}
+    return {"format": "roga_cuda.image.model/1", "app": "image", "model": unwrap_model(model).state_dict(),
+            "config": cfg.to_dict(), "step": int(step), "which": which}
 
 
-def train(cfg, out_dir, resume=None, log=print0):
-    """Train per ``cfg`` into ``out_dir``; returns the metrics dict (also metrics.json)."""
-    t_start = time.time()
-    set_num_threads(cfg.num_threads)
-    device = select_device(cfg.device)
-    dist_info = init_distributed(device.type)
-    if dist_info.enabled and device.type == "cuda":
-        device = select_device(f"cuda:{dist_info.local_rank % torch.cuda.device_count()}")
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    if is_main():
-        os.makedirs(out_dir, exist_ok=True)
-        save_config(cfg, os.path.join(out_dir, "config.yaml"))
-    t0 = time.time()
-    data = build_image_data(cfg)
-    t_data = time.time() - t0
-    K = len(data.train_domains)
-    log(f"[data] {data.source}: {K} training domain(s), {len(data.test_domains)} held-out ({t_data:.1f} s)")
-    for dom in data.train_domains + data.test_domains:
-        log(f"[data]   {dom}")
-    model = build_model(cfg.model.arch, int(cfg.data.image_size), cfg.model.width, cfg.model.pretrained,
-                        float(cfg.model.dropout), int(cfg.model.xception_middle_blocks)).to(device)
-    if dist_info.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = make_optimizer(cfg, model.parameters(), K)
-    tr = cfg.train
-    sched = build_scheduler(opt, tr.schedule, int(tr.steps), int(tr.warmup_steps), float(tr.min_lr_ratio),
-                            int(tr.step_size) or None, float(tr.gamma))
-    amp = Amp(device, tr.amp, tr.amp_dtype)
-    es_mode = "min" if tr.early_stopping_metric == "eer" else "max"
-    if tr.early_stopping_metric not in ("auc", "eer", "video_auc", "ap"):
-        raise ValueError(f"train.early_stopping_metric must be auc, eer, video_auc or ap, got {tr.early_stopping_metric!r}")
-    es = EarlyStopping(int(tr.early_stopping_patience), es_mode)
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), int(tr.checkpoint_every), int(tr.keep_checkpoints))
-    step = 0
-    state, rpath = ckpt.load(resume)
-    best_path = os.path.join(out_dir, "best.pt")
-    if state is None:
-        if resume:
-            log(f"[resume] no checkpoint in {ckpt.folder}: starting from step 0")
-        from ..common.checkpoint import latest_checkpoint
-        stale = latest_checkpoint(ckpt.folder)
-        if stale is not None:  # its step files would be mistaken for this run's (resume, pruning)
-            raise ValueError(f"{out_dir} holds checkpoints of an earlier run ({stale}); pass --resume to continue "
-                             "it, or choose another --out")
-        if is_main() and os.path.exists(best_path):
-            os.unlink(best_path)  # an earlier run's best weights must not be evaluated as this run's
-    if state is not None:
-        if state.get("config", {}).get("optimizer") not in (None, cfg.optimizer):
-            raise ValueError(f"--resume {rpath}: checkpoint was trained with optimizer "
-                             f"{state['config']['optimizer']!r}, this run uses {cfg.optimizer!r}")
-        step = int(restore_state(state, model=model, optimizer=opt, scheduler=sched, amp=amp, early_stopping=es)["step"])
-        log(f"[resume] {rpath}: continuing at step {step}")
-    logger = MetricLogger(out_dir, tensorboard=cfg.log.tensorboard, resume_step=step if state is not None else None)
-    bs = int(tr.batch_size)
-    if bs < 2 or bs % 2:
-        raise ValueError(f"train.batch_size must be even and >= 2 (half real, half fake), got {bs}")
-    feeds = []
-    for dom in data.train_domains:
-        real, fake = dom.real_fake("train")
-        feeds.append([(fs, BatchStream(len(fs), bs // 2, cfg.seed, f"{dom.name}/{tag}", rank=dist_info.rank,
-                                       world_size=dist_info.world_size)) for fs, tag in ((real, "real"), (fake, "fake"))])
-    val_domains = [d for d in data.train_domains if "val" in d.splits]
-    stepper = _Stepper(cfg, model, opt, amp, dist_info.enabled)
-    mean, std = cfg.data.mean, cfg.data.std
-    total = int(tr.steps)
-    loss_sum, loss_n, t_log, t_train = 0.0, 0, time.time(), 0.0
-    stopped_early = False
+class ImageTrainer(Trainer):
+    app = "image"
+    log_name = eval_log_name = "log.csv"
+    log_windows = True
+    loss_key = "train_loss"
 
-    def to_device(step, raw):
+    def check_config(self, cfg):
+        if cfg.method not in METHODS:
+            raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+        t = cfg.train
+        if int(t.steps) < 1:
+            raise ValueError(f"train.steps must be >= 1, got {t.steps}")
+        bs = int(t.batch_size)
+        if bs < 2 or bs % 2:
+            raise ValueError(f"train.batch_size must be even and >= 2 (half real, half fake), got {bs}")
+        if t.monitor not in MONITORS:
+            raise ValueError(f"train.monitor must be one of {', '.join(MONITORS)}, got {t.monitor!r}")
+        if int(t.eval_every) < 0 or int(t.log_every) < 1 or int(t.checkpoint_every) < 0:
+            raise ValueError("train.eval_every and train.checkpoint_every must be >= 0 and train.log_every >= 1")
+        if cfg.eval.select not in ("best", "last"):
+            raise ValueError(f"eval.select must be best or last, got {cfg.eval.select!r}")
+        self.monitor_mode = "min" if t.monitor == "eer" else "max"
+        self.monitor_key = f"val_{t.monitor}_mean"
+
+    def build_data(self):
+        data = build_image_data(self.cfg)
+        self.log(f"[data] {data.source}: {len(data.train_domains)} training domain(s), "
+                 f"{len(data.test_domains)} held-out")
+        for dom in data.train_domains + data.test_domains:
+            self.log(f"[data]   {dom}")
+        return data
+
+    def build_model(self):
+        m = self.cfg.model
+        return build_model(m.arch, int(self.cfg.data.image_size), m.width, m.pretrained, float(m.dropout),
+                           int(m.xception_middle_blocks))
+
+    def build_optimizer(self):
+        return build_optimizer(self.cfg, self.params, len(self.data.train_domains))
+
+    def plan_steps(self):
+        return int(self.cfg.train.steps)
+
+    @property
+    def best_path(self):
+        return os.path.join(self.out, "best.pt")
+
+    def stale_outputs(self):
+        return [self.best_path]
+
+    def start(self):
+        cfg, d = self.cfg, self.dist
+        half = int(cfg.train.batch_size) // 2
+        feeds = []
+        for dom in self.data.train_domains:
+            real, fake = dom.real_fake("train")
+            feeds.append([(fs, BatchStream(len(fs), half, cfg.seed, f"{dom.name}/{tag}", rank=d.rank,
+                                           world_size=d.world_size)) for fs, tag in ((real, "real"), (fake, "fake"))])
+        self.val_domains = [dom for dom in self.data.train_domains if "val" in dom.splits]
+        self.stepper = _Stepper(cfg, self.net, self.opt, self.amp, d.enabled)
+        self.batches = _step_batches(feeds, self.step, self.total_steps, int(cfg.data.workers))
+
+    def train_step(self, step):
+        cfg = self.cfg
         out = []
-        for d, (x, y) in enumerate(raw):
+        for k, (x, y) in enumerate(next(self.batches)):
             flip = None
-            if tr.hflip:
-                g = make_generator(cfg.seed, "hflip", d, step, dist_info.rank)
+            if cfg.train.hflip:  # per-sample flips drawn from (seed, domain, step, rank): resume-exact
+                g = make_generator(cfg.seed, "hflip", k, step, self.dist.rank)
                 flip = torch.rand(x.shape[0], generator=g) < 0.5
-            out.append((to_input(x, device, mean, std, flip), y.to(device)))
-        return out
+            out.append((to_input(x, self.device, cfg.data.mean, cfg.data.std, flip), y.to(self.device)))
+        return {"train_loss": self.stepper(out)}
 
-    def validate(step):
-        res, _ = evaluate_domains(model, val_domains, "val", cfg, device, amp)
+    def eval_due(self, step):
+        every = int(self.cfg.train.eval_every)
+        return bool(self.val_domains) and ((every and step % every == 0) or step == self.total_steps)
+
+    def validate(self, step):
+        res, _ = evaluate_domains(self.net, self.val_domains, "val", self.cfg, self.device, self.amp)
         summ = summarize(res)
-        logger.log(step, **{f"val_{k}": v for k, v in summ.items()},
-                   **{f"val_{d}_auc": m["auc"] for d, m in res.items()})
-        value = summ[f"{tr.early_stopping_metric}_mean"]
-        if es.update(value, step) and is_main():
-            save_checkpoint(best_path, _model_file(model, cfg, step, "best"))
-        barrier()
-        log(f"[val] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in summ.items()) +
-            f" (best {tr.early_stopping_metric} {es.best:.4f} at step {es.best_step})")
+        return {**{f"val_{k}": v for k, v in summ.items()}, **{f"val_{d}_auc": m["auc"] for d, m in res.items()}}
 
-    # With AMP the GradScaler skips the first steps while it calibrates, which makes torch
-    # warn that the scheduler stepped before the optimizer; expected here, not a bug.
-    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-    bar = progress(total=total, initial=step, desc=f"{cfg.optimizer}", enabled=bool(tr.progress))
-    batches = _step_batches(feeds, step, total, int(tr.num_workers))
-    while step < total:
-        raw = next(batches)
-        t_step = time.time()
-        loss = stepper(to_device(step, raw))
-        sched.step()
-        step += 1
-        loss_sum = loss_sum + loss  # a device tensor: no host sync per step
-        loss_n += 1
-        t_train += time.time() - t_step
-        bar.update(1)
-        if step % int(tr.log_every) == 0 or step == total:
-            lr = opt.param_groups[0]["lr"]
-            dt = (time.time() - t_log) / max(1, loss_n)
-            mean_loss = float(loss_sum) / max(1, loss_n)
-            if not math.isfinite(mean_loss) and not amp.enabled:
-                log(f"[warn] step {step}: training loss is {mean_loss} (diverged? lower optim.lr or set "
-                    "optim.max_grad_norm)")
-            logger.log(step, train_loss=mean_loss, lr=lr, sec_per_step=dt)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2g}")
-            loss_sum, loss_n, t_log = 0.0, 0, time.time()
-        if val_domains and ((tr.eval_every and step % int(tr.eval_every) == 0) or step == total):
-            validate(step)
-            if es.should_stop:
-                stopped_early = True
-        if ckpt.due(step) or (stopped_early and tr.checkpoint_every):
-            ckpt.save(step, capture_state(model=model, optimizer=opt, scheduler=sched, amp=amp, early_stopping=es,
-                                          counters={"step": step}, config=cfg))
-        if stopped_early:
-            log(f"[early stop] no {tr.early_stopping_metric} improvement in {es.patience} evaluations; "
-                f"stopping at step {step}")
-            break
-    bar.close()
-    if is_main():
-        save_checkpoint(os.path.join(out_dir, "final.pt"), _model_file(model, cfg, step, "last"))
-    barrier()
-    selected = {"which": "last", "step": step}
-    if cfg.eval.select == "best" and os.path.isfile(best_path):
-        from ..common.checkpoint import load_checkpoint
-        best = load_checkpoint(best_path, map_location=device)
-        unwrap_model(model).load_state_dict(best["model"])
-        selected = {"which": "best", "step": int(best["step"]), "val_metric": tr.early_stopping_metric,
-                    "val_value": es.best}
-    elif cfg.eval.select not in ("best", "last"):
-        raise ValueError(f"eval.select must be best or last, got {cfg.eval.select!r}")
-    in_dom, raw_in = evaluate_domains(model, data.train_domains, "test", cfg, device, amp)
-    cross, raw_x = evaluate_domains(model, data.test_domains, "test", cfg, device, amp)
-    result = {
-        "optimizer": cfg.optimizer, "model": cfg.model.arch, "steps": step, "stopped_early": stopped_early,
-        "selected": selected, "wall_time_s": time.time() - t_start, "train_time_s": t_train,
-        "data_time_s": t_data, "world_size": dist_info.world_size, "device": str(device),
-        "in_domain": in_dom, "cross_domain": cross,
-        "summary": {"in_domain": summarize(in_dom), "cross_domain": summarize(cross)},
-        "skipped_corrupt": getattr(data, "skipped", 0),
-    }
-    if is_main():
-        _write_outputs(out_dir, result, raw_in, raw_x, cfg)
-    logger.close()
-    barrier()
-    return result
+    def after_validation(self, metrics, improved):
+        if improved and is_main():
+            save_checkpoint(self.best_path, _model_file(self.model, self.cfg, self.step, "best"))
+        summ = {k[4:]: v for k, v in metrics.items() if k.endswith("_mean")}
+        self.say(f"[val] step {self.step}: " + " ".join(f"{k}={v:.4f}" for k, v in summ.items()) +
+                 f" (best {self.cfg.train.monitor} {self.es.best:.4f} at step {self.es.best_step})")
+
+    def finish(self):
+        cfg, model = self.cfg, self.net
+        if is_main():
+            save_checkpoint(os.path.join(self.out, "final.pt"), _model_file(self.model, cfg, self.step, "last"))
+        selected = {"which": "last", "step": self.step}
+        if cfg.eval.select == "best" and os.path.isfile(self.best_path):
+            best = load_checkpoint(self.best_path, map_location=self.device)
+            self.model.load_state_dict(best["model"])
+            selected = {"which": "best", "step": int(best["step"]), "val_metric": cfg.train.monitor,
+                        "val_value": self.es.best}
+        in_dom, raw_in = evaluate_domains(model, self.data.train_domains, "test", cfg, self.device, self.amp)
+        cross, raw_x = evaluate_domains(model, self.data.test_domains, "test", cfg, self.device, self.amp)
+        result = {
+            "method": cfg.method, "model": cfg.model.arch, "seed": int(cfg.seed), "steps": self.step,
+            "stopped_early": self.stopped_early, "selected": selected, "train_time_s": self.train_time,
+            "world_size": self.dist.world_size, "device": str(self.device),
+            "in_domain": in_dom, "cross_domain": cross,
+            "summary": {"in_domain": summarize(in_dom), "cross_domain": summarize(cross)},
+            "skipped_corrupt": getattr(self.data, "skipped", 0), "data_time_s": self.data_time,
+            "wall_time_s": time.time() - self.t_created,
+        }
+        if is_main():
+            _write_outputs(self.out, result, raw_in, raw_x, cfg)
+        barrier()
+        return result
+
+
+def train(cfg, out_dir, resume=None, data=None, log=print0):
+    """Train per ``cfg`` into ``out_dir``; returns the metrics dict (also metrics.json)."""
+    return ImageTrainer(cfg, out_dir, data=data, log=log).fit(resume)
 
 
 class _StepData(torch.utils.data.Dataset):
@@ -394,14 +352,14 @@ def _write_outputs(out_dir, result, raw_in, raw_x, cfg):
     curves = {f"{d} (in-domain)": (r[0], r[1]) for d, r in raw_in.items()}
     curves.update({f"{d} (held out)": (r[0], r[1]) for d, r in raw_x.items()})
     if curves:
-        plot_roc(curves, os.path.join(out_dir, "roc.png"), title=f"ROC, {result['optimizer']} ({result['model']})")
-        plot_det(curves, os.path.join(out_dir, "det.png"), title=f"DET, {result['optimizer']}")
+        plot_roc(curves, os.path.join(out_dir, "roc.png"), title=f"ROC, {result['method']} ({result['model']})")
+        plot_det(curves, os.path.join(out_dir, "det.png"), title=f"DET, {result['method']}")
     log_path = os.path.join(out_dir, "log.csv")
     if os.path.isfile(log_path):
         cols = read_log(log_path)
         keys = [k for k in ("train_loss", "lr", "val_auc_mean", "val_eer_mean", "sec_per_step") if k in cols]
         plot_training_curves(cols, os.path.join(out_dir, "training_curves.png"), keys=keys,
-                             title=f"training, {result['optimizer']}")
+                             title=f"training, {result['method']}")
     if cfg.eval.save_scores:
         write_scores(os.path.join(out_dir, "scores"), {**raw_in, **raw_x})
 

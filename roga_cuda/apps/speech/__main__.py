@@ -1,12 +1,7 @@
 """``python -m roga_cuda.apps.speech [train|eval] ...`` (default: train)."""
 import sys
 
-from .cli import eval_main, train_main
+from ..launch import run
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if argv and argv[0] in ("train", "eval"):
-        cmd, argv = argv[0], argv[1:]
-    else:
-        cmd = "train"
-    sys.exit((eval_main if cmd == "eval" else train_main)(argv))
+    sys.exit(run("dpda-train", "roga_cuda.apps.speech.cli", "main"))

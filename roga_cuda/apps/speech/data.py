@@ -38,6 +38,19 @@ import torch
 AUDIO_EXTS = (".flac", ".wav", ".ogg")
 
 
+class AudioReadError(RuntimeError):
+    """An audio file exists but cannot be decoded."""
+
+
+def _text_lines(path):
+    """The lines of a UTF-8 text file; any other encoding is an error naming the file."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
 # ----------------------------------------------------------------------------- audio I/O
 
 def read_audio(path):
@@ -52,7 +65,7 @@ def read_audio(path):
         try:
             x, fs = sf.read(path, dtype="float32", always_2d=True)
         except Exception as e:
-            raise RuntimeError(f"cannot read audio file {path}: {e}") from e
+            raise AudioReadError(f"cannot read audio file {path}: {e}") from e
         return x.mean(axis=1), int(fs)
     try:
         import torchaudio
@@ -62,7 +75,7 @@ def read_audio(path):
     try:
         x, fs = torchaudio.load(path)
     except Exception as e:
-        raise RuntimeError(f"cannot read audio file {path}: {e}") from e
+        raise AudioReadError(f"cannot read audio file {path}: {e}") from e
     return x.mean(0).numpy().astype(np.float32), int(fs)
 
 
@@ -138,7 +151,12 @@ class FileWaveSet(WaveSet):
         if fs != self.fs:
             raise ValueError(f"{self.paths[i]}: sample rate {fs} Hz, expected {self.fs} Hz "
                              "(resample the corpus or set data.fs)")
-        return torch.from_numpy(fix_length(x, self.n_samples))
+        x = fix_length(x, self.n_samples)
+        if not np.isfinite(x).all():  # one NaN sample would poison every gradient it touches
+            bad = ~np.isfinite(x)
+            raise ValueError(f"{self.paths[i]}: {int(bad.sum())} non-finite (NaN/inf) audio sample(s), the first "
+                             f"at sample {int(np.flatnonzero(bad)[0])}; fix or drop the file")
+        return torch.from_numpy(x)
 
     def load(self, indices):
         return torch.stack([self.read(int(i)) for i in indices])
@@ -179,15 +197,14 @@ def read_asvspoof_protocol(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ASVspoof protocol file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 5 or parts[4] not in ("bonafide", "spoof"):
-                raise ValueError(f"{path}:{ln}: expected 'SPEAKER UTT_ID - ATTACK bonafide|spoof', got {line.strip()!r}")
-            spk, utt, _, attack, key = parts
-            rows.append((spk, utt, "-" if key == "bonafide" else attack, key))
+    for ln, line in enumerate(_text_lines(path), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 5 or parts[4] not in ("bonafide", "spoof"):
+            raise ValueError(f"{path}:{ln}: expected 'SPEAKER UTT_ID - ATTACK bonafide|spoof', got {line.strip()!r}")
+        spk, utt, _, attack, key = parts
+        rows.append((spk, utt, "-" if key == "bonafide" else attack, key))
     if not rows:
         raise ValueError(f"ASVspoof protocol file {path} is empty")
     return rows
@@ -254,12 +271,11 @@ def in_the_wild_set(folder, n_samples=64600, fs=16000, name="itw", limit=None):
     meta = os.path.join(folder, "meta.csv")
     if not os.path.isfile(meta):
         raise FileNotFoundError(f"In-the-Wild metadata not found: {meta}")
-    with open(meta, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        need = {"file", "label"}
-        if not reader.fieldnames or not need <= set(reader.fieldnames):
-            raise ValueError(f"{meta}: needs columns file,label (and optionally speaker); got {reader.fieldnames}")
-        rows = list(reader)
+    reader = csv.DictReader(_text_lines(meta))
+    need = {"file", "label"}
+    if not reader.fieldnames or not need <= set(reader.fieldnames):
+        raise ValueError(f"{meta}: needs columns file,label (and optionally speaker); got {reader.fieldnames}")
+    rows = list(reader)
     if limit:
         rows = rows[:int(limit)]
     labels, paths, ids, spk = [], [], [], []

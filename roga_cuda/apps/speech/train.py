@@ -5,19 +5,22 @@
   cross-entropy is minimised with the base optimizer.
 * **dpda** (dual-path data augmentation, arXiv 2509.20682): each utterance goes through a clean
   and a RawBoost path; the two losses' gradients are aligned by :class:`roga_cuda.optim.PCGrad`
-  (method ``align``: pcgrad, gradvac, cagrad, mgda, or sum = no alignment) and summed.
+  (``optim.align``: pcgrad, gradvac, cagrad, mgda, or sum = no alignment) and summed.
 
 Both log, per step, the cosine between the clean and augmented gradients and whether they
 conflict (for the baseline only when ``train.probe_conflict_every`` > 0, at the cost of two extra
 backward passes). After each epoch the dev set is scored; the best ``average_best`` epochs (by
 dev EER, ties by dev loss) are averaged into the final model, which scores every test set.
+
+:class:`SpeechTrainer` fills in the shared loop of :class:`roga_cuda.apps.common.trainer.Trainer`
+(checkpoints, resume, logging, early stopping, progress) with this app's data, model, step
+and metrics.
 """
 import contextlib
 import json
 import math
 import os
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -25,19 +28,21 @@ import torch.nn.functional as F
 
 from ... import ops
 from ...optim import PCGrad, clip_grad_norm_
-from ..common import (Amp, BatchStream, Checkpointer, MetricLogger, average_checkpoints, build_scheduler,
-                      capture_state, derive_seed, eer, init_distributed, load_checkpoint, print0, progress, read_log,
-                      restore_state, save_checkpoint, save_config, seed_everything, select_device)
+from ..common import average_checkpoints, derive_seed, eer, load_checkpoint, print0, read_log, roc_auc, save_checkpoint
 from ..common.plots import plot_det, plot_roc, plot_training_curves
-from ..common.runtime import all_gather_objects, is_main, world_size
+from ..common.runtime import (Amp, all_gather_objects, barrier, init_distributed, is_main, progress, select_device,
+                              set_num_threads)
+from ..common.trainer import Trainer, make_optimizer
+from ..common.training import BatchStream
 from .data import build_data, iterate_batches
 from .models import model_from_settings
 from .plots import plot_conflicts
 from .rawboost import ALGO_NAMES, RawBoost, RawBoostConfig
 from .scoring import wave_set_metrics, write_set_scores
 
-MODES = ("baseline", "dpda")
+METHODS = ("baseline", "dpda")
 ALIGNS = ("pcgrad", "gradvac", "cagrad", "mgda", "sum")
+MONITORS = {"eer": "min", "auc": "max", "loss": "min"}
 
 
 # ------------------------------------------------------------------------------ builders
@@ -57,97 +62,110 @@ def _model_from_config(cfg):
     return model_from_settings(cfg.model, fs=cfg.data.fs)
 
 
-def make_optimizer(cfg, params):
+def build_optimizer(cfg, params):
+    """The base optimizer (``optim.name``); DPDA wraps it in PCGrad with ``optim.align``."""
     o = cfg.optim
-    if o.name == "adam":
-        base, kw = torch.optim.Adam, {"lr": o.lr, "weight_decay": o.weight_decay, "betas": tuple(o.betas)}
-    elif o.name == "adamw":
-        base, kw = torch.optim.AdamW, {"lr": o.lr, "weight_decay": o.weight_decay, "betas": tuple(o.betas)}
-    elif o.name == "sgd":
-        base, kw = torch.optim.SGD, {"lr": o.lr, "weight_decay": o.weight_decay, "momentum": o.momentum}
-    else:
-        raise ValueError(f"unknown optim.name {o.name!r}; use adam, adamw or sgd")
-    if cfg.mode == "baseline":
-        return base(params, **kw)
-    return PCGrad(params, base, method=cfg.align, reduction=o.reduction, backend=o.backend,
-                  beta=o.gradvac_beta, c=o.cagrad_c, max_grad_norm=o.max_grad_norm or None,
-                  seed=derive_seed(cfg.seed, "pcgrad"), **kw)
+    if cfg.method == "baseline":
+        return make_optimizer(o, params)
+    return make_optimizer(o, params, PCGrad, method=o.align, reduction=o.reduction, backend=o.backend,
+                          beta=o.gradvac_beta, c=o.cagrad_c, max_grad_norm=o.max_grad_norm or None,
+                          seed=derive_seed(cfg.seed, "pcgrad"))
 
 
 def validate(cfg):
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
-    if cfg.align not in ALIGNS:
-        raise ValueError(f"align must be one of {ALIGNS}, got {cfg.align!r}")
-    if cfg.train.forward not in ("concat", "separate"):
-        raise ValueError(f"train.forward must be concat or separate, got {cfg.train.forward!r}")
-    if len(cfg.train.class_weights) != 2 or min(cfg.train.class_weights) < 0:
-        raise ValueError(f"train.class_weights must be [spoof, bona fide] >= 0, got {cfg.train.class_weights}")
-    if not 0 <= cfg.train.baseline_augment_prob <= 1:
-        raise ValueError(f"train.baseline_augment_prob must be in [0, 1], got {cfg.train.baseline_augment_prob}")
-    if cfg.train.epochs < 1:
-        raise ValueError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    """Reject bad settings with a ValueError naming the key."""
+    t = cfg.train
+    if cfg.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.optim.align not in ALIGNS:
+        raise ValueError(f"optim.align must be one of {ALIGNS}, got {cfg.optim.align!r}")
+    if t.forward not in ("concat", "separate"):
+        raise ValueError(f"train.forward must be concat or separate, got {t.forward!r}")
+    if len(t.class_weights) != 2 or min(t.class_weights) < 0:
+        raise ValueError(f"train.class_weights must be [spoof, bona fide] >= 0, got {t.class_weights}")
+    if not 0 <= t.baseline_augment_prob <= 1:
+        raise ValueError(f"train.baseline_augment_prob must be in [0, 1], got {t.baseline_augment_prob}")
+    if t.epochs < 1:
+        raise ValueError(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.steps < 0:
+        raise ValueError(f"train.steps must be >= 0 (0: run all epochs), got {t.steps}")
+    if t.monitor not in MONITORS:
+        raise ValueError(f"train.monitor must be one of {', '.join(MONITORS)}, got {t.monitor!r}")
+    if int(t.log_every) < 1 or int(t.checkpoint_every) < 0 or int(t.average_best) < 1:
+        raise ValueError("train.log_every and train.average_best must be >= 1, train.checkpoint_every >= 0")
     if cfg.augment.algo not in ALGO_NAMES:
         raise ValueError(f"augment.algo must be 0-8, got {cfg.augment.algo}")
-    if cfg.mode == "dpda" and cfg.augment.algo == 0:
-        raise ValueError("mode=dpda needs an augmentation (augment.algo 1-8): the two paths would be identical")
+    if cfg.method == "dpda" and cfg.augment.algo == 0:
+        raise ValueError("method=dpda needs an augmentation (augment.algo 1-8): the two paths would be identical")
 
 
 def run_label(cfg):
-    return "baseline" if cfg.mode == "baseline" else f"dpda-{cfg.align}"
+    return "baseline" if cfg.method == "baseline" else f"dpda-{cfg.optim.align}"
 
 
 # ------------------------------------------------------------------------------- trainer
 
-class Trainer:
-    def __init__(self, cfg, out_dir, data=None, log=print0):
+class SpeechTrainer(Trainer):
+    """Baseline or DPDA on the shared loop: one row per step in steps.csv, validation on the
+    dev set at every epoch end (epochs.csv), a checkpoint there too, the best
+    ``train.average_best`` epochs kept and averaged at the end."""
+
+    app = "speech"
+    log_name, eval_log_name = "steps.csv", "epochs.csv"
+    log_windows = False
+    checkpoint_on_eval = True
+    monitor_key, tiebreak_key = "dev_eer", "dev_loss"
+
+    label = property(lambda self: run_label(self.cfg))
+
+    def check_config(self, cfg):
         validate(cfg)
-        self.cfg, self.out, self.log = cfg, out_dir, log
-        rt = cfg.runtime
-        if rt.threads:
-            torch.set_num_threads(int(rt.threads))
-        self.dist = init_distributed("cuda" if (rt.device != "cpu" and torch.cuda.is_available()) else "cpu")
-        self.device = select_device(rt.device)
-        seed_everything(cfg.seed, rt.deterministic)
-        os.makedirs(out_dir, exist_ok=True)
-        self.data = data if data is not None else build_data(cfg.data, log=log, progress=self._bar)
-        self.model = model_from_config(cfg, self.device)
-        if self.dist.enabled:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        else:
-            self.ddp = None
-        self.net = self.ddp or self.model
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(cfg, self.params)
-        self.amp = Amp(self.device, rt.amp, rt.amp_dtype)
-        t = cfg.train
-        self.batch = int(t.batch_size) if cfg.mode == "baseline" else int(t.dpda_batch_size or max(1, t.batch_size // 2))
+        self.monitor_key = f"dev_{cfg.train.monitor}"
+        self.monitor_mode = MONITORS[cfg.train.monitor]
+        self.tiebreak_key = "dev_loss" if cfg.train.monitor != "loss" else "dev_eer"
+
+    def build_data(self):
+        return build_data(self.cfg.data, log=self.log, progress=self._bar)
+
+    def build_model(self):
+        return model_from_config(self.cfg, self.device)
+
+    def build_optimizer(self):
+        return build_optimizer(self.cfg, self.params)
+
+    def plan_steps(self):
+        cfg, t = self.cfg, self.cfg.train
+        self.batch = int(t.batch_size) if cfg.method == "baseline" else int(t.dpda_batch_size or max(1, t.batch_size // 2))
         self.stream = BatchStream(len(self.data.train), self.batch, seed=cfg.seed, key="train",
                                   rank=self.dist.rank, world_size=self.dist.world_size)
         self.steps_per_epoch = self.stream.steps_per_epoch
-        self.total_steps = t.epochs * self.steps_per_epoch
-        if t.max_steps:
-            self.total_steps = min(self.total_steps, int(t.max_steps))
-        o = cfg.optim
-        self.sched = build_scheduler(self.opt, o.schedule, self.total_steps, o.warmup_steps, o.min_lr_ratio)
+        total = t.epochs * self.steps_per_epoch
+        return min(total, int(t.steps)) if t.steps else total
+
+    def prepare(self):
+        cfg, t = self.cfg, self.cfg.train
         self.weights = torch.tensor(list(t.class_weights), dtype=torch.float32, device=self.device)
         rb_cfg = RawBoostConfig.from_dict({**cfg.augment.rawboost, "fs": cfg.data.fs})
         self.rawboost = RawBoost(cfg.augment.algo, rb_cfg, seed=cfg.seed)
-        self.ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), every=t.ckpt_every_steps, keep=t.ckpt_keep)
-        self.best_dir = os.path.join(out_dir, "best")
-        # loop state (all of it goes into checkpoints)
-        self.step = 0
-        self.best = []            # [[dev_eer, dev_loss, epoch, path]] sorted best first
+        self.best_dir = os.path.join(self.out, "best")
+        self.best = []            # [[monitored, tiebreak, epoch, kept]] best first; files best/epoch_<N>.pt
         self.history = []         # per-epoch dicts
-        self.bad_epochs = 0
         self.probe = {"n": 0, "conflicts": 0}
         self.epoch_conf = {"n": 0, "conflicts": 0}
-        self.pending = []         # per-step device tensors not yet written to steps.csv
-        self.train_time = 0.0
 
     def _bar(self, it, desc=None, total=None):
         return progress(it, total=total, desc=desc, enabled=self.cfg.runtime.progress)
+
+    def stale_outputs(self):
+        return [self.best_dir, os.path.join(self.out, "model_avg.pt"), os.path.join(self.out, "metrics.json")]
+
+    def start(self):
+        cfg, t = self.cfg, self.cfg.train
+        self.model.train()
+        self.log(f"[{self.label}] {self.data.summary()}")
+        self.log(f"[{self.label}] model {cfg.model.name}: {sum(p.numel() for p in self.params):,} parameters; "
+                 f"RawBoost {cfg.augment.algo} ({ALGO_NAMES[cfg.augment.algo]}); {self.batch} utterances/step, "
+                 f"{self.steps_per_epoch} steps/epoch, {t.epochs} epochs; device {self.device}")
 
     # ---------------------------------------------------------------------------- steps
     def _loss(self, logits, y):
@@ -169,13 +187,17 @@ class Trainer:
         pick = (torch.rand(len(x), generator=g) < p).to(x.device)
         return torch.where(pick[:, None], x_aug, x)
 
-    def _train_step(self, x, y, step):
+    def train_step(self, step):
+        idx = self.stream.indices(step)
+        _, x = next(iterate_batches(self.data.train, [idx], 0))
+        x = x.to(self.device, non_blocking=True)
+        y = self.data.train.labels[idx].to(self.device)
         cfg, t = self.cfg, self.cfg.train
         x_aug = self._augment(x, step) if cfg.augment.algo else x
         scaler = self.amp.active_scaler
         self.opt.zero_grad(set_to_none=True)
-        rec = {"step": step}
-        if cfg.mode == "baseline":
+        rec = {}
+        if cfg.method == "baseline":
             if t.probe_conflict_every and step % t.probe_conflict_every == 0:
                 rec.update(self._probe(x, x_aug, y))
             with self.amp.autocast():
@@ -205,9 +227,6 @@ class Trainer:
             scaler.update()
         else:
             self.opt.step()
-        with warnings.catch_warnings():  # a GradScaler-skipped step makes LambdaLR warn; the schedule is per step anyway
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
-            self.sched.step()
         rec["lr"] = self.opt.param_groups[0]["lr"]
         return rec
 
@@ -231,21 +250,11 @@ class Trainer:
         self.probe["conflicts"] += int(conflict)
         return {"cos": cos, "conflict": conflict, "conflict_rate": self.probe["conflicts"] / self.probe["n"]}
 
-    # ------------------------------------------------------------------------- logging
-    def _flush(self, logger):
-        for rec in self.pending:
-            row = {}
-            for k, v in rec.items():
-                if k == "step":
-                    continue
-                if isinstance(v, torch.Tensor):
-                    v = v.item()
-                row[k] = int(v) if isinstance(v, bool) else v
-                if k == "conflict":
-                    self.epoch_conf["n"] += 1
-                    self.epoch_conf["conflicts"] += int(v)
-            logger.log(rec["step"], **row)
-        self.pending = []
+    def log_rows(self, rows):
+        for row in rows:  # the conflict rate of the epoch, from the per-step flags
+            if "conflict" in row:
+                self.epoch_conf["n"] += 1
+                self.epoch_conf["conflicts"] += int(row["conflict"])
 
     # ----------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -256,7 +265,7 @@ class Trainer:
         model.eval()
         n = len(ws)
         idx = np.arange(n)[self.dist.rank::self.dist.world_size]
-        bs = int(self.cfg.train.eval_batch_size)
+        bs = int(self.cfg.eval.batch_size)
         batches = [idx[i:i + bs] for i in range(0, len(idx), bs)]
         scores, losses = [], []
         for b, x in iterate_batches(ws, batches, self.cfg.data.workers):
@@ -274,141 +283,91 @@ class Trainer:
             s, l_ = np.zeros(n), np.zeros(n)
             for pi, ps, pl in parts:
                 s[pi], l_[pi] = ps, pl
+        if not np.isfinite(s).all():
+            bad = [ws.utt_ids[i] for i in np.flatnonzero(~np.isfinite(s))[:3]]
+            raise ValueError(f"the model gave non-finite scores on set {ws.name!r} (e.g. {', '.join(bad)}): training "
+                             "diverged (lower optim.lr or set optim.max_grad_norm) or the audio holds NaN/inf")
         # weighted CE as torch reduces it: sum(w_i l_i) / sum(w_i)
         wsum = float(self.weights.cpu()[ws.labels].sum())
         return s, float(l_.sum() / wsum) if wsum > 0 else math.nan
 
-    # --------------------------------------------------------------------- checkpoints
-    def _state(self):
-        counters = {"step": self.step, "bad_epochs": self.bad_epochs, "probe_n": self.probe["n"],
-                    "probe_conflicts": self.probe["conflicts"], "epoch_conf_n": self.epoch_conf["n"],
-                    "epoch_conf_conflicts": self.epoch_conf["conflicts"], "train_time": self.train_time}
-        extra = {"best": [list(b) for b in self.best], "history": json.dumps(self.history)}
-        return capture_state(model=self.model, optimizer=self.opt, scheduler=self.sched, amp=self.amp,
-                             counters=counters, config=self.cfg, extra=extra)
+    def eval_due(self, step):
+        return step % self.steps_per_epoch == 0 or step == self.total_steps
 
-    def _restore(self, ckpt, path):
-        c = restore_state(ckpt, model=self.model, optimizer=self.opt, scheduler=self.sched, amp=self.amp)
-        self.step = int(c["step"])
-        self.bad_epochs = int(c["bad_epochs"])
-        self.probe = {"n": int(c["probe_n"]), "conflicts": int(c["probe_conflicts"])}
-        self.epoch_conf = {"n": int(c["epoch_conf_n"]), "conflicts": int(c["epoch_conf_conflicts"])}
-        self.train_time = float(c["train_time"])
-        self.best = [list(b) for b in ckpt["extra"]["best"]]
-        self.history = json.loads(ckpt["extra"]["history"])
-        self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch + 1})")
-
-    def _keep_best(self, epoch, dev_eer, dev_loss):
-        """Keep the model of this epoch when it is among the best ``average_best``."""
-        n = max(1, int(self.cfg.train.average_best))
-        key = (dev_eer if not math.isnan(dev_eer) else math.inf, dev_loss)
-        ranked = sorted(self.best + [[key[0], key[1], epoch, None]], key=lambda b: (b[0], b[1], b[2]))
-        keep = ranked[:n]
-        if any(b[2] == epoch for b in keep):
-            path = os.path.join(self.best_dir, f"epoch_{epoch:04d}.pt")
-            if is_main():
-                save_checkpoint(path, {"model": self.model.state_dict(), "epoch": epoch, "dev_eer": dev_eer,
-                                       "dev_loss": dev_loss})
-            for b in keep:
-                if b[2] == epoch:
-                    b[3] = path
-        for b in ranked[n:]:
-            if b[3] and is_main() and os.path.isfile(b[3]):
-                os.unlink(b[3])
-        self.best = keep
-
-    # -------------------------------------------------------------------------- fit
-    def fit(self, resume=None):
-        cfg, t = self.cfg, self.cfg.train
-        ckpt, path = self.ckpt.load(resume) if resume else (None, None)
-        if ckpt is not None:
-            self._restore(ckpt, path)
-        if is_main():
-            save_config(cfg, os.path.join(self.out, "config.yaml"))
-        resume_step = self.step if ckpt is not None else None
-        steps_log = MetricLogger(self.out, "steps.csv", tensorboard=cfg.runtime.tensorboard, resume_step=resume_step)
-        epoch_log = MetricLogger(self.out, "epochs.csv", tensorboard=False, resume_step=resume_step)
-        self.log(f"[{run_label(cfg)}] {self.data.summary()}")
-        self.log(f"[{run_label(cfg)}] model {cfg.model.name}: {sum(p.numel() for p in self.params):,} parameters; "
-                 f"RawBoost {cfg.augment.algo} ({ALGO_NAMES[cfg.augment.algo]}); {self.batch} utterances/step, "
-                 f"{self.steps_per_epoch} steps/epoch, {t.epochs} epochs; device {self.device}")
-        self.model.train()
-        bar = self._bar(None, desc=run_label(cfg), total=self.total_steps)
-        self._active_bar = bar
-        bar.update(self.step)
-        t_start = time.time() - self.train_time
-        stopped = False
-        while self.step < self.total_steps and not stopped:
-            idx = self.stream.indices(self.step)
-            _, x = next(iterate_batches(self.data.train, [idx], 0))
-            x = x.to(self.device, non_blocking=True)
-            y = self.data.train.labels[idx].to(self.device)
-            self.pending.append(self._train_step(x, y, self.step))
-            self.step += 1
-            bar.update(1)
-            end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
-            if len(self.pending) >= max(1, t.log_every) or end_of_epoch:
-                self._flush(steps_log)
-                if cfg.mode == "dpda":
-                    bar.set_postfix(conflict_rate=f"{self.opt.conflict_rate:.3f}")
-            if end_of_epoch:
-                stopped = self._end_epoch(epoch_log)
-            self.train_time = time.time() - t_start
-            if self.ckpt.due(self.step) or end_of_epoch:
-                self._flush(steps_log)
-                self.ckpt.save(self.step, self._state())
-        bar.close()
-        self._active_bar = None
-        steps_log.close()
-        epoch_log.close()
-        return self.finish()
-
-    def _end_epoch(self, epoch_log):
-        cfg = self.cfg
-        epoch = (self.step - 1) // self.steps_per_epoch + 1
+    def validate(self, step):
+        epoch = (step - 1) // self.steps_per_epoch + 1
         s, dev_loss = self.score(self.data.dev)
-        dev_eer = eer(self.data.dev.labels.numpy(), s)[0]
+        labels = self.data.dev.labels.numpy()
         conf = self.epoch_conf["conflicts"] / self.epoch_conf["n"] if self.epoch_conf["n"] else math.nan
         self.epoch_conf = {"n": 0, "conflicts": 0}
-        prev = min((b[0], b[1]) for b in self.best) if self.best else (math.inf, math.inf)
-        improved = (dev_eer, dev_loss) < prev
-        self._keep_best(epoch, dev_eer, dev_loss)
-        self.bad_epochs = 0 if improved else self.bad_epochs + 1
-        rec = {"epoch": epoch, "dev_eer": dev_eer, "dev_loss": dev_loss, "conflict_rate": conf,
-               "lr": self.opt.param_groups[0]["lr"], "time_s": self.train_time}
-        self.history.append(rec)
-        epoch_log.log(self.step, **rec)
-        mark = " *" if improved else ""
-        say = getattr(getattr(self, "_active_bar", None), "write", None) if self.log is print0 else None
-        (say or self.log)(f"[{run_label(cfg)}] epoch {epoch:3d}  dev EER {100 * dev_eer:6.2f}%  dev loss {dev_loss:.4f}  "
-                 f"conflict rate {conf if not math.isnan(conf) else float('nan'):.3f}  ({self.train_time:.0f}s){mark}")
-        return bool(cfg.train.patience and self.bad_epochs >= cfg.train.patience)
+        return {"epoch": epoch, "dev_eer": eer(labels, s)[0], "dev_auc": roc_auc(labels, s), "dev_loss": dev_loss,
+                "conflict_rate": conf, "lr": self.opt.param_groups[0]["lr"], "time_s": self.train_time}
+
+    def _best_path(self, epoch):
+        return os.path.join(self.best_dir, f"epoch_{int(epoch):04d}.pt")
+
+    def after_validation(self, metrics, improved):
+        """Keep this epoch's model when it is among the best ``average_best``."""
+        epoch, n = metrics["epoch"], max(1, int(self.cfg.train.average_best))
+        key = metrics[self.monitor_key]
+        key = -key if self.monitor_mode == "max" else key  # rank ascending
+        key = math.inf if math.isnan(key) else key
+        tie = metrics[self.tiebreak_key]
+        ranked = sorted(self.best + [[key, tie, epoch, False]], key=lambda b: (b[0], b[1], b[2]))
+        keep = ranked[:n]
+        for b in keep:
+            if b[2] == epoch:
+                if is_main():
+                    save_checkpoint(self._best_path(epoch), {"model": self.model.state_dict(), "epoch": epoch,
+                                                             "dev_eer": metrics["dev_eer"],
+                                                             "dev_loss": metrics["dev_loss"]})
+                b[3] = True
+        for b in ranked[n:]:
+            if b[3] and is_main() and os.path.isfile(self._best_path(b[2])):
+                os.unlink(self._best_path(b[2]))
+        self.best = keep
+        self.history.append(metrics)
+        conf = metrics["conflict_rate"]
+        self.say(f"[{self.label}] epoch {epoch:3d}  dev EER {100 * metrics['dev_eer']:6.2f}%  dev loss "
+                 f"{metrics['dev_loss']:.4f}  conflict rate {conf:.3f}  ({self.train_time:.0f}s)" +
+                 (" *" if improved else ""))
+
+    def app_state(self):
+        return {"best": [list(b) for b in self.best], "history": json.dumps(self.history),
+                "probe": dict(self.probe), "epoch_conf": dict(self.epoch_conf)}
+
+    def load_app_state(self, st):
+        self.best = [list(b) for b in st["best"]]
+        self.history = json.loads(st["history"])
+        self.probe, self.epoch_conf = dict(st["probe"]), dict(st["epoch_conf"])
 
     # ---------------------------------------------------------------------- finish
     def finish(self):
         """Average the best epochs, score every test set, write metrics, scores and plots."""
         cfg = self.cfg
-        paths = [b[3] for b in self.best if b[3]]
-        if not paths:
-            raise RuntimeError("no epoch finished: nothing to evaluate (raise train.max_steps or train.epochs)")
-        if world_size() > 1:
-            torch.distributed.barrier()
+        kept = [b for b in self.best if b[3]]
+        if not kept:
+            raise RuntimeError("no epoch finished: nothing to evaluate (raise train.steps or train.epochs)")
+        barrier()
+        paths = [self._best_path(b[2]) for b in kept]  # under this run folder, wherever it has moved since
         avg = average_checkpoints(paths)
         final = model_from_config(cfg, self.device)
         final.load_state_dict(avg)
-        avg_path = os.path.join(self.out, "model_avg.pt")
         if is_main():
-            save_checkpoint(avg_path, {"model": avg, "config": cfg.to_dict(), "averaged": paths})
+            save_checkpoint(os.path.join(self.out, "model_avg.pt"),
+                            {"model": avg, "config": cfg.to_dict(), "app": self.app,
+                             "averaged": [os.path.relpath(p, self.out) for p in paths]})
         best = self.best[0]
+        best_h = next(h for h in self.history if h["epoch"] == best[2])
         result = {
-            "run": run_label(cfg), "mode": cfg.mode, "align": cfg.align if cfg.mode == "dpda" else None,
-            "model": cfg.model.name, "rawboost_algo": cfg.augment.algo,
+            "run": self.label, "method": cfg.method, "align": cfg.optim.align if cfg.method == "dpda" else None,
+            "seed": int(cfg.seed), "model": cfg.model.name, "rawboost_algo": cfg.augment.algo,
             "epochs_run": len(self.history), "steps": self.step, "steps_per_epoch": self.steps_per_epoch,
-            "epochs_to_best": int(best[2]), "best_dev_eer": best[0], "best_dev_loss": best[1],
-            "averaged_epochs": [int(b[2]) for b in self.best if b[3]],
-            "train_time_s": self.train_time,
+            "epochs_to_best": int(best[2]), "best_dev_eer": best_h["dev_eer"], "best_dev_loss": best_h["dev_loss"],
+            "averaged_epochs": [int(b[2]) for b in kept], "stopped_early": self.stopped_early,
+            "train_time_s": self.train_time, "data_time_s": self.data_time,
         }
-        if cfg.mode == "dpda":
+        if cfg.method == "dpda":
             result["conflict_rate"] = self.opt.conflict_rate
             result["conflict_rate_source"] = "every step (PCGrad statistics)"
         elif self.probe["n"]:
@@ -425,6 +384,7 @@ class Trainer:
         result["per_attack_eer"] = result["sets"][main]["per_attack_eer"]
         if "min_tdcf" in result["sets"][main]:
             result["min_tdcf"] = result["sets"][main]["min_tdcf"]
+        result["wall_time_s"] = time.time() - self.t_created
         if is_main():
             write_json(os.path.join(self.out, "metrics.json"), result)
             self._plots()
@@ -435,11 +395,11 @@ class Trainer:
         if "cos" in steps:
             epochs = [(h["epoch"], h["conflict_rate"]) for h in self.history if not math.isnan(h["conflict_rate"])]
             plot_conflicts(steps["step"], steps["cos"], steps.get("conflict", []), steps.get("conflict_rate", []),
-                           epochs, os.path.join(self.out, "conflict_rate.png"), title=run_label(self.cfg))
+                           epochs, os.path.join(self.out, "conflict_rate.png"), title=self.label)
         ep = read_log(os.path.join(self.out, "epochs.csv"))
         keys = [k for k in ("dev_eer", "dev_loss", "conflict_rate", "lr") if k in ep]
         plot_training_curves(ep, os.path.join(self.out, "training_curves.png"), keys=keys, x="epoch",
-                             title=run_label(self.cfg))
+                             title=self.label)
 
 
 def main_set(data):
@@ -491,28 +451,38 @@ def write_json(path, obj):
 
 def train(cfg, out_dir, data=None, resume=None, log=print0):
     """Train one configuration into ``out_dir``; returns the metrics dict."""
-    trainer = Trainer(cfg, out_dir, data=data, log=log)
-    return trainer.fit(resume=resume)
+    return SpeechTrainer(cfg, out_dir, data=data, log=log).fit(resume=resume)
+
+
+class _Scorer:
+    """What :func:`evaluate_sets` needs of a trainer, for scoring a saved model."""
+    score = SpeechTrainer.score
+
+    def __init__(self, cfg, data, device, amp, dist):
+        self.cfg, self.data, self.device, self.amp, self.dist = cfg, data, device, amp, dist
+        self.weights = torch.tensor(list(cfg.train.class_weights), dtype=torch.float32, device=device)
 
 
 def evaluate_checkpoint(cfg, checkpoint, out_dir, data=None, log=print0):
     """Score a saved model (model_avg.pt, best/epoch_*.pt or a step checkpoint) on the test sets."""
+    from ..common.trainer import check_app
     ck = load_checkpoint(checkpoint)
+    check_app(ck, "speech", checkpoint)
     state = ck["model"] if isinstance(ck, dict) and "model" in ck else ck
-    tr = Trainer.__new__(Trainer)
-    tr.cfg, tr.out, tr.log = cfg, out_dir, log
-    if cfg.runtime.threads:
-        torch.set_num_threads(int(cfg.runtime.threads))
-    tr.dist = init_distributed("cuda" if (cfg.runtime.device != "cpu" and torch.cuda.is_available()) else "cpu")
-    tr.device = select_device(cfg.runtime.device)
-    tr.data = data if data is not None else build_data(cfg.data, log=log)
-    tr.model = model_from_config(cfg, tr.device)
-    tr.model.load_state_dict(state)
-    tr.amp = Amp(tr.device, cfg.runtime.amp, cfg.runtime.amp_dtype)
-    tr.weights = torch.tensor(list(cfg.train.class_weights), dtype=torch.float32, device=tr.device)
+    set_num_threads(cfg.runtime.threads)
+    dist = init_distributed("cuda" if (cfg.runtime.device != "cpu" and torch.cuda.is_available()) else "cpu")
+    device = select_device(cfg.runtime.device)
+    data = data if data is not None else build_data(cfg.data, log=log)
+    model = model_from_config(cfg, device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{checkpoint}: the weights do not fit the model its config describes "
+                         f"({str(e).splitlines()[0]})") from e
+    scorer = _Scorer(cfg, data, device, Amp(device, cfg.runtime.amp, cfg.runtime.amp_dtype), dist)
     os.makedirs(out_dir, exist_ok=True)
-    sets = evaluate_sets(tr, tr.model, out_dir)
-    main = main_set(tr.data)
+    sets = evaluate_sets(scorer, model, out_dir)
+    main = main_set(data)
     result = {"checkpoint": os.path.abspath(checkpoint), "main_set": main, "eer": sets[main]["eer"],
               "per_attack_eer": sets[main]["per_attack_eer"], "sets": sets}
     if "min_tdcf" in sets[main]:
