@@ -15,8 +15,10 @@ bool float_dtype(at::ScalarType t) {
 
 // Same element order in storage: strides agree on every dimension longer than 1.
 bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  if (a.is_contiguous() && b.is_contiguous()) return true;  // the common case, from cached flags
+  const auto sa = a.sizes(), ta = a.strides(), tb = b.strides();
+  for (size_t d = 0; d < sa.size(); ++d)
+    if (sa[d] > 1 && ta[d] != tb[d]) return false;
   return true;
 }
 
@@ -32,7 +34,12 @@ struct Range {
 Range range_of(const at::Tensor& t, int list, int64_t pos) {
   const auto lo = reinterpret_cast<uintptr_t>(t.const_data_ptr());
   int64_t span = 1;
-  for (int64_t d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * t.stride(d);
+  if (t.is_non_overlapping_and_dense()) {
+    span = t.numel();
+  } else {
+    const auto s = t.sizes(), st = t.strides();
+    for (size_t d = 0; d < s.size(); ++d) span += (s[d] - 1) * st[d];
+  }
   return {lo, lo + static_cast<uintptr_t>(span * t.element_size()), list, pos};
 }
 
@@ -54,13 +61,17 @@ bool exact_alias(const at::Tensor& a, const at::Tensor& b) {
 
 void check_overlaps(const char* op, const std::vector<ListArg>& lists, bool alias_ok) {
   std::vector<Range> w;
+  size_t nw = 0;
+  for (const auto& l : lists) nw += l.written ? l.ts.size() : 0;
+  w.reserve(nw);
   for (size_t j = 0; j < lists.size(); ++j) {
     if (!lists[j].written) continue;
     for (size_t i = 0; i < lists[j].ts.size(); ++i)
       if (lists[j].ts[i].numel() > 0) w.push_back(range_of(lists[j].ts[i], static_cast<int>(j), i));
   }
   if (w.empty()) return;
-  std::sort(w.begin(), w.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
+  const auto by_lo = [](const Range& a, const Range& b) { return a.lo < b.lo; };
+  if (!std::is_sorted(w.begin(), w.end(), by_lo)) std::sort(w.begin(), w.end(), by_lo);
   for (size_t i = 1; i < w.size(); ++i)
     if (w[i].lo < w[i - 1].hi) overlap_error(op, lists, w[i - 1], w[i], alias_ok);
   // Written ranges are now disjoint and sorted by both ends: one binary search per read
@@ -129,8 +140,9 @@ std::optional<at::Device> check_lists(const char* op, const std::vector<ListArg>
       }
       if (is_first) continue;
       const at::Tensor& r = first.ts[i];
-      TORCH_CHECK_VALUE(t.sym_sizes() == r.sym_sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sym_sizes(),
-                        " but ", first.name, "[", i, "] has shape ", r.sym_sizes());
+      // Real tensors compare plain sizes (sym_sizes would go through SymInt guards per dim).
+      TORCH_CHECK_VALUE(memory ? t.sizes() == r.sizes() : t.sym_sizes() == r.sym_sizes(), op, ": ", l.name, "[",
+                        i, "] has shape ", t.sym_sizes(), " but ", first.name, "[", i, "] has shape ", r.sym_sizes());
       TORCH_CHECK_TYPE(t.scalar_type() == r.scalar_type(), op, ": ", l.name, "[", i, "] has dtype ",
                        t.scalar_type(), " but ", first.name, "[", i, "] has ", r.scalar_type(),
                        "; tensors at one position must share a dtype");

@@ -15,7 +15,108 @@
 namespace roga {
 namespace {
 
-using Lists = std::vector<std::vector<at::Tensor>>;
+// A Python list (or tuple) of tensors seen as a TensorList without touching reference
+// counts. Copying a tensor into a std::vector<at::Tensor> moves its count from 1 to 2, and
+// torch then takes the GIL to keep its PyObject alive (and again to let go): two GIL round
+// trips per tensor per list, most of a call's host cost on lists of small tensors. A
+// borrow costs a pointer copy. A tuple snapshot of the sequence keeps every element alive
+// while the kernels run without the GIL, whatever other threads do to the list.
+// `splits` (lists of lists only): where each inner list starts in `ts`, and its end.
+struct Borrowed {
+  py::list keep;
+  std::vector<at::Tensor> ts;
+  std::vector<size_t> splits;
+
+  Borrowed() = default;
+  Borrowed(const Borrowed&) = delete;
+  Borrowed& operator=(const Borrowed&) = delete;
+  Borrowed(Borrowed&& o) noexcept : keep(std::move(o.keep)), ts(std::move(o.ts)), splits(std::move(o.splits)) {
+    o.ts.clear();
+  }
+  Borrowed& operator=(Borrowed&& o) noexcept {
+    if (this != &o) {
+      release();
+      keep = std::move(o.keep);
+      ts = std::move(o.ts);
+      splits = std::move(o.splits);
+      o.ts.clear();
+    }
+    return *this;
+  }
+  ~Borrowed() { release(); }
+
+  operator TensorList() const { return ts; }
+  int64_t lists() const { return static_cast<int64_t>(splits.size()) - 1; }
+
+  // Appends the tensors of a list or tuple; false (nothing kept) if an element is not a tensor.
+  bool add(PyObject* seq) {
+    py::object snap = PyTuple_Check(seq) ? py::reinterpret_borrow<py::object>(seq)
+                                         : py::reinterpret_steal<py::object>(PyList_AsTuple(seq));
+    if (!snap) throw py::error_already_set();
+    const Py_ssize_t n = PyTuple_GET_SIZE(snap.ptr());
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* o = PyTuple_GET_ITEM(snap.ptr(), i);
+      if (!THPVariable_Check(o)) return false;
+      ts.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(o)));
+    }
+    keep.append(std::move(snap));  // a list of lists has one snapshot per list
+    return true;
+  }
+
+ private:
+  void release() {
+    for (auto& t : ts) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+    ts.clear();
+  }
+};
+
+// The same for a list of lists (gram, combine_): all tensors in one flat borrowed list.
+struct BorrowedLists : Borrowed {};
+
+}  // namespace
+}  // namespace roga
+
+namespace pybind11 {
+namespace detail {
+
+inline bool is_seq(handle h) { return PyList_Check(h.ptr()) || PyTuple_Check(h.ptr()); }
+
+template <>
+struct type_caster<roga::Borrowed> {
+  PYBIND11_TYPE_CASTER(roga::Borrowed, const_name("list[Tensor]"));
+  bool load(handle src, bool) {
+    value = roga::Borrowed();
+    if (!is_seq(src)) return false;
+    value.splits = {0};
+    if (!value.add(src.ptr())) return false;
+    value.splits.push_back(value.ts.size());
+    return true;
+  }
+};
+
+template <>
+struct type_caster<roga::BorrowedLists> {
+  PYBIND11_TYPE_CASTER(roga::BorrowedLists, const_name("list[list[Tensor]]"));
+  bool load(handle src, bool) {
+    value = roga::BorrowedLists();
+    if (!is_seq(src)) return false;
+    value.splits = {0};
+    for (handle l : reinterpret_borrow<sequence>(src)) {
+      if (!is_seq(l) || !value.add(l.ptr())) return false;
+      value.splits.push_back(value.ts.size());
+    }
+    return true;
+  }
+};
+
+}  // namespace detail
+}  // namespace pybind11
+
+namespace roga {
+namespace {
+
+using Vec = Borrowed;
+using Lists = BorrowedLists;
 
 #ifdef ROGA_WITH_CUDA
 #define ROGA_ENTRY(dev, op, ...) \
@@ -35,22 +136,13 @@ at::Device first_device(TensorList ts) {
   return !ts.empty() && ts[0].defined() ? ts[0].device() : at::Device(at::kCPU);
 }
 
-std::vector<at::Tensor> flatten(const Lists& lists) {
-  size_t n = 0;
-  for (const auto& l : lists) n += l.size();
-  std::vector<at::Tensor> flat;
-  flat.reserve(n);
-  for (const auto& l : lists) flat.insert(flat.end(), l.begin(), l.end());
-  return flat;
-}
-
 bool plain_opt(std::initializer_list<c10::optional<at::Tensor>> ts) {
   for (const auto& t : ts)
     if (t && t->defined() && !all_plain({TensorList(*t)})) return false;
   return true;
 }
 
-py::object fast_norm(const std::vector<at::Tensor>& ts, const c10::optional<std::vector<at::Tensor>>& params,
+py::object fast_norm(const Vec& ts, const c10::optional<Vec>& params,
                      double eta, bool per_tensor) {
   if (!all_plain({ts, params ? TensorList(*params) : TensorList()})) return py::none();
   std::tuple<at::Tensor, at::Tensor> r;
@@ -62,8 +154,8 @@ py::object fast_norm(const std::vector<at::Tensor>& ts, const c10::optional<std:
   return py::make_tuple(std::get<0>(r), std::get<1>(r));
 }
 
-bool fast_perturb_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                   const std::vector<at::Tensor>& backup, double scale, const c10::optional<at::Tensor>& scale_t,
+bool fast_perturb_(const Vec& params, const Vec& grads,
+                   const Vec& backup, double scale, const c10::optional<at::Tensor>& scale_t,
                    bool adaptive, double eta) {
   if (!all_plain({params, grads, backup}) || (scale_t && !all_plain({TensorList(*scale_t)}))) return false;
   py::gil_scoped_release nogil;
@@ -74,15 +166,15 @@ bool fast_perturb_(const std::vector<at::Tensor>& params, const std::vector<at::
   return true;
 }
 
-bool fast_restore_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& backup) {
+bool fast_restore_(const Vec& params, const Vec& backup) {
   if (!all_plain({params, backup})) return false;
   py::gil_scoped_release nogil;
   ROGA_ENTRY(first_device(params), restore_, params, backup);
   return true;
 }
 
-bool fast_restore_accumulate_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& backup,
-                              const std::vector<at::Tensor>& acc, const std::vector<at::Tensor>& grads, double weight,
+bool fast_restore_accumulate_(const Vec& params, const Vec& backup,
+                              const Vec& acc, const Vec& grads, double weight,
                               const c10::optional<at::Tensor>& weight_t) {
   if (!all_plain({params, backup, acc, grads}) || (weight_t && !all_plain({TensorList(*weight_t)}))) return false;
   py::gil_scoped_release nogil;
@@ -91,26 +183,25 @@ bool fast_restore_accumulate_(const std::vector<at::Tensor>& params, const std::
 }
 
 py::object fast_gram(const Lists& lists) {
-  const auto flat = flatten(lists);
+  const TensorList flat = lists;
   if (!all_plain({flat})) return py::none();
   at::Tensor g;
   {
     py::gil_scoped_release nogil;
-    g = ROGA_ENTRY(first_device(flat), gram, flat, static_cast<int64_t>(lists.size()));
+    g = ROGA_ENTRY(first_device(flat), gram, flat, lists.lists());
   }
   return py::cast(g);
 }
 
-bool fast_combine_(const std::vector<at::Tensor>& out, const Lists& lists, const std::vector<double>& weights,
+bool fast_combine_(const Vec& out, const Lists& lists, const std::vector<double>& weights,
                    const c10::optional<at::Tensor>& weights_t) {
-  const auto flat = flatten(lists);
+  const TensorList flat = lists;
   if (!all_plain({out, flat}) || (weights_t && !all_plain({TensorList(*weights_t)}))) return false;
   py::gil_scoped_release nogil;
   ROGA_ENTRY(first_device(out), combine_, out, flat, weights, weights_t);
   return true;
 }
 
-using Vec = std::vector<at::Tensor>;
 using OptT = c10::optional<at::Tensor>;
 
 bool fast_sgd_(const Vec& params, const Vec& source, const Vec& grads, const std::vector<double>& gw, const OptT& gwt,
@@ -237,28 +328,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The checks alone, for the Python backends (reference, foreach, triton): one
   // implementation of every check, one text of every message.
   const auto real = CheckLevel::kStrided;  // the Python backends take any strided layout
-  m.def("check_norm", [real](const std::vector<at::Tensor>& ts, const c10::optional<std::vector<at::Tensor>>& params) {
+  m.def("check_norm", [real](const Vec& ts, const c10::optional<Vec>& params) {
     const TensorList p = params ? TensorList(*params) : TensorList();
     check_norm(ts, params ? &p : nullptr, real);
   });
-  m.def("check_perturb_", [real](const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g,
-                                 const std::vector<at::Tensor>& b, const c10::optional<at::Tensor>& s) {
+  m.def("check_perturb_", [real](const Vec& p, const Vec& g,
+                                 const Vec& b, const c10::optional<at::Tensor>& s) {
     check_perturb_(p, g, b, 0.0, s, real);
   });
-  m.def("check_restore_", [real](const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& b) {
+  m.def("check_restore_", [real](const Vec& p, const Vec& b) {
     check_restore_(p, b, real);
   });
   m.def("check_restore_accumulate_",
-        [real](const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& a,
-               const std::vector<at::Tensor>& g, const c10::optional<at::Tensor>& w) {
+        [real](const Vec& p, const Vec& b, const Vec& a,
+               const Vec& g, const c10::optional<at::Tensor>& w) {
           check_restore_accumulate_(p, b, a, g, 0.0, w, real);
         });
   m.def("check_gram", [real](const Lists& lists) {
-    check_gram(flatten(lists), static_cast<int64_t>(lists.size()), real);
+    check_gram(lists, lists.lists(), real);
   });
-  m.def("check_combine_", [real](const std::vector<at::Tensor>& out, const Lists& lists, int64_t nweights,
+  m.def("check_combine_", [real](const Vec& out, const Lists& lists, int64_t nweights,
                                  const c10::optional<at::Tensor>& w) {
-    check_combine_(out, flatten(lists), std::vector<double>(w ? 0 : nweights, 0.0), w, real);
+    check_combine_(out, lists, std::vector<double>(w ? 0 : nweights, 0.0), w, real);
   });
   m.def("check_sgd_", [real](const Vec& params, const Vec& source, const Vec& grads, int64_t nweights, const OptT& gwt,
                              const Vec& grad_out, const Vec& bufs, const Vec& steps, double momentum, const OptT& lr_t,

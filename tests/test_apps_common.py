@@ -351,6 +351,33 @@ def test_seed_noise_intervals():
     assert len(one) == 1 and "cannot be told apart from seed noise" in one[0] and "--seeds" in one[0]
 
 
+def test_comparisons_start_the_longest_runs_first(monkeypatch, tmp_path):
+    """Two-pass methods (SAM, RoGA, DPDA) take about twice ERM's time: started last, one of
+    them would run alone on a core at the end of a comparison."""
+    from roga_cuda.apps.common.cli import RunSpec, launch_order
+    from roga_cuda.apps.image import cli as image_cli
+    from roga_cuda.apps.speech import cli as speech_cli
+    specs = [RunSpec(f"{m}, seed {s}", "image", "x:y", {}, "out", cost=c)
+             for s in (0, 1) for m, c in (("erm", 1.0), ("sam", 2.0), ("roga", 2.0))]
+    order = [specs[i].name for i in launch_order(specs)]
+    assert order == ["sam, seed 0", "roga, seed 0", "sam, seed 1", "roga, seed 1", "erm, seed 0", "erm, seed 1"]
+    assert launch_order([]) == [] and RunSpec("a", "b", "c", {}, "d").cost == 1.0
+
+    class Planned(Exception):
+        pass
+
+    def plan(specs, jobs, **kw):  # the apps' comparisons, stopped before anything trains
+        raise Planned([(s.name.split(",")[0], s.cost) for s in specs])
+
+    for mod, main, methods, want in (
+            (image_cli, image_cli.train_main, "erm,sam,roga", {"erm": 1.0, "sam": 2.0, "roga": 2.0}),
+            (speech_cli, speech_cli.train_main, "baseline,dpda", {"baseline": 1.0, "dpda-pcgrad": 2.0})):
+        monkeypatch.setattr(mod, "run_all", plan)
+        with pytest.raises(Planned) as e:
+            main(["--preset", "smoke", "--compare", methods, "--seeds", "0,1", "--out", str(tmp_path / methods)])
+        assert dict(e.value.args[0]) == want and len(e.value.args[0]) == 2 * len(want)
+
+
 # ----------------------------------------------------------------------- loop utilities
 def test_schedule_and_early_stopping():
     assert lr_factor(0, 100, "cosine", warmup_steps=4) == pytest.approx(0.2)

@@ -258,3 +258,40 @@ def test_dtensor_single_process():
         print("ok")
     """)
     assert "ok" in out
+
+
+def test_fast_entries_borrow_lists_without_leaking_or_freeing():
+    """The fast entries view Python lists in place (no reference-count traffic per tensor):
+    the tensors' counts are what they were after many calls, the lists and tuples give the
+    same results, dropping the last reference still frees each tensor, and a non-tensor
+    element is named."""
+    import gc
+    import weakref
+    from roga_cuda.ops import native
+    C = native._C
+    g = torch.Generator().manual_seed(5)
+    p = [torch.randn(3, generator=g) for _ in range(50)]
+    gr = [torch.randn(3, generator=g) for _ in range(50)]
+    b = [torch.empty(3) for _ in range(50)]
+    counts = [sys.getrefcount(t) for t in p + gr + b]
+    want = [x + 0.5 * y for x, y in zip(p, gr)]
+    for _ in range(200):
+        assert C.norm(gr, None, 0.0, False) is not None
+        assert C.perturb_(p, gr, b, 0.0, None, False, 0.0)
+        assert C.restore_(tuple(p), tuple(b))
+        assert C.gram([p, tuple(gr)]) is not None
+    assert [sys.getrefcount(t) for t in p + gr + b] == counts
+    out = [torch.empty(3) for _ in range(50)]
+    assert C.combine_(tuple(out), (p, gr), [1.0, 0.5], None)
+    torch.testing.assert_close(out, want)
+    total = C.norm(tuple(gr), None, 0.0, False)[0]
+    torch.testing.assert_close(total, torch.cat(gr).norm())
+    refs = [weakref.ref(t) for t in out]
+    del out
+    gc.collect()
+    assert all(r() is None for r in refs)
+    with pytest.raises(TypeError, match=r"restore_: backup\[2\] is a int, not a Tensor"):
+        ops.restore_(p[:3], [b[0], b[1], 7], backend="cpu")
+    with pytest.raises(TypeError, match=r"restore_: backup\[2\] is a int, not a Tensor"):
+        native.restore_(p[:3], [b[0], b[1], 7])  # the fast entry itself refuses the list
+    assert all(torch.equal(x, y) for x, y in zip(p, b))  # restore_ above left p as b

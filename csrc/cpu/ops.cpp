@@ -41,6 +41,7 @@ struct Plan {
 
 Plan make_plan(const TensorList& ts) {
   Plan plan;
+  plan.pieces.reserve(ts.size());
   plan.chunk_first.push_back(0);
   int64_t fill = 0;
   for (size_t i = 0; i < ts.size(); ++i) {

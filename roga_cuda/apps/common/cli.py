@@ -92,13 +92,16 @@ def parse_seeds(text):
 # ------------------------------------------------------------------ runs of a comparison
 class RunSpec(NamedTuple):
     """One training run of a comparison: ``train`` ("module:function", called as
-    ``function(cfg, out, resume=resume)``) with the resolved ``config`` of ``app`` into ``out``."""
+    ``function(cfg, out, resume=resume)``) with the resolved ``config`` of ``app`` into ``out``.
+    ``cost``: its expected time relative to the others (e.g. backward passes per step), so
+    that the longest runs start first and no core idles at the end of a comparison."""
     name: str
     app: str
     train: str
     config: dict
     out: str
     resume: Optional[str] = None
+    cost: float = 1.0
 
 
 def default_jobs(cfg, n_runs, requested=None):
@@ -131,6 +134,12 @@ def _run_in_worker(spec, threads):
         return getattr(importlib.import_module(module), func)(cfg, spec.out, resume=spec.resume)
 
 
+def launch_order(specs):
+    """Indices of ``specs``, the most costly first (ties keep their order): with more runs
+    than workers, a long run started last would leave the other cores idle at the end."""
+    return sorted(range(len(specs)), key=lambda i: -specs[i].cost)
+
+
 def run_all(specs, jobs, say=print, describe=None):
     """Train every :class:`RunSpec` with ``jobs`` processes at once (``jobs`` = 1: in this
     process, one after the other). Returns the results in the order of ``specs``; the first
@@ -153,7 +162,7 @@ def run_all(specs, jobs, say=print, describe=None):
     t0 = time.time()
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's thread pools
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_run_in_worker, spec, threads): i for i, spec in enumerate(specs)}
+        futures = {pool.submit(_run_in_worker, specs[i], threads): i for i in launch_order(specs)}
         done = 0
         try:
             for fut in concurrent.futures.as_completed(futures):

@@ -132,7 +132,8 @@ def train_main(argv=None):
                     cfg = _config_from(args, [f"method={m}"] + ([f"seed={seed}"] if seed is not None else []))
                     out = os.path.join(args.out, m) if len(seeds) == 1 else os.path.join(args.out, m, f"seed{seed}")
                     specs.append(RunSpec(m + (f", seed {seed}" if seed is not None else ""), APP,
-                                         "roga_cuda.apps.image.train:train", cfg.to_dict(), out, args.resume))
+                                         "roga_cuda.apps.image.train:train", cfg.to_dict(), out, args.resume,
+                                         cost=1.0 if m == "erm" else 2.0))  # SAM-like: two passes a step
             jobs = default_jobs(cfg, len(specs), args.jobs)
             done = run_all(specs, jobs, say=print0, describe=lambda r: (
                 f"held-out AUC {r['summary']['cross_domain']['auc_mean']:.3f}, in-domain AUC "

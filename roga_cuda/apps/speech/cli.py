@@ -152,7 +152,8 @@ def compare(cfg, runs, out, resume=None, seeds=None, jobs=None):
             label = run_label(c)
             folder = os.path.join(out, label) if len(seeds) == 1 else os.path.join(out, label, f"seed{seed}")
             specs.append(RunSpec(label + (f", seed {seed}" if seed is not None else ""), APP,
-                                 "roga_cuda.apps.speech.train:train", c.to_dict(), folder, resume))
+                                 "roga_cuda.apps.speech.train:train", c.to_dict(), folder, resume,
+                                 cost=2.0 if c.method == "dpda" else 1.0))  # DPDA: clean + augmented path
     jobs = default_jobs(cfg, len(specs), jobs)
     t0 = time.time()
     data = build_data(cfg.data, log=print0)  # once; parallel runs read the synthetic corpus from its disk cache
