@@ -22,6 +22,9 @@ counters), which is the same on every rank and stored as one serialised object::
 
 ``get_state_dict`` on an optimizer that has not stepped yet creates its state the way torch
 does (one base step with zero gradients and lr 0), so that the template has every key.
+
+A plain ``torch.optim`` optimizer (no wrapper) is passed straight to torch's functions, so
+one code path checkpoints every optimizer of a run.
 """
 import io
 
@@ -39,6 +42,8 @@ def get_state_dict(model, optimizer, *, options=None):
     optimizer: a roga_cuda wrapper (SAM, RoGA, PCGrad, ...) of ``model``'s parameters.
     options: ``torch.distributed.checkpoint.state_dict.StateDictOptions`` (e.g. full state
     dicts instead of shards)."""
+    if _plain(optimizer):
+        return _dcp_sd.get_state_dict(model, optimizer, options=options)
     wrapper = optimizer.state_dict()["wrapper"]  # first: RoGA refuses mid-step, before anything changes
     model_sd, base_sd = _dcp_sd.get_state_dict(model, optimizer.base_optimizer, options=options)
     buf = io.BytesIO()
@@ -51,6 +56,13 @@ def set_state_dict(model, optimizer, model_state_dict, optim_state_dict, *, opti
     """Loads what :func:`get_state_dict` returned (after ``dcp.load`` filled it) into the
     model and the wrapper optimizer."""
     optim_state_dict = dict(optim_state_dict)
+    if _plain(optimizer):
+        if _WRAPPER in optim_state_dict:
+            raise ValueError("set_state_dict: this checkpoint was saved by a roga_cuda wrapper optimizer, not a plain "
+                             f"{type(optimizer).__name__}")
+        _dcp_sd.set_state_dict(model, optimizer, model_state_dict=model_state_dict,
+                               optim_state_dict=optim_state_dict, options=options)
+        return
     blob = optim_state_dict.pop(_WRAPPER, None)
     if blob is None:
         raise ValueError(f"set_state_dict: the optimizer state has no {_WRAPPER!r} entry; it was not written by "
@@ -63,3 +75,8 @@ def set_state_dict(model, optimizer, model_state_dict, optim_state_dict, *, opti
     _dcp_sd.set_state_dict(model, optimizer.base_optimizer, model_state_dict=model_state_dict,
                            optim_state_dict=optim_state_dict, options=options)
     optimizer._base_loaded(extra["wrapper"])
+
+
+def _plain(optimizer):
+    """A torch.optim optimizer rather than a roga_cuda wrapper of one?"""
+    return not hasattr(optimizer, "base_optimizer")
