@@ -873,3 +873,39 @@ def test_checkpoint_helpers_take_plain_torch_optimizers():
     run(model2, opt2, [2])
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_load_skips_parameters_without_optimizer_state(tmp_path):
+    """A parameter that never had a gradient before the save has no optimizer state in the
+    checkpoint: ``load`` cuts the template to what was saved (DCP would refuse the missing
+    keys), and the resumed run steps like the original (one process, no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    from roga_cuda import SAM
+    from roga_cuda.optim.checkpoint import get_state_dict, load
+
+    def build():
+        model = net()
+        model.unused = nn.Parameter(torch.ones(2, dtype=torch.float64))  # never in the graph
+        return model, SAM(model.parameters(), torch.optim.Adam, lr=0.01, rho=0.1)
+
+    def run(model, opt, steps):
+        for s in steps:
+            x, y = data(s)
+            F.cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+
+    model, opt = build()
+    run(model, opt, range(2))
+    assert model.unused not in opt.base_optimizer.state
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    model2, opt2 = build()
+    load(model2, opt2, str(tmp_path / "ckpt"))
+    assert model2.unused not in opt2.base_optimizer.state
+    run(model, opt, [2])
+    run(model2, opt2, [2])
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -15,10 +15,11 @@ counters), which is the same on every rank and stored as one serialised object::
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
     # resume: a fresh model (fully_shard as before) and optimizer
-    model_sd, optim_sd = get_state_dict(model, opt)          # the template DCP loads into
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, state["model"], state["optim"])
+    load(model, opt, path)
+
+which is ``get_state_dict`` (the template DCP fills), ``dcp.load`` and ``set_state_dict``,
+with the template cut to the parameters that have optimizer state in the checkpoint (one
+that never had a gradient before the save has none).
 
 ``get_state_dict`` on an optimizer that has not stepped yet creates its state the way torch
 does (one base step with zero gradients and lr 0), so that the template has every key.
@@ -75,6 +76,26 @@ def set_state_dict(model, optimizer, model_state_dict, optim_state_dict, *, opti
     _dcp_sd.set_state_dict(model, optimizer.base_optimizer, model_state_dict=model_state_dict,
                            optim_state_dict=optim_state_dict, options=options)
     optimizer._base_loaded(extra["wrapper"])
+
+
+def load(model, optimizer, checkpoint_id, *, model_key="model", optim_key="optim"):
+    """Load ``{model_key: ..., optim_key: ...}`` saved with ``dcp.save`` from
+    :func:`get_state_dict` into ``model`` and ``optimizer`` (any number of ranks: DCP reshards).
+    Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    saved = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    # the template holds state for every parameter; the checkpoint only for those that had a
+    # gradient before it was saved (the others have none in the saved run either)
+    kept = {fqn: st for fqn, st in optim_sd["state"].items()
+            if all(f"{optim_key}.state.{fqn}.{k}" in saved for k in st)}
+    # torch refuses missing optimizer state unless strict=False (which for the model would
+    # also allow missing keys: none here, the template has them all and dcp.load filled them)
+    options = _dcp_sd.StateDictOptions(strict=False) if len(kept) < len(optim_sd["state"]) else None
+    optim_sd["state"] = kept
+    state = {model_key: model_sd, optim_key: optim_sd}
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    set_state_dict(model, optimizer, state[model_key], state[optim_key], options=options)
 
 
 def _plain(optimizer):

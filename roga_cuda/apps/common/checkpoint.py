@@ -35,8 +35,8 @@ import tempfile
 import torch
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "latest_checkpoint", "checkpoint_path",
-           "prune_checkpoints", "average_checkpoints", "save_sharded_checkpoint", "load_sharded_checkpoint",
-           "is_sharded_checkpoint", "SHARDED_META"]
+           "prune_checkpoints", "average_checkpoints", "save_sharded_checkpoint", "is_sharded_checkpoint",
+           "SHARDED_META"]
 
 CKPT_PATTERN = re.compile(r"^step_(\d+)(\.pt)?$")  # step_<N>.pt: one file; step_<N>: a sharded folder
 SHARDED_META = "trainer.pt"  # a sharded checkpoint's unsharded part (rank 0's file)
@@ -230,23 +230,6 @@ def save_sharded_checkpoint(path, sharded, meta):
     if dist.is_initialized():
         dist.barrier()
     return path
-
-
-def load_sharded_checkpoint(path, template):
-    """Read a sharded checkpoint: ``template`` (the DCP state of this run's freshly built model
-    and optimizer, any number of ranks) is filled in place; returns ``trainer.pt``'s content.
-    Every rank calls it (collective)."""
-    import torch.distributed.checkpoint as dcp
-    path = os.fspath(path)
-    if not is_sharded_checkpoint(path):
-        raise CheckpointError(f"{path} is not a sharded checkpoint folder (no {SHARDED_META})")
-    meta = load_checkpoint(os.path.join(path, SHARDED_META))
-    try:
-        dcp.load(template, checkpoint_id=path)
-    except Exception as e:
-        raise CheckpointError(f"cannot read sharded checkpoint {path}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}".rstrip()) from e
-    return meta
 
 
 def _model_state(ckpt, path):

@@ -104,7 +104,8 @@ def load_full_state_dict(model, state):
         unwrap_model(model).load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    # a copy: torch swaps the dict's tensors for the DTensor shards it makes of them
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
 
 
 def forward_count(n, batch_size, sharded):

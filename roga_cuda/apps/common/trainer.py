@@ -118,6 +118,14 @@ class Trainer:
         self.cfg, self.out, self.log = cfg, out_dir, log
         self.rt = setup_runtime(cfg)
         self.device, self.dist, self.amp = self.rt.device, self.rt.dist, self.rt.amp
+        try:
+            self._build(cfg, out_dir, data)
+        except BaseException:
+            if self.dist.created:  # the one-process group train.fsdp started: not left behind
+                cleanup_distributed()
+            raise
+
+    def _build(self, cfg, out_dir, data):
         self.data = data if data is not None else self.build_data()
         self.data_time = time.time() - self.t_created
         self.model = self.build_model().to(self.device)
@@ -414,12 +422,8 @@ class Trainer:
 
     def _restore_sharded(self, state, path):
         """Every rank reads its shards of ``path`` (any number of ranks wrote it)."""
-        from ...optim.checkpoint import get_state_dict, set_state_dict
-        from .checkpoint import load_sharded_checkpoint
-        model_sd, optim_sd = get_state_dict(self.model, self.opt)  # the template DCP fills
-        template = {"model": model_sd, "optim": optim_sd}
-        load_sharded_checkpoint(path, template)
-        set_state_dict(self.model, self.opt, template["model"], template["optim"])
+        from ...optim.checkpoint import load
+        load(self.model, self.opt, path)
         self.sched.load_state_dict(state["scheduler"])
         self.amp.load_state_dict(state.get("scaler") or {})
         self.es.load_state_dict(state["early_stopping"])
