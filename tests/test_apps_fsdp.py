@@ -3,7 +3,8 @@
 One pair of processes runs every scenario (start-up and imports are most of the cost), as
 tests/test_fsdp.py does: rendezvous through a file in a temporary directory (no TCP port),
 each scenario caught on its own, a deadline for the whole run. Per app (image: RoGA over 2
-domains; speech: DPDA with PCGrad):
+domains on Meso4, a small CNN whose layers are sharded one by one; speech: DPDA with PCGrad
+on a tiny AASIST, whose encoder blocks are sharded one by one):
 
 * ``full``: an uninterrupted run with sharded checkpoints, validation, best-model files and
   the final evaluation;
@@ -35,7 +36,7 @@ WORLD = 2
 DEADLINE_S = 400
 IMAGE_STEPS, IMAGE_KILL = 6, 4   # checkpoints every 2 steps; killed while writing step 4's
 SPEECH_KILL = 6                  # speech: 4 steps/epoch, checkpoints every 2 steps and at epoch ends
-IMAGE = ["method=roga", f"train.steps={IMAGE_STEPS}", "train.eval_every=3", "train.checkpoint_every=2",
+IMAGE = ["method=roga", "model.arch=meso4", f"train.steps={IMAGE_STEPS}", "train.eval_every=3", "train.checkpoint_every=2",
          "train.keep_checkpoints=0", "train.log_every=1", "eval.select=best", "runtime.device=cpu",
          "runtime.threads=1", "runtime.progress=false", "data.synthetic.videos=[4,2,2]", "data.synthetic.frames=4",
          "train.fsdp=true"]
@@ -119,18 +120,28 @@ def _resharded(tmp):
     return {"log": lines, "initialized_after": dist.is_initialized()}
 
 
+def _no_render(fig, path):
+    """Stands in for the PNG rendering (most of a tiny run's time here; drawing the plots is
+    tested in tests/test_image_app.py and tests/test_speech_app.py): an empty file."""
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    open(path, "wb").close()
+    return path
+
+
 def _worker(rank, tmp):
+    import roga_cuda.apps.common.plots as common_plots
+    import roga_cuda.apps.speech.plots as speech_plots
+    common_plots._save = speech_plots._save = _no_render
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank,
                             world_size=WORLD)
     torch.set_num_threads(1)
     for name, fn in _scenarios(rank, tmp).items():
-        t0 = time.time()
         try:
             res = fn()
         except BaseException:
             res = {"error": traceback.format_exc()}
-        res["seconds"] = time.time() - t0
         torch.save(res, os.path.join(tmp, f"{name}.{rank}.pt"))
         dist.barrier()  # a scenario that failed on one rank only must not desynchronise the next
     dist.barrier()
@@ -162,7 +173,6 @@ def runs():
         for name in list(_scenarios(0, tmp)) + ["resharded"]:
             ranks = range(1) if name == "resharded" else range(WORLD)
             res[name] = [torch.load(os.path.join(tmp, f"{name}.{r}.pt"), weights_only=False) for r in ranks]
-        print({k: [round(x.get("seconds", -1), 1) for x in v] for k, v in res.items()}, file=sys.stderr)  # TEMP
         yield tmp, res
 
 
