@@ -93,7 +93,21 @@ def _scenarios(rank, tmp):
         out[f"{app}-full"] = lambda app=app: {"log": _train(app, tmp, os.path.join(tmp, app, "full"))}
         out[f"{app}-crash"] = lambda app=app, kill=kill: _crash(app, tmp, os.path.join(tmp, app, "crash"), kill)
         out[f"{app}-resume"] = lambda app=app: {"log": _train(app, tmp, os.path.join(tmp, app, "crash"), "auto")}
+    out["image-mismatch"] = lambda: _mismatch(tmp)
     return out
+
+
+def _mismatch(tmp):
+    """Another model (ResNet-34 for Meso4) resuming a sharded checkpoint: the error."""
+    from roga_cuda.apps.common.config import load_config
+    from roga_cuda.apps.image.train import train
+    cfg = load_config("smoke", overrides=IMAGE + ["model.arch=resnet34", "model.width=8"], app="image")
+    try:
+        train(cfg, os.path.join(tmp, "image", "mismatch"),
+              resume=os.path.join(tmp, "image", "full", "checkpoints", "step_00000002"), log=lambda s: None)
+    except ValueError as e:
+        return {"message": str(e)}
+    return {"message": None}
 
 
 def _resharded(tmp):
@@ -322,3 +336,29 @@ def test_bad_fsdp_settings_are_refused():
                       app="speech")
     with pytest.raises(ValueError, match="probe_conflict_every is not supported with train.fsdp"):
         validate(cfg)
+
+
+def test_a_checkpoint_that_does_not_fit_gets_a_clear_error(runs):
+    tmp, res = runs
+    for r in _ok(res, "image-mismatch"):
+        assert r["message"] and "the checkpoint does not fit this run's model/optimizer" in r["message"], r
+
+
+def test_sharded_and_whole_checkpoints_are_not_mixed(runs, tmp_path):
+    """A run without train.fsdp refuses a sharded checkpoint folder, and a train.fsdp run
+    (here one process, on the one-process group it starts and ends) a whole-model
+    checkpoint, in one line, before anything is loaded."""
+    tmp, _ = runs
+    from roga_cuda.apps.common.config import load_config
+    from roga_cuda.apps.image.train import train
+    cfg = load_config("smoke", overrides=[o for o in IMAGE if o != "train.fsdp=true"], app="image")
+    with pytest.raises(ValueError, match="is sharded .written with train.fsdp=true.: resume it with train.fsdp=true"):
+        train(cfg, str(tmp_path / "plain"), resume=os.path.join(tmp, "image", "full", "checkpoints", "step_00000002"),
+              log=lambda s: None)
+    plain = str(tmp_path / "whole")
+    train(load_config("smoke", overrides=[o for o in IMAGE if o != "train.fsdp=true"] + ["train.steps=2"], app="image"),
+          plain, log=lambda s: None)
+    with pytest.raises(ValueError, match="is a whole-model checkpoint .written without train.fsdp.: resume it without"):
+        train(load_config("smoke", overrides=IMAGE, app="image"), str(tmp_path / "sharded"),
+              resume=os.path.join(plain, "checkpoints", "step_00000002.pt"), log=lambda s: None)
+    assert not dist.is_initialized(), "the one-process group was left behind"

@@ -422,8 +422,13 @@ class Trainer:
 
     def _restore_sharded(self, state, path):
         """Every rank reads its shards of ``path`` (any number of ranks wrote it)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
         from ...optim.checkpoint import load
-        load(self.model, self.opt, path)
+        try:
+            load(self.model, self.opt, path)
+        except CheckpointException as e:  # a BaseException: made a ValueError, reported like the others
+            raise ValueError(str(e).strip().splitlines()[0][:500]) from e
         self.sched.load_state_dict(state["scheduler"])
         self.amp.load_state_dict(state.get("scaler") or {})
         self.es.load_state_dict(state["early_stopping"])
