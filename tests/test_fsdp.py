@@ -17,6 +17,8 @@ empty on rank 1):
   DTensors whose local storage is the local shard: about half of the replicated size;
 * a sharded checkpoint (torch.distributed.checkpoint) saved after step 2 and loaded into a
   fresh model and optimizer gives bit for bit the same step 4;
+* the same checkpoint loaded by ONE process (a one-rank mesh: DCP reshards it), which then
+  trains on the whole batch, also ends at the single-process run's step 4;
 * the optimizers add only their reductions' all-reduces to what FSDP does (no DDP-style
   all-reduce of gradients FSDP already reduce-scattered);
 * AMP (GradScaler) with an inf/nan in one rank's shard only: both ranks skip that step and
@@ -128,7 +130,9 @@ def _sharded_net():
 
 
 def _local(x, y, rank):
-    return x[rank::WORLD], y[rank::WORLD]
+    """This rank's share of the global batch (all of it on a one-process group)."""
+    w = dist.get_world_size()
+    return x[rank::w], y[rank::w]
 
 
 def _step(kind, model, opt, s, rank, scaler=None, poison=False, probe=None):
@@ -454,20 +458,62 @@ def _worker(rank, tmp):
     os._exit(0)
 
 
+def _resume_on_one_process(kind, tmp):
+    """The checkpoint the two ranks wrote after step 2, loaded by one process into a model
+    sharded over a one-rank mesh; the remaining steps on the whole batch."""
+    import torch.distributed.checkpoint as dcp
+
+    from roga_cuda.optim.checkpoint import get_state_dict, set_state_dict
+    model = _sharded_net()
+    opt = _optimizer(kind, model.parameters())
+    msd, osd = get_state_dict(model, opt)
+    loaded = {"model": msd, "optim": osd}
+    dcp.load(loaded, checkpoint_id=os.path.join(tmp, f"ckpt-{kind}"))
+    set_state_dict(model, opt, loaded["model"], loaded["optim"])
+    local = [p.to_local().numel() == p.numel() for p in model.parameters()]
+    for s in range(SAVE_AFTER, STEPS):
+        _step(kind, model, opt, s, 0)
+    res = {"final": _full(model), "whole_shards": all(local)}
+    if kind in AGGREGATORS:
+        res["stats"] = (opt.stats["steps"], float(opt.conflict_rate))
+    return res
+
+
+def _one_worker(rank, tmp):
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous-one')}", rank=0,
+                            world_size=1)
+    torch.set_num_threads(1)
+    for kind in KINDS:
+        try:
+            res = _resume_on_one_process(kind, tmp)
+        except BaseException:
+            res = {"error": traceback.format_exc()}
+        torch.save(res, os.path.join(tmp, f"one-{kind}.0.pt"))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _spawn(fn, nprocs, tmp):
+    ctx = mp.start_processes(fn, args=(tmp,), nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {nprocs}-process FSDP run did not finish in {DEADLINE_S} s (a collective hung?)")
+
+
 @pytest.fixture(scope="module")
 def sharded():
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(tmp,), nprocs=WORLD, join=False, start_method="spawn")
-        deadline = time.monotonic() + DEADLINE_S
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"the 2-process FSDP run did not finish in {DEADLINE_S} s (a collective hung?)")
-        return {name: [torch.load(os.path.join(tmp, f"{name}.{r}.pt"), weights_only=False) for r in range(WORLD)]
-                for name in ("rules",) + KINDS}
+        _spawn(_worker, WORLD, tmp)
+        _spawn(_one_worker, 1, tmp)  # then one process resumes the two ranks' checkpoints
+        out = {name: [torch.load(os.path.join(tmp, f"{name}.{r}.pt"), weights_only=False) for r in range(WORLD)]
+               for name in ("rules",) + KINDS}
+        out.update({f"one-{k}": [torch.load(os.path.join(tmp, f"one-{k}.0.pt"), weights_only=False)] for k in KINDS})
+        return out
 
 
 def _ok(results, name):
@@ -618,6 +664,17 @@ def test_sharded_checkpoint_resumes_exactly(sharded, kind):
             assert torch.equal(res[r]["resumed"][k], v), f"{kind}, rank {r}: resumed run differs in {k}"
         if "stats" in res[r]:
             assert res[r]["resumed_stats"] == res[r]["stats"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoint_of_two_ranks_resumes_on_one(sharded, kind):
+    """DCP reshards: one process loads what two wrote and continues like the single-process
+    run on the whole batch (float tolerance: the reductions are summed in another order)."""
+    one = _ok(sharded, f"one-{kind}")[0]
+    assert one["whole_shards"], "on a one-rank mesh every local shard is the whole parameter"
+    _assert_close(one["final"], reference(kind, range(STEPS)), f"{kind}, resumed on one process")
+    if kind in AGGREGATORS:
+        assert one["stats"] == (STEPS, 1.0), one["stats"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -786,3 +843,69 @@ def test_checkpoint_helpers_on_one_process():
         set_state_dict(net(), other, msd, osd)
     with pytest.raises(ValueError, match="was not written by roga_cuda.optim.checkpoint.get_state_dict"):
         set_state_dict(model2, opt2, msd, opt2.base_optimizer.state_dict())
+    plain = torch.optim.AdamW(net().parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="saved by a roga_cuda wrapper optimizer, not a plain AdamW"):
+        set_state_dict(net(), plain, msd, osd)
+
+
+def test_checkpoint_helpers_take_plain_torch_optimizers():
+    """A plain torch.optim optimizer (the apps' ERM / baseline runs) goes through the same two
+    functions: a fresh model and optimizer loaded from them step like the originals."""
+    from roga_cuda.optim.checkpoint import get_state_dict, set_state_dict
+
+    def run(model, opt, steps):
+        for s in steps:
+            x, y = data(s)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    run(model, opt, range(2))
+    msd, osd = copy.deepcopy(get_state_dict(model, opt))
+    assert "roga_cuda_wrapper" not in osd
+    model2 = net()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.7, momentum=0.9)
+    set_state_dict(model2, opt2, msd, osd)
+    assert opt2.param_groups[0]["lr"] == 0.1
+    run(model, opt, [2])
+    run(model2, opt2, [2])
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_load_skips_parameters_without_optimizer_state(tmp_path):
+    """A parameter that never had a gradient before the save has no optimizer state in the
+    checkpoint: ``load`` cuts the template to what was saved (DCP would refuse the missing
+    keys), and the resumed run steps like the original (one process, no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    from roga_cuda import SAM
+    from roga_cuda.optim.checkpoint import get_state_dict, load
+
+    def build():
+        model = net()
+        model.unused = nn.Parameter(torch.ones(2, dtype=torch.float64))  # never in the graph
+        return model, SAM(model.parameters(), torch.optim.Adam, lr=0.01, rho=0.1)
+
+    def run(model, opt, steps):
+        for s in steps:
+            x, y = data(s)
+            F.cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+
+    model, opt = build()
+    run(model, opt, range(2))
+    assert model.unused not in opt.base_optimizer.state
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    model2, opt2 = build()
+    load(model2, opt2, str(tmp_path / "ckpt"))
+    assert model2.unused not in opt2.base_optimizer.state
+    run(model, opt, [2])
+    run(model2, opt2, [2])
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k

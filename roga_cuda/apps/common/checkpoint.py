@@ -16,19 +16,30 @@ of the file in the zip archive's comment field (part of the zip format: ``torch.
 and the bytes it covers always arrive together. ``load_checkpoint`` verifies it and raises
 :class:`CheckpointError` on a mismatch; files without it (torchvision weights, other tools)
 load unverified.
+
+Sharded checkpoints (``train.fsdp=true``): ``step_<N>/`` folders written by
+:func:`save_sharded_checkpoint` with ``torch.distributed.checkpoint`` (every rank its own
+shards; loadable on another number of ranks) plus ``trainer.pt``, the run's unsharded
+state, written by rank 0 with :func:`save_checkpoint`. The folder is written under a
+hidden temporary name and renamed into place by rank 0 once every rank's shards, DCP's
+metadata and ``trainer.pt`` are on disk: a checkpoint interrupted halfway is never taken
+for one (and the previous one stays).
 """
 import glob
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 
 import torch
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "latest_checkpoint", "checkpoint_path",
-           "prune_checkpoints", "average_checkpoints"]
+           "prune_checkpoints", "average_checkpoints", "save_sharded_checkpoint", "is_sharded_checkpoint",
+           "SHARDED_META"]
 
-CKPT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+CKPT_PATTERN = re.compile(r"^step_(\d+)(\.pt)?$")  # step_<N>.pt: one file; step_<N>: a sharded folder
+SHARDED_META = "trainer.pt"  # a sharded checkpoint's unsharded part (rank 0's file)
 
 
 class CheckpointError(RuntimeError):
@@ -129,6 +140,9 @@ def load_checkpoint(path, map_location="cpu", weights_only=True):
     weights_only=False is needed only for files from elsewhere that pickle arbitrary
     objects (never load such files from untrusted sources)."""
     path = os.fspath(path)
+    if is_sharded_checkpoint(path):
+        raise CheckpointError(f"{path} is a sharded checkpoint folder (train.fsdp=true): it resumes a run (--resume); "
+                              "to evaluate, use the run's whole-model files (best.pt, final.pt, model_avg.pt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     verify_checkpoint(path)
@@ -138,23 +152,30 @@ def load_checkpoint(path, map_location="cpu", weights_only=True):
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".rstrip()) from e
 
 
-def checkpoint_path(folder, step):
-    """The file name the training loops use for the checkpoint after ``step`` steps."""
-    return os.path.join(os.fspath(folder), f"step_{int(step):08d}.pt")
+def checkpoint_path(folder, step, sharded=False):
+    """The file (``step_<N>.pt``) or, ``sharded``, the folder (``step_<N>``) the training
+    loops use for the checkpoint after ``step`` steps."""
+    return os.path.join(os.fspath(folder), f"step_{int(step):08d}" + ("" if sharded else ".pt"))
+
+
+def is_sharded_checkpoint(path):
+    """Is ``path`` a folder written by :func:`save_sharded_checkpoint`?"""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, SHARDED_META))
 
 
 def _step_files(folder):
     out = []
-    for p in glob.glob(os.path.join(glob.escape(os.fspath(folder)), "step_*.pt")):
+    for p in glob.glob(os.path.join(glob.escape(os.fspath(folder)), "step_*")):
         m = CKPT_PATTERN.match(os.path.basename(p))
-        if m:
+        if m and (os.path.isfile(p) if m.group(2) else is_sharded_checkpoint(p)):
             out.append((int(m.group(1)), p))
     return sorted(out)
 
 
 def latest_checkpoint(folder):
-    """Path of the checkpoint with the highest step in ``folder`` (``step_<N>.pt``), or None.
-    Temporary files of interrupted writes are ignored."""
+    """Path of the checkpoint with the highest step in ``folder`` (``step_<N>.pt`` or a
+    sharded ``step_<N>`` folder), or None. Temporary files and folders of interrupted writes
+    are ignored."""
     if folder is None or not os.path.isdir(folder):
         return None
     files = _step_files(folder)
@@ -162,7 +183,8 @@ def latest_checkpoint(folder):
 
 
 def prune_checkpoints(folder, keep, protect=()):
-    """Delete all but the ``keep`` newest ``step_<N>.pt`` files (never those in ``protect``)."""
+    """Delete all but the ``keep`` newest ``step_<N>.pt`` files / ``step_<N>`` folders (never
+    those in ``protect``)."""
     if keep is None or keep <= 0:
         return []
     protect = {os.path.abspath(p) for p in protect if p}
@@ -170,9 +192,44 @@ def prune_checkpoints(folder, keep, protect=()):
     removed = []
     for _, p in files[:-keep]:
         if os.path.abspath(p) not in protect:
-            os.unlink(p)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
             removed.append(p)
     return removed
+
+
+def save_sharded_checkpoint(path, sharded, meta):
+    """Write a sharded checkpoint folder ``path``; every rank calls it (collective).
+
+    sharded: the DCP state (e.g. ``{"model": ..., "optim": ...}`` from
+    ``roga_cuda.optim.checkpoint.get_state_dict``), each rank's own shards; meta: the
+    unsharded rest (rank 0's value is written, to ``path/trainer.pt``). Written to
+    ``.<name>.partial`` next to ``path`` and renamed by rank 0 when complete."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    tmp = os.path.join(folder, "." + os.path.basename(path) + ".partial")
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if main:
+        os.makedirs(folder, exist_ok=True)
+        if os.path.isdir(tmp):  # left by an interrupted write
+            shutil.rmtree(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    dcp.save(sharded, checkpoint_id=tmp)  # ends once every rank's shards and rank 0's metadata are written
+    if main:
+        save_checkpoint(os.path.join(tmp, SHARDED_META), meta)
+        _fsync_dir(tmp)
+        if os.path.isdir(path):  # the same step written again (a rerun): replace it whole
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
 
 
 def _model_state(ckpt, path):

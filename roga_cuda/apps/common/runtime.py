@@ -149,8 +149,12 @@ class Amp:
 
 # -------------------------------------------------------------------------------------- DDP
 class DistInfo:
-    def __init__(self, rank=0, world_size=1, local_rank=0, backend=None):
+    """rank, world size, local rank and backend of this process; ``created``: this call started
+    a one-process group (``init_distributed(single_group=True)``), which its caller ends."""
+
+    def __init__(self, rank=0, world_size=1, local_rank=0, backend=None, created=False):
         self.rank, self.world_size, self.local_rank, self.backend = rank, world_size, local_rank, backend
+        self.created = created
 
     @property
     def enabled(self):
@@ -164,13 +168,24 @@ class DistInfo:
         return f"DistInfo(rank={self.rank}, world_size={self.world_size}, backend={self.backend})"
 
 
-def init_distributed(device_type=None):
-    """Start the process group from torchrun's environment variables (no-op without them)."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
-        return DistInfo()
+def init_distributed(device_type=None, single_group=False):
+    """Start the process group from torchrun's environment variables (no-op without them).
+
+    single_group=True: without them (or with WORLD_SIZE=1) start a one-process group instead
+    (an in-memory store, no port), for code that needs one, e.g. FSDP2's ``fully_shard``."""
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     backend = "nccl" if device_type == "cuda" else "gloo"
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+        if not single_group:
+            return DistInfo()
+        if dist.is_initialized():
+            if dist.get_world_size() != 1:
+                raise RuntimeError(f"a process group of {dist.get_world_size()} processes is running but WORLD_SIZE "
+                                   "is not set; launch with torchrun")
+            return DistInfo(0, 1, 0, dist.get_backend())
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        return DistInfo(0, 1, 0, backend, created=True)
     r, w = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     lr = int(os.environ.get("LOCAL_RANK", r))
     if not dist.is_initialized():

@@ -19,6 +19,14 @@ A checkpoint holds the model, optimizer, scheduler, GradScaler, early stopping, 
 states, the not yet written log records and the app's own state (``app_state``), so a
 resumed run writes the same logs and ends with the same weights as an uninterrupted one
 (bit-identical on CPU).
+
+Processes: one; DDP under ``torchrun`` (more than one process); or, with
+``train.fsdp=true``, FSDP2: the model is ``fully_shard``-ed block by block
+(:mod:`.sharding`), the roga_cuda optimizers run on its DTensor shards, checkpoints are
+sharded ``step_<N>/`` folders (``torch.distributed.checkpoint``; they resume on another
+number of processes too), and the model files (best/final/averaged) hold the whole model,
+gathered on rank 0, so they load in one process as before. One process with
+``train.fsdp=true`` runs on a one-process group.
 """
 import math
 import os
@@ -29,8 +37,9 @@ import warnings
 import torch
 
 from .checkpoint import CheckpointError, latest_checkpoint
-from .runtime import (Amp, barrier, init_distributed, is_main, print0, progress, seed_everything, select_device,
-                      set_num_threads)
+from .runtime import (Amp, all_gather_objects, barrier, cleanup_distributed, get_rng_state, init_distributed, is_main,
+                      print0, progress, seed_everything, select_device, set_num_threads, set_rng_state)
+from .sharding import shard_model, shard_units, sync_buffers
 from .training import Checkpointer, EarlyStopping, MetricLogger, build_scheduler, capture_state, restore_state
 from .config import save_config
 
@@ -52,10 +61,11 @@ class RuntimeInfo:
 
 
 def setup_runtime(cfg):
-    """Threads, DDP process group (under torchrun), device, seeds and AMP from ``cfg.runtime``."""
+    """Threads, process group (under torchrun; with ``train.fsdp`` always, one process too),
+    device, seeds and AMP from ``cfg.runtime``."""
     rt = cfg.runtime
     wants_cuda = str(rt.device).startswith("cuda") or (rt.device == "auto" and torch.cuda.is_available())
-    dist = init_distributed("cuda" if wants_cuda else "cpu")
+    dist = init_distributed("cuda" if wants_cuda else "cpu", single_group=fsdp_enabled(cfg))
     threads = rt.threads
     if not threads and dist.enabled and not wants_cuda:  # N CPU processes share the cores instead of N x all
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
@@ -64,6 +74,10 @@ def setup_runtime(cfg):
     device = select_device(rt.device, dist.local_rank)
     seed_everything(cfg.seed, rt.deterministic)
     return RuntimeInfo(device, dist, Amp(device, rt.amp, rt.amp_dtype))
+
+
+def fsdp_enabled(cfg):
+    return bool(cfg.train.get("fsdp", False))
 
 
 def make_optimizer(o, params, wrapper=None, **wrapper_kw):
@@ -100,14 +114,25 @@ class Trainer:
     def __init__(self, cfg, out_dir, data=None, log=print0):
         self.t_created = time.time()  # the run's wall time counts from here
         self.check_config(cfg)
+        self.fsdp = fsdp_enabled(cfg)
         self.cfg, self.out, self.log = cfg, out_dir, log
         self.rt = setup_runtime(cfg)
         self.device, self.dist, self.amp = self.rt.device, self.rt.dist, self.rt.amp
+        try:
+            self._build(cfg, out_dir, data)
+        except BaseException:
+            if self.dist.created:  # the one-process group train.fsdp started: not left behind
+                cleanup_distributed()
+            raise
+
+    def _build(self, cfg, out_dir, data):
         self.data = data if data is not None else self.build_data()
         self.data_time = time.time() - self.t_created
         self.model = self.build_model().to(self.device)
         self.ddp = None
-        if self.dist.enabled:
+        if self.fsdp:  # sharded in place: self.model is the FSDP module
+            shard_model(self.model, self.shard_units())
+        elif self.dist.enabled:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.net = self.ddp or self.model  # what the forward passes go through
@@ -144,6 +169,17 @@ class Trainer:
 
     def build_optimizer(self):
         raise NotImplementedError
+
+    def shard_units(self):
+        """train.fsdp: the blocks ``fully_shard``-ed one by one before the root."""
+        return shard_units(self.model)
+
+    def sync_buffers(self):
+        """train.fsdp: rank 0's BatchNorm statistics to every rank (see :mod:`.sharding`);
+        before validation, checkpoints and the final evaluation. DDP needs none (it
+        broadcasts them at every forward)."""
+        if self.fsdp:
+            sync_buffers(self.model)
 
     def plan_steps(self):
         """Total number of training steps."""
@@ -190,6 +226,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------- loop
     def fit(self, resume=None):
+        try:
+            return self._fit(resume)
+        finally:
+            if self.dist.created:  # the one-process group train.fsdp started
+                cleanup_distributed()
+
+    def _fit(self, resume):
         state, path = self.ckpt.load(resume) if resume else (None, None)
         if state is None:
             self._fresh_start(resume)
@@ -216,6 +259,7 @@ class Trainer:
             self.bar = None
             self.train_log.close()
             self.eval_log.close()
+        self.sync_buffers()
         return self.finish()
 
     def _loop(self, bar):
@@ -236,7 +280,7 @@ class Trainer:
             self.train_time = time.time() - t_start
             if self.ckpt.due(self.step) or (validate and self.checkpoint_on_eval) or \
                     (self.stopped_early and self.ckpt.every):
-                self.ckpt.save(self.step, self._state())
+                self._save_checkpoint()
             if self.stopped_early:
                 self.say(f"[{self.label}] early stop: no better {self.monitor_key} in {self.es.patience} "
                          f"evaluation(s); stopping at step {self.step}")
@@ -281,6 +325,7 @@ class Trainer:
         self._t_window = time.time()
 
     def _validate(self):
+        self.sync_buffers()
         metrics = self.validate(self.step)
         value = metrics[self.monitor_key]
         tie = metrics.get(self.tiebreak_key) if self.tiebreak_key else None
@@ -292,6 +337,22 @@ class Trainer:
             self.stopped_early = True
 
     # -------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self):
+        if not self.fsdp:
+            return self.ckpt.save(self.step, self._state())
+        from ...optim.checkpoint import get_state_dict
+        self.sync_buffers()  # the statistics every rank resumes with
+        model_sd, optim_sd = get_state_dict(self.model, self.opt)
+        counters = {"step": self.step, "train_time": self.train_time, "stopped_early": self.stopped_early,
+                    "total_steps": self.total_steps}
+        meta = {"format": CHECKPOINT_FORMAT, "app": self.app, "label": self.label, "sharded": True,
+                "world_size": self.dist.world_size, "scheduler": self.sched.state_dict(),
+                "scaler": self.amp.state_dict(), "early_stopping": self.es.state_dict(),
+                "rng": all_gather_objects(get_rng_state()),  # per rank
+                "counters": counters, "config": self.cfg.to_dict(),
+                "extra": {"pending": self.pending, "app": self.app_state()}}
+        return self.ckpt.save(self.step, meta, sharded={"model": model_sd, "optim": optim_sd})
+
     def _state(self):
         counters = {"step": self.step, "train_time": self.train_time, "stopped_early": self.stopped_early,
                     "total_steps": self.total_steps}
@@ -335,17 +396,44 @@ class Trainer:
             raise ValueError(f"--resume {path}: the checkpoint is at step {c['step']} but this run has only "
                              f"{self.total_steps} steps; raise train.steps (or train.epochs) to at least {c['step']}, "
                              "or start a new run")
+        if bool(state.get("sharded")) != self.fsdp:
+            how = ("sharded (written with train.fsdp=true): resume it with train.fsdp=true" if state.get("sharded") else
+                   "a whole-model checkpoint (written without train.fsdp): resume it without train.fsdp=true")
+            raise ValueError(f"--resume {path}: this checkpoint is {how}")
         try:
-            restore_state(state, model=self.model, optimizer=self.opt, scheduler=self.sched, amp=self.amp,
-                          early_stopping=self.es)
+            if self.fsdp:
+                self._restore_sharded(state, path)
+            else:
+                restore_state(state, model=self.model, optimizer=self.opt, scheduler=self.sched, amp=self.amp,
+                              early_stopping=self.es)
         except (RuntimeError, KeyError, ValueError) as e:  # e.g. another model size
             raise ValueError(f"--resume {path}: the checkpoint does not fit this run's model/optimizer "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e})") from e
         self.step, self.train_time = int(c["step"]), float(c["train_time"])
+        if self.fsdp and int(state["world_size"]) != self.dist.world_size:
+            self.log(f"[resume] {path} was written by {state['world_size']} process(es), this run has "
+                     f"{self.dist.world_size}: resharded; the global batch is now train.batch_size x "
+                     f"{self.dist.world_size}")
         self.stopped_early = bool(c["stopped_early"])
         self.pending = list(state["extra"]["pending"])
         self.load_app_state(state["extra"]["app"])
         self.log(f"[resume] {path}: continuing {self.label} at step {self.step} of {self.total_steps}")
+
+
+    def _restore_sharded(self, state, path):
+        """Every rank reads its shards of ``path`` (any number of ranks wrote it)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from ...optim.checkpoint import load
+        try:
+            load(self.model, self.opt, path)
+        except CheckpointException as e:  # a BaseException: made a ValueError, reported like the others
+            raise ValueError(str(e).strip().splitlines()[0][:500]) from e
+        self.sched.load_state_dict(state["scheduler"])
+        self.amp.load_state_dict(state.get("scaler") or {})
+        self.es.load_state_dict(state["early_stopping"])
+        rng = state["rng"]  # this rank's RNG when the world size is the same, else rank 0's
+        set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
 
 
 APP_COMMANDS = {"image": "roga-train / roga-eval", "speech": "dpda-train / dpda-eval"}

@@ -19,7 +19,8 @@ import os
 import numpy as np
 import torch
 
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (SHARDED_META, checkpoint_path, is_sharded_checkpoint, latest_checkpoint, load_checkpoint,
+                         prune_checkpoints, save_checkpoint, save_sharded_checkpoint)
 from .runtime import barrier, derive_seed, get_rng_state, is_main, set_rng_state
 
 __all__ = ["build_scheduler", "lr_factor", "EarlyStopping", "BatchStream", "EpochSampler", "MetricLogger",
@@ -309,7 +310,8 @@ def restore_state(ckpt, *, model, optimizer=None, scheduler=None, amp=None, earl
 
 class Checkpointer:
     """Atomic ``step_<N>.pt`` checkpoints every ``every`` steps in ``folder`` (rank 0
-    writes, all ranks wait), keeping the newest ``keep`` (0 = all)."""
+    writes, all ranks wait), keeping the newest ``keep`` (0 = all). With ``sharded`` state
+    (FSDP) a ``step_<N>`` folder instead, every rank writing its shards."""
 
     def __init__(self, folder, every=0, keep=2):
         self.folder, self.every, self.keep = folder, int(every or 0), int(keep or 0)
@@ -317,10 +319,14 @@ class Checkpointer:
     def due(self, step):
         return self.every > 0 and step > 0 and step % self.every == 0
 
-    def save(self, step, state):
-        path = checkpoint_path(self.folder, step)
-        if is_main():
+    def save(self, step, state, sharded=None):
+        """``state``: what rank 0 writes; ``sharded``: the DCP state of every rank (FSDP)."""
+        path = checkpoint_path(self.folder, step, sharded=sharded is not None)
+        if sharded is not None:
+            save_sharded_checkpoint(path, sharded, state)
+        elif is_main():
             save_checkpoint(path, state)
+        if is_main():
             prune_checkpoints(self.folder, self.keep, protect=[path])
         barrier()
         return path
@@ -332,7 +338,7 @@ class Checkpointer:
             return None
         if resume in ("auto", True, "latest"):
             return latest_checkpoint(self.folder)
-        if os.path.isdir(resume):
+        if os.path.isdir(resume) and not is_sharded_checkpoint(resume):
             path = latest_checkpoint(resume)
             if path is None:
                 raise FileNotFoundError(f"--resume {resume}: no step_<N>.pt checkpoint in that folder")
@@ -340,5 +346,11 @@ class Checkpointer:
         return resume
 
     def load(self, resume, map_location="cpu"):
+        """(state, path): a sharded checkpoint's state is its ``trainer.pt`` (the shards are
+        read by the trainer, into its model and optimizer)."""
         path = self.find(resume)
-        return (None, None) if path is None else (load_checkpoint(path, map_location), path)
+        if path is None:
+            return None, None
+        if is_sharded_checkpoint(path):
+            return load_checkpoint(os.path.join(path, SHARDED_META), map_location), path
+        return load_checkpoint(path, map_location), path

@@ -25,6 +25,7 @@ from ..common import metrics as M
 from ..common.checkpoint import load_checkpoint, save_checkpoint
 from ..common.plots import plot_det, plot_roc, plot_training_curves
 from ..common.runtime import all_gather_objects, barrier, is_main, make_generator, print0
+from ..common.sharding import forward_count, full_state_dict, is_sharded, load_full_state_dict
 from ..common.trainer import Trainer, make_optimizer
 from ..common.training import BatchStream, read_log, unwrap_model
 from .data import build_image_data, to_input
@@ -134,7 +135,8 @@ class _Stepper:
 @torch.no_grad()
 def predict(model, frames, cfg, device, amp=None):
     """Scores (sigmoid of the logit, 1 = fake) for every frame of ``frames``; under DDP
-    each rank scores a shard and every rank gets all scores."""
+    and FSDP each rank scores a shard and every rank gets all scores (FSDP: every rank runs
+    as many forward passes as rank 0, the extra ones on a throw-away batch)."""
     from ..common.runtime import rank, world_size
     net = unwrap_model(model)
     was_training = net.training
@@ -155,6 +157,9 @@ def predict(model, frames, cfg, device, amp=None):
         with ctx:
             logits = net(to_input(x, device, mean, std))
         out.append(torch.sigmoid(logits.float().squeeze(1)).cpu())
+    for _ in range(forward_count(len(frames), bs, is_sharded(net)) - len(out)):  # join rank 0's all-gathers
+        with ctx:
+            net(to_input(frames.batch(np.arange(1))[0], device, mean, std))
     net.train(was_training)
     scores = torch.cat(out).numpy() if out else np.zeros(0, np.float32)
     if w > 1:
@@ -191,9 +196,9 @@ def summarize(per_domain):
 
 
 # --------------------------------------------------------------------------------- training
-def _model_file(model, cfg, step, which):
-    return {"format": "roga_cuda.image.model/1", "app": "image", "model": unwrap_model(model).state_dict(),
-            "config": cfg.to_dict(), "step": int(step), "which": which}
+def _model_file(state, cfg, step, which):
+    return {"format": "roga_cuda.image.model/1", "app": "image", "model": state, "config": cfg.to_dict(),
+            "step": int(step), "which": which}
 
 
 class ImageTrainer(Trainer):
@@ -219,6 +224,17 @@ class ImageTrainer(Trainer):
             raise ValueError(f"eval.select must be best or last, got {cfg.eval.select!r}")
         self.monitor_mode = "min" if t.monitor == "eer" else "max"
         self.monitor_key = f"val_{t.monitor}_mean"
+        if t.fsdp:  # settings that FSDP2 cannot take, refused before anything is built
+            o = cfg.optim
+            if o.sam_sync_first_pass:
+                raise ValueError("optim.sam_sync_first_pass is a DDP setting; with train.fsdp=true every backward "
+                                 "pass is reduce-scattered (SAM's ascent uses the global batch's gradient)")
+            if cfg.method == "roga" and o.alignment == "hvp":
+                raise ValueError("optim.alignment=hvp is not supported with train.fsdp=true (double backward through "
+                                 "FSDP); use optim.alignment=first_order")
+            if o.strategy == "swap":
+                raise ValueError("optim.strategy=swap is not possible with train.fsdp=true (FSDP owns the parameters' "
+                                 "storage); use auto or copy")
 
     def build_data(self):
         data = build_image_data(self.cfg)
@@ -255,7 +271,7 @@ class ImageTrainer(Trainer):
             feeds.append([(fs, BatchStream(len(fs), half, cfg.seed, f"{dom.name}/{tag}", rank=d.rank,
                                            world_size=d.world_size)) for fs, tag in ((real, "real"), (fake, "fake"))])
         self.val_domains = [dom for dom in self.data.train_domains if "val" in dom.splits]
-        self.stepper = _Stepper(cfg, self.net, self.opt, self.amp, d.enabled)
+        self.stepper = _Stepper(cfg, self.net, self.opt, self.amp, self.ddp is not None)
         self.batches = _step_batches(feeds, self.step, self.total_steps, int(cfg.data.workers))
 
     def train_step(self, step):
@@ -279,20 +295,25 @@ class ImageTrainer(Trainer):
         return {**{f"val_{k}": v for k, v in summ.items()}, **{f"val_{d}_auc": m["auc"] for d, m in res.items()}}
 
     def after_validation(self, metrics, improved):
-        if improved and is_main():
-            save_checkpoint(self.best_path, _model_file(self.model, self.cfg, self.step, "best"))
+        if improved:  # the same on every rank (the metrics are)
+            state = full_state_dict(self.model)  # under FSDP gathered on rank 0, every rank taking part
+            if is_main():
+                save_checkpoint(self.best_path, _model_file(state, self.cfg, self.step, "best"))
         summ = {k[4:]: v for k, v in metrics.items() if k.endswith("_mean")}
         self.say(f"[val] step {self.step}: " + " ".join(f"{k}={v:.4f}" for k, v in summ.items()) +
                  f" (best {self.cfg.train.monitor} {self.es.best:.4f} at step {self.es.best_step})")
 
     def finish(self):
         cfg, model = self.cfg, self.net
+        state = full_state_dict(self.model)
         if is_main():
-            save_checkpoint(os.path.join(self.out, "final.pt"), _model_file(self.model, cfg, self.step, "last"))
+            save_checkpoint(os.path.join(self.out, "final.pt"), _model_file(state, cfg, self.step, "last"))
+        del state
+        barrier()  # best.pt and final.pt are complete before any rank reads them
         selected = {"which": "last", "step": self.step}
         if cfg.eval.select == "best" and os.path.isfile(self.best_path):
             best = load_checkpoint(self.best_path, map_location=self.device)
-            self.model.load_state_dict(best["model"])
+            load_full_state_dict(self.model, best["model"])
             selected = {"which": "best", "step": int(best["step"]), "val_metric": cfg.train.monitor,
                         "val_value": self.es.best}
         in_dom, raw_in = evaluate_domains(model, self.data.train_domains, "test", cfg, self.device, self.amp)

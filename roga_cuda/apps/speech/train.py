@@ -32,6 +32,7 @@ from ..common import average_checkpoints, derive_seed, eer, load_checkpoint, pri
 from ..common.plots import plot_det, plot_roc, plot_training_curves
 from ..common.runtime import (Amp, all_gather_objects, barrier, init_distributed, is_main, progress, select_device,
                               set_num_threads)
+from ..common.sharding import forward_count, full_state_dict, is_sharded, load_full_state_dict
 from ..common.trainer import Trainer, make_optimizer
 from ..common.training import BatchStream
 from .data import build_data, iterate_batches
@@ -97,6 +98,9 @@ def validate(cfg):
         raise ValueError(f"augment.algo must be 0-8, got {cfg.augment.algo}")
     if cfg.method == "dpda" and cfg.augment.algo == 0:
         raise ValueError("method=dpda needs an augmentation (augment.algo 1-8): the two paths would be identical")
+    if t.fsdp and cfg.method == "baseline" and t.probe_conflict_every:
+        raise ValueError("train.probe_conflict_every is not supported with train.fsdp=true (its probe takes "
+                         "per-process gradients outside FSDP's backward); set it to 0")
 
 
 def run_label(cfg):
@@ -210,6 +214,9 @@ class SpeechTrainer(Trainer):
             rec["loss"] = loss.detach()
         else:
             ctx = self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
+            # DDP: PCGrad all-reduces each path's gradient itself; FSDP: the two passes reduce-scatter,
+            # with the parameters kept gathered between them (model=)
+            wrapped = self.ddp if self.ddp is not None else (self.model if self.fsdp else None)
             with ctx:  # the forward too: DDP arms its gradient hooks at forward time
                 with self.amp.autocast():
                     if t.forward == "concat":
@@ -217,7 +224,7 @@ class SpeechTrainer(Trainer):
                         l_c, l_a = self._loss(logits[:len(x)], y), self._loss(logits[len(x):], y)
                     else:
                         l_c, l_a = self._loss(self.net(x), y), self._loss(self.net(x_aug), y)
-                self.opt.backward([l_c, l_a], scaler=scaler, model=self.ddp)
+                self.opt.backward([l_c, l_a], scaler=scaler, model=wrapped)
             st = self.opt.stats
             rec.update(loss=(l_c + l_a).detach(), loss_clean=l_c.detach(), loss_aug=l_a.detach(),
                        cos=st["cosine"][0, 1].detach(), conflict=st["any_conflict"].detach(),
@@ -259,7 +266,9 @@ class SpeechTrainer(Trainer):
     # ----------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def score(self, ws, model=None):
-        """(scores, mean weighted CE loss) of a WaveSet: score = bona fide logit - spoof logit."""
+        """(scores, mean weighted CE loss) of a WaveSet: score = bona fide logit - spoof logit.
+        Each rank scores a slice; on a sharded model (FSDP) every rank runs as many forward
+        passes as rank 0, the extra ones on a throw-away batch."""
         model = model or self.model
         was = model.training
         model.eval()
@@ -275,6 +284,10 @@ class SpeechTrainer(Trainer):
                 logits = model(x).float()
             scores.append((logits[:, 1] - logits[:, 0]).cpu())
             losses.append(F.cross_entropy(logits, y, weight=self.weights, reduction="none").cpu())  # w_y * CE
+        extra = forward_count(n, bs, is_sharded(model)) - len(batches)
+        for _, x in (iterate_batches(ws, [np.arange(1)] * extra, 0) if extra > 0 else ()):
+            with self.amp.autocast():
+                model(x.to(self.device))
         model.train(was)
         s = torch.cat(scores).numpy() if scores else np.zeros(0)
         l_ = torch.cat(losses).numpy() if losses else np.zeros(0)
@@ -317,8 +330,9 @@ class SpeechTrainer(Trainer):
         keep = ranked[:n]
         for b in keep:
             if b[2] == epoch:
+                state = full_state_dict(self.model)  # FSDP: gathered on rank 0, every rank taking part
                 if is_main():
-                    save_checkpoint(self._best_path(epoch), {"model": self.model.state_dict(), "epoch": epoch,
+                    save_checkpoint(self._best_path(epoch), {"model": state, "epoch": epoch,
                                                              "dev_eer": metrics["dev_eer"],
                                                              "dev_loss": metrics["dev_loss"]})
                 b[3] = True
@@ -351,8 +365,12 @@ class SpeechTrainer(Trainer):
         barrier()
         paths = [self._best_path(b[2]) for b in kept]  # under this run folder, wherever it has moved since
         avg = average_checkpoints(paths)
-        final = model_from_config(cfg, self.device)
-        final.load_state_dict(avg)
+        if self.fsdp:  # score with the sharded model: no rank holds a whole copy
+            load_full_state_dict(self.model, avg)
+            final = self.model
+        else:
+            final = model_from_config(cfg, self.device)
+            final.load_state_dict(avg)
         if is_main():
             save_checkpoint(os.path.join(self.out, "model_avg.pt"),
                             {"model": avg, "config": cfg.to_dict(), "app": self.app,
