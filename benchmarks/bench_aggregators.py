@@ -26,6 +26,14 @@ momentum buffer, in units of one parameter set P. The K task gradients alone are
 
     python -m benchmarks.bench_aggregators --device cpu --ks 2 4 8 --memory --json out.json
     python -m benchmarks.bench_aggregators --quick      # tiny sizes: checks the machinery only
+    python -m benchmarks.bench_aggregators --faults-only --methods pcgrad   # counts, no timing
+
+Page faults (``--faults``, or ``--faults-only`` without the timing): each variant in a fresh
+process, after warm-up steps, the minor page faults (``getrusage`` ``ru_minflt``) per step —
+memory the allocator returned to the OS and the next step touches again — and the bytes the
+step allocates (torch's profiler memory events), both in units of one parameter set P.
+Counts, not times: run anywhere (``roga-fresh|<method>``: the aggregator with
+``persistent_grads=False``, the fresh-allocation path).
 
 Time only on a quiet machine (the report records the load average).
 """
@@ -103,7 +111,7 @@ class _Dot(torch.nn.Module):
         return (r * self.weight).sum()
 
 
-def variants(prob, methods, log=print):
+def variants(prob, methods, log=print, fresh_path=False):
     """{name: (setup, step)}: setup (untimed) zeroes the gradients and runs the forward."""
     out, skipped = {}, {}
     params = prob.params
@@ -127,18 +135,25 @@ def variants(prob, methods, log=print):
         sum_opt.step()
     out["sum"] = (fresh, one_backward)
 
-    from roga_cuda.optim import PCGrad
-    for m in methods:
-        try:
-            opt = PCGrad(params, torch.optim.SGD, method=m, lr=LR, momentum=MOMENTUM, foreach=True, seed=0)
-        except (ValueError, TypeError) as e:
-            skipped[f"roga|{m}"] = f"not accepted by roga_cuda.optim.PCGrad ({e})"
-            continue
+    import inspect
 
-        def roga_step(opt=opt):
-            opt.backward(prob.losses)
-            opt.step()
-        out[f"roga|{m}"] = (fresh, roga_step)
+    from roga_cuda.optim import PCGrad
+    kinds = {"roga": {}}
+    if fresh_path and "persistent_grads" in inspect.signature(PCGrad.__init__).parameters:
+        kinds["roga-fresh"] = {"persistent_grads": False}
+    for m in methods:
+        for kind, extra in kinds.items():
+            try:
+                opt = PCGrad(params, torch.optim.SGD, method=m, lr=LR, momentum=MOMENTUM, foreach=True, seed=0,
+                             **extra)
+            except (ValueError, TypeError) as e:
+                skipped[f"{kind}|{m}"] = f"not accepted by roga_cuda.optim.PCGrad ({e})"
+                continue
+
+            def roga_step(opt=opt):
+                opt.backward(prob.losses)
+                opt.step()
+            out[f"{kind}|{m}"] = (fresh, roga_step)
 
     try:
         import torchjd.aggregation as A
@@ -294,6 +309,61 @@ def memory(names, device="cpu", list_name="resnet34", ks=(2, 4, 8), steps=2, log
     return out
 
 
+# ------------------------------------------------------------------------------- page faults
+
+def _faults_child(variant, list_name, k, warmup, steps):
+    """In a fresh process: minor page faults per step (backward + aggregation + base step,
+    and the whole cycle with zero_grad + forward) after ``warmup`` steps, and the bytes one
+    step allocates (profiler memory events), on the CPU."""
+    import resource
+
+    prob = Problem(shapes_of(list_name), k, torch.device("cpu"))
+    setup, fn = variants(prob, [variant.split("|")[1]] if "|" in variant else [], log=lambda *_: None,
+                         fresh_path=True)[variant]
+    for _ in range(warmup):
+        setup()
+        fn()
+    step = cycle = 0
+    for _ in range(steps):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        setup()
+        f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        f2 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step += f2 - f1
+        cycle += f2 - f0
+    setup()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage > 0)
+    param_bytes = sum(p.numel() * p.element_size() for p in prob.params)
+    print(json.dumps({"faults_step": step / steps, "faults_cycle": cycle / steps, "allocated_bytes": allocated,
+                      "param_bytes": param_bytes, "page_bytes": resource.getpagesize()}))
+
+
+def faults(names, list_name="resnet34", ks=(2, 4, 8), warmup=3, steps=3, log=print):
+    """{K: {variant: {faults_step, faults_cycle, faulted_P, allocated_P}}} on the CPU, each
+    variant in its own process (see the module docstring)."""
+    out = {}
+    for k in ks:
+        out[k] = {}
+        for v in names[k]:
+            code = (f"from benchmarks.bench_aggregators import _faults_child; "
+                    f"_faults_child({v!r}, {list_name!r}, {k}, {warmup}, {steps})")
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if r.returncode != 0:
+                log(f"  K={k} {v}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})")
+                continue
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+            row = {"faults_step": d["faults_step"], "faults_cycle": d["faults_cycle"],
+                   "faulted_P": d["faults_step"] * d["page_bytes"] / d["param_bytes"],
+                   "allocated_P": d["allocated_bytes"] / d["param_bytes"]}
+            out[k][v] = row
+            log(f"  K={k} {v:26s} minor faults/step {row['faults_step']:9.0f} ({row['faulted_P']:.2f} P), "
+                f"with zero_grad+forward {row['faults_cycle']:9.0f}; allocated/step {row['allocated_P']:.2f} P")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -303,11 +373,24 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (one process per variant)")
     ap.add_argument("--quick", action="store_true", help="a few small tensors, K=2 and 3, one rep: checks the machinery")
+    ap.add_argument("--faults", action="store_true", help="also count page faults and bytes allocated per step "
+                    "(CPU, one process per variant)")
+    ap.add_argument("--faults-only", action="store_true", help="only the page-fault counts (no timing)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.quick:
         a.list, a.ks, a.reps = "quick", [2, 3], 1
+    if a.faults_only:
+        names = {k: ["twin"] + [f"{kind}|{m}" for m in a.methods for kind in ("roga", "roga-fresh")] for k in a.ks}
+        res = {"list": a.list, "faults": faults(names, a.list, a.ks)}
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+        return res
     res = run(a.device, a.list, a.ks, a.methods, a.reps)
+    if a.faults:
+        names = {k: [n for n in r["median_s"] if n.startswith(("twin", "sum", "roga"))] for k, r in res["results"].items()}
+        res["faults"] = faults(names, a.list, a.ks)
     if a.memory:
         names = {k: list(r["median_s"]) for k, r in res["results"].items()}
         res["memory_x_params"] = memory(names, a.device, a.list, a.ks)
