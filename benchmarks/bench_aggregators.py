@@ -28,12 +28,14 @@ momentum buffer, in units of one parameter set P. The K task gradients alone are
     python -m benchmarks.bench_aggregators --quick      # tiny sizes: checks the machinery only
     python -m benchmarks.bench_aggregators --faults-only --methods pcgrad   # counts, no timing
 
-Page faults (``--faults``, or ``--faults-only`` without the timing): each variant in a fresh
-process, after warm-up steps, the minor page faults (``getrusage`` ``ru_minflt``) per step —
-memory the allocator returned to the OS and the next step touches again — and the bytes the
-step allocates (torch's profiler memory events), both in units of one parameter set P.
+Page faults (``--faults``, or ``--faults-only`` without the timing): per K a fresh process
+runs the variants interleaved as the timing does (``--faults-isolated``: each variant in its
+own process), and counts after warm-up the minor page faults (``getrusage`` ``ru_minflt``)
+per step — memory the allocator returned to the OS and the step touches again — and the
+bytes one step allocates (torch's profiler memory events), in units of one parameter set P.
 Counts, not times: run anywhere (``roga-fresh|<method>``: the aggregator with
-``persistent_grads=False``, the fresh-allocation path).
+``persistent_grads=False``, autograd's fresh gradients; ``--faults-only`` also adds
+torchjd's and pytorch-optimizer's PCGrad when installed).
 
 Time only on a quiet machine (the report records the load average).
 """
@@ -311,56 +313,73 @@ def memory(names, device="cpu", list_name="resnet34", ks=(2, 4, 8), steps=2, log
 
 # ------------------------------------------------------------------------------- page faults
 
-def _faults_child(variant, list_name, k, warmup, steps):
-    """In a fresh process: minor page faults per step (backward + aggregation + base step,
-    and the whole cycle with zero_grad + forward) after ``warmup`` steps, and the bytes one
-    step allocates (profiler memory events), on the CPU."""
+def _faults_child(names, list_name, k, warmup, steps):
+    """In a fresh process, the variants interleaved as in the timing run (rotating order, so
+    each step sees the heap the others left): per variant, minor page faults per step
+    (backward + aggregation + base step, then with its zero_grad + forward too) after
+    ``warmup`` rounds, and the bytes one step allocates (profiler memory events)."""
     import resource
 
+    def minflt():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
     prob = Problem(shapes_of(list_name), k, torch.device("cpu"))
-    setup, fn = variants(prob, [variant.split("|")[1]] if "|" in variant else [], log=lambda *_: None,
-                         fresh_path=True)[variant]
+    methods = sorted({n.split("|")[1] for n in names if "|" in n})
+    every = variants(prob, methods, log=lambda *_: None, fresh_path=True)
+    run = {n: every[n] for n in names if n in every}
+    if "*" in names:  # every variant of these methods
+        run = every
     for _ in range(warmup):
+        for setup, fn in run.values():
+            setup()
+            fn()
+    step = {n: 0 for n in run}
+    cycle = dict(step)
+    order = list(run)
+    for r in range(steps * len(order)):
+        n = order[r % len(order)] if len(order) > 1 else order[0]
+        if r and r % len(order) == 0:
+            order = order[1:] + order[:1]
+        setup, fn = run[n]
+        f0 = minflt()
         setup()
+        f1 = minflt()
         fn()
-    step = cycle = 0
-    for _ in range(steps):
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        setup()
-        f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        fn()
-        f2 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        step += f2 - f1
-        cycle += f2 - f0
-    setup()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage > 0)
+        f2 = minflt()
+        step[n] += f2 - f1
+        cycle[n] += f2 - f0
+    out = {}
     param_bytes = sum(p.numel() * p.element_size() for p in prob.params)
-    print(json.dumps({"faults_step": step / steps, "faults_cycle": cycle / steps, "allocated_bytes": allocated,
-                      "param_bytes": param_bytes, "page_bytes": resource.getpagesize()}))
+    for n, (setup, fn) in run.items():
+        setup()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+        out[n] = {"faults_step": step[n] / steps, "faults_cycle": cycle[n] / steps, "allocated_bytes": allocated}
+    print(json.dumps({"variants": out, "param_bytes": param_bytes, "page_bytes": resource.getpagesize()}))
 
 
-def faults(names, list_name="resnet34", ks=(2, 4, 8), warmup=3, steps=3, log=print):
-    """{K: {variant: {faults_step, faults_cycle, faulted_P, allocated_P}}} on the CPU, each
-    variant in its own process (see the module docstring)."""
+def faults(names, list_name="resnet34", ks=(2, 4, 8), warmup=3, steps=3, isolated=False, log=print):
+    """{K: {variant: {faults_step, faults_cycle, faulted_P, allocated_P}}} on the CPU: the
+    variants interleaved in one process per K (as timed), or each in its own (``isolated``)."""
     out = {}
     for k in ks:
         out[k] = {}
-        for v in names[k]:
+        for group in ([[v] for v in names[k]] if isolated else [names[k]]):
             code = (f"from benchmarks.bench_aggregators import _faults_child; "
-                    f"_faults_child({v!r}, {list_name!r}, {k}, {warmup}, {steps})")
+                    f"_faults_child({group!r}, {list_name!r}, {k}, {warmup}, {steps})")
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if r.returncode != 0:
-                log(f"  K={k} {v}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})")
+                log(f"  K={k} {group}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})")
                 continue
             d = json.loads(r.stdout.strip().splitlines()[-1])
-            row = {"faults_step": d["faults_step"], "faults_cycle": d["faults_cycle"],
-                   "faulted_P": d["faults_step"] * d["page_bytes"] / d["param_bytes"],
-                   "allocated_P": d["allocated_bytes"] / d["param_bytes"]}
-            out[k][v] = row
-            log(f"  K={k} {v:26s} minor faults/step {row['faults_step']:9.0f} ({row['faulted_P']:.2f} P), "
-                f"with zero_grad+forward {row['faults_cycle']:9.0f}; allocated/step {row['allocated_P']:.2f} P")
+            for v, c in d["variants"].items():
+                row = {"faults_step": c["faults_step"], "faults_cycle": c["faults_cycle"],
+                       "faulted_P": c["faults_step"] * d["page_bytes"] / d["param_bytes"],
+                       "allocated_P": c["allocated_bytes"] / d["param_bytes"]}
+                out[k][v] = row
+                log(f"  K={k} {v:26s} minor faults/step {row['faults_step']:9.0f} ({row['faulted_P']:.2f} P), "
+                    f"with zero_grad+forward {row['faults_cycle']:9.0f}; allocated/step {row['allocated_P']:.2f} P")
     return out
 
 
@@ -376,13 +395,16 @@ def main(argv=None):
     ap.add_argument("--faults", action="store_true", help="also count page faults and bytes allocated per step "
                     "(CPU, one process per variant)")
     ap.add_argument("--faults-only", action="store_true", help="only the page-fault counts (no timing)")
+    ap.add_argument("--faults-isolated", action="store_true", help="count each variant in its own process "
+                    "(default: interleaved in one process per K, as timed)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.quick:
         a.list, a.ks, a.reps = "quick", [2, 3], 1
     if a.faults_only:
-        names = {k: ["twin"] + [f"{kind}|{m}" for m in a.methods for kind in ("roga", "roga-fresh")] for k in a.ks}
-        res = {"list": a.list, "faults": faults(names, a.list, a.ks)}
+        names = {k: ["twin", "sum"] + [f"{kind}|{m}" for m in a.methods for kind in ("roga", "roga-fresh")]
+                 if a.faults_isolated else ["*"] + [f"roga|{m}" for m in a.methods] for k in a.ks}
+        res = {"list": a.list, "faults": faults(names, a.list, a.ks, isolated=a.faults_isolated)}
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(res, f, indent=1, default=str)
@@ -390,7 +412,7 @@ def main(argv=None):
     res = run(a.device, a.list, a.ks, a.methods, a.reps)
     if a.faults:
         names = {k: [n for n in r["median_s"] if n.startswith(("twin", "sum", "roga"))] for k, r in res["results"].items()}
-        res["faults"] = faults(names, a.list, a.ks)
+        res["faults"] = faults(names, a.list, a.ks, isolated=a.faults_isolated)
     if a.memory:
         names = {k: list(r["median_s"]) for k, r in res["results"].items()}
         res["memory_x_params"] = memory(names, a.device, a.list, a.ks)
