@@ -27,7 +27,9 @@ whatever the reduction (torchjd's ``mtl_backward``).
 """
 import contextlib
 import inspect
+import itertools
 import math
+import operator
 import sys
 from dataclasses import dataclass
 
@@ -91,14 +93,18 @@ class _TaskGrads:
         into it gives autograd's own gradient exactly; +0.0 would turn -0.0 into +0.0)."""
         for f in self.flats:
             f.fill_(complex(-0.0, -0.0) if f.is_complex() else -0.0)
-        self.versions = [g._version for g in self.grads]
+        self.versions = list(map(_version, self.grads))
 
     def reached(self, params):
         """After a backward pass: per parameter its gradient (None where the loss did not
         reach it), and how many are None."""
         gs, _ = _utils.grads_of(params)
-        out = [g if g is not mine or g._version != v0 else None for g, mine, v0 in zip(gs, self.grads, self.versions)]
-        return out, sum(g is None for g in out)
+        if all(map(operator.is_, gs, self.grads)):  # (builtins only: no Python work per parameter)
+            moved = map(operator.ne, map(_version, self.grads), self.versions)
+            out = list(map(operator.getitem, zip(itertools.repeat(None), self.grads), moved))
+        else:  # a hook replaced some p.grad: take what autograd left
+            out = [g if g is not mine or g._version != v0 else None for g, mine, v0 in zip(gs, self.grads, self.versions)]
+        return out, out.count(None)
 
     def private(self):
         """Is nothing but this object holding the buffers? Not when the user kept a
@@ -109,6 +115,7 @@ class _TaskGrads:
                 and all(_storage_uses(f) <= n for f, n in zip(self.flats, self._uses)))
 
 
+_version = operator.attrgetter("_version")
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private in torch: without it, never reuse
 
 
@@ -204,6 +211,7 @@ class GradientAggregator(WrapperOptimizer):
         self._t.aligned = None  # _Aligned between a folding align() and step()
         self._t.flat = None
         self._t.kept = None  # (layout, [_TaskGrads]) with persistent_grads
+        self._t.on_cpu = None  # (layout, every parameter on the CPU)
         self._t.spare = None  # per task, the kept buffers behind the stash (zeros for missing gradients)
         self._t.inv_scale = None
         self._t.k = None  # number of losses seen (fixed once aligned)
@@ -262,8 +270,10 @@ class GradientAggregator(WrapperOptimizer):
         user still holds part of is left to them and replaced."""
         lay = self._layout()
         keep = self.persistent_grads
-        if keep is None:
-            keep = all(p.device.type == "cpu" for p in lay.params)
+        if keep is None:  # on the CPU (once per layout)
+            if self._t.on_cpu is None or self._t.on_cpu[0] is not lay:
+                self._t.on_cpu = (lay, all(p.device.type == "cpu" for p in lay.params))
+            keep = self._t.on_cpu[1]
         if not keep or lay.sharded:
             self._t.kept = None
             return None
