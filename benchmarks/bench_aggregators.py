@@ -26,6 +26,16 @@ momentum buffer, in units of one parameter set P. The K task gradients alone are
 
     python -m benchmarks.bench_aggregators --device cpu --ks 2 4 8 --memory --json out.json
     python -m benchmarks.bench_aggregators --quick      # tiny sizes: checks the machinery only
+    python -m benchmarks.bench_aggregators --faults-only --methods pcgrad   # counts, no timing
+
+Page faults (``--faults``, or ``--faults-only`` without the timing): per K a fresh process
+runs the variants interleaved as the timing does (``--faults-isolated``: each variant in its
+own process), and counts after warm-up the minor page faults (``getrusage`` ``ru_minflt``)
+per step — memory the allocator returned to the OS and the step touches again — and the
+bytes one step allocates (torch's profiler memory events), in units of one parameter set P.
+Counts, not times: run anywhere (``roga-fresh|<method>``: the aggregator with
+``persistent_grads=False``, autograd's fresh gradients; ``--faults-only`` also adds
+torchjd's and pytorch-optimizer's PCGrad when installed).
 
 Time only on a quiet machine (the report records the load average).
 """
@@ -103,7 +113,7 @@ class _Dot(torch.nn.Module):
         return (r * self.weight).sum()
 
 
-def variants(prob, methods, log=print):
+def variants(prob, methods, log=print, fresh_path=False):
     """{name: (setup, step)}: setup (untimed) zeroes the gradients and runs the forward."""
     out, skipped = {}, {}
     params = prob.params
@@ -127,18 +137,25 @@ def variants(prob, methods, log=print):
         sum_opt.step()
     out["sum"] = (fresh, one_backward)
 
-    from roga_cuda.optim import PCGrad
-    for m in methods:
-        try:
-            opt = PCGrad(params, torch.optim.SGD, method=m, lr=LR, momentum=MOMENTUM, foreach=True, seed=0)
-        except (ValueError, TypeError) as e:
-            skipped[f"roga|{m}"] = f"not accepted by roga_cuda.optim.PCGrad ({e})"
-            continue
+    import inspect
 
-        def roga_step(opt=opt):
-            opt.backward(prob.losses)
-            opt.step()
-        out[f"roga|{m}"] = (fresh, roga_step)
+    from roga_cuda.optim import PCGrad
+    kinds = {"roga": {}}
+    if fresh_path and "persistent_grads" in inspect.signature(PCGrad.__init__).parameters:
+        kinds["roga-fresh"] = {"persistent_grads": False}
+    for m in methods:
+        for kind, extra in kinds.items():
+            try:
+                opt = PCGrad(params, torch.optim.SGD, method=m, lr=LR, momentum=MOMENTUM, foreach=True, seed=0,
+                             **extra)
+            except (ValueError, TypeError) as e:
+                skipped[f"{kind}|{m}"] = f"not accepted by roga_cuda.optim.PCGrad ({e})"
+                continue
+
+            def roga_step(opt=opt):
+                opt.backward(prob.losses)
+                opt.step()
+            out[f"{kind}|{m}"] = (fresh, roga_step)
 
     try:
         import torchjd.aggregation as A
@@ -294,6 +311,78 @@ def memory(names, device="cpu", list_name="resnet34", ks=(2, 4, 8), steps=2, log
     return out
 
 
+# ------------------------------------------------------------------------------- page faults
+
+def _faults_child(names, list_name, k, warmup, steps):
+    """In a fresh process, the variants interleaved as in the timing run (rotating order, so
+    each step sees the heap the others left): per variant, minor page faults per step
+    (backward + aggregation + base step, then with its zero_grad + forward too) after
+    ``warmup`` rounds, and the bytes one step allocates (profiler memory events)."""
+    import resource
+
+    def minflt():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    prob = Problem(shapes_of(list_name), k, torch.device("cpu"))
+    methods = sorted({n.split("|")[1] for n in names if "|" in n})
+    every = variants(prob, methods, log=lambda *_: None, fresh_path=True)
+    run = {n: every[n] for n in names if n in every}
+    if "*" in names:  # every variant of these methods
+        run = every
+    for _ in range(warmup):
+        for setup, fn in run.values():
+            setup()
+            fn()
+    step = {n: 0 for n in run}
+    cycle = dict(step)
+    order = list(run)
+    for r in range(steps * len(order)):
+        n = order[r % len(order)] if len(order) > 1 else order[0]
+        if r and r % len(order) == 0:
+            order = order[1:] + order[:1]
+        setup, fn = run[n]
+        f0 = minflt()
+        setup()
+        f1 = minflt()
+        fn()
+        f2 = minflt()
+        step[n] += f2 - f1
+        cycle[n] += f2 - f0
+    out = {}
+    param_bytes = sum(p.numel() * p.element_size() for p in prob.params)
+    for n, (setup, fn) in run.items():
+        setup()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+        out[n] = {"faults_step": step[n] / steps, "faults_cycle": cycle[n] / steps, "allocated_bytes": allocated}
+    print(json.dumps({"variants": out, "param_bytes": param_bytes, "page_bytes": resource.getpagesize()}))
+
+
+def faults(names, list_name="resnet34", ks=(2, 4, 8), warmup=3, steps=3, isolated=False, log=print):
+    """{K: {variant: {faults_step, faults_cycle, faulted_P, allocated_P}}} on the CPU: the
+    variants interleaved in one process per K (as timed), or each in its own (``isolated``)."""
+    out = {}
+    for k in ks:
+        out[k] = {}
+        for group in ([[v] for v in names[k]] if isolated else [names[k]]):
+            code = (f"from benchmarks.bench_aggregators import _faults_child; "
+                    f"_faults_child({group!r}, {list_name!r}, {k}, {warmup}, {steps})")
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if r.returncode != 0:
+                log(f"  K={k} {group}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})")
+                continue
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+            for v, c in d["variants"].items():
+                row = {"faults_step": c["faults_step"], "faults_cycle": c["faults_cycle"],
+                       "faulted_P": c["faults_step"] * d["page_bytes"] / d["param_bytes"],
+                       "allocated_P": c["allocated_bytes"] / d["param_bytes"]}
+                out[k][v] = row
+                log(f"  K={k} {v:26s} minor faults/step {row['faults_step']:9.0f} ({row['faulted_P']:.2f} P), "
+                    f"with zero_grad+forward {row['faults_cycle']:9.0f}; allocated/step {row['allocated_P']:.2f} P")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -303,11 +392,27 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (one process per variant)")
     ap.add_argument("--quick", action="store_true", help="a few small tensors, K=2 and 3, one rep: checks the machinery")
+    ap.add_argument("--faults", action="store_true", help="also count page faults and bytes allocated per step "
+                    "(CPU, one process per variant)")
+    ap.add_argument("--faults-only", action="store_true", help="only the page-fault counts (no timing)")
+    ap.add_argument("--faults-isolated", action="store_true", help="count each variant in its own process "
+                    "(default: interleaved in one process per K, as timed)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.quick:
         a.list, a.ks, a.reps = "quick", [2, 3], 1
+    if a.faults_only:
+        names = {k: ["twin", "sum"] + [f"{kind}|{m}" for m in a.methods for kind in ("roga", "roga-fresh")]
+                 if a.faults_isolated else ["*"] + [f"roga|{m}" for m in a.methods] for k in a.ks}
+        res = {"list": a.list, "faults": faults(names, a.list, a.ks, isolated=a.faults_isolated)}
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+        return res
     res = run(a.device, a.list, a.ks, a.methods, a.reps)
+    if a.faults:
+        names = {k: [n for n in r["median_s"] if n.startswith(("twin", "sum", "roga"))] for k, r in res["results"].items()}
+        res["faults"] = faults(names, a.list, a.ks, isolated=a.faults_isolated)
     if a.memory:
         names = {k: list(r["median_s"]) for k, r in res["results"].items()}
         res["memory_x_params"] = memory(names, a.device, a.list, a.ks)

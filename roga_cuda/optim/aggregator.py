@@ -27,7 +27,10 @@ whatever the reduction (torchjd's ``mtl_backward``).
 """
 import contextlib
 import inspect
+import itertools
 import math
+import operator
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +57,71 @@ class _Unit:
 
     def take(self, seq):
         return seq[self.span[0]:self.span[1]] if self.span is not None else [seq[i] for i in self.index]
+
+
+class _TaskGrads:
+    """One task's gradient buffers, kept from step to step (``persistent_grads``).
+
+    Per (dtype, device) one flat buffer, and per parameter a tensor on its storage with the
+    parameter's strides (those autograd gives a gradient of its own). Not a view: each has its
+    own version counter, which autograd's in-place accumulation bumps — that tells which
+    parameters a loss reached, as ``p.grad is None`` does when autograd allocates."""
+
+    def __init__(self, params):
+        groups = {}
+        for i, p in enumerate(params):
+            groups.setdefault((p.dtype, p.device), []).append(i)
+        self.grads = [None] * len(params)
+        self.flats = []
+        for (dt, dev), idx in groups.items():
+            flat = torch.empty(sum(params[i].numel() for i in idx), dtype=dt, device=dev)
+            storage, off = flat.untyped_storage(), 0
+            for i in idx:
+                p = params[i]
+                stride = torch.empty_like(p, device="meta").stride()  # the layout contract of p.grad
+                self.grads[i] = torch.empty(0, dtype=dt, device=dev).set_(storage, off, p.shape, stride)
+                off += p.numel()
+            del storage
+            self.flats.append(flat)
+        self.versions = None
+        # What holding them ourselves counts, to tell later whether anyone else does.
+        self._refs = max(map(sys.getrefcount, self.grads))
+        self._uses = [_storage_uses(f) for f in self.flats] if _use_count is not None else None
+
+    def reset(self):
+        """Every gradient to -0.0 (x + -0.0 is x bit for bit, -0.0 included, so accumulating
+        into it gives autograd's own gradient exactly; +0.0 would turn -0.0 into +0.0)."""
+        for f in self.flats:
+            f.fill_(complex(-0.0, -0.0) if f.is_complex() else -0.0)
+        self.versions = list(map(_version, self.grads))
+
+    def reached(self, params):
+        """After a backward pass: per parameter its gradient (None where the loss did not
+        reach it), and how many are None."""
+        gs, _ = _utils.grads_of(params)
+        if all(map(operator.is_, gs, self.grads)):  # (builtins only: no Python work per parameter)
+            moved = map(operator.ne, map(_version, self.grads), self.versions)
+            out = list(map(operator.getitem, zip(itertools.repeat(None), self.grads), moved))
+        else:  # a hook replaced some p.grad: take what autograd left
+            out = [g if g is not mine or g._version != v0 else None for g, mine, v0 in zip(gs, self.grads, self.versions)]
+        return out, out.count(None)
+
+    def private(self):
+        """Is nothing but this object holding the buffers? Not when the user kept a
+        ``p.grad`` of an earlier step (or a view of one): then those stay theirs."""
+        if _use_count is None:
+            return False
+        return (max(map(sys.getrefcount, self.grads)) <= self._refs
+                and all(_storage_uses(f) <= n for f, n in zip(self.flats, self._uses)))
+
+
+_version = operator.attrgetter("_version")
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private in torch: without it, never reuse
+
+
+def _storage_uses(t):
+    """How many tensors (and storage objects) share t's storage."""
+    return _use_count(t.untyped_storage()._cdata)
 
 
 @dataclass
@@ -90,6 +158,13 @@ class GradientAggregator(WrapperOptimizer):
             Never on sharded (FSDP2 ``fully_shard``) parameters: FSDP reduce-scatters each
             backward pass itself (ddp_sync=True there is an error).
         fused: run the base update (SGD, Adam, AdamW) as a fused primitive.
+        persistent_grads: keep the K task gradient sets from step to step, autograd adding
+            into them, instead of taking the K sets autograd allocates afresh every step.
+            None (default): when every parameter is on the CPU, where the freed sets go back
+            to the operating system and the next step page-faults them in again (CUDA's
+            caching allocator reuses its memory anyway). Costs one fill pass per set; holds
+            the K sets between steps (what a step holds at its peak anyway). ``p.grad`` after
+            the step is then the first set: not reused while you hold it (or a view of it).
 
     ``step(closure)`` with a closure that returns the K losses runs backward, the aggregation
     and the base update, the combination folded into the update (one pass over the K
@@ -104,7 +179,7 @@ class GradientAggregator(WrapperOptimizer):
 
     def __init__(self, params, base_optimizer, method=None, reduction="sum", backend="auto", *, method_options=None,
                  shared=None, groups=None, beta=None, c=None, cagrad_rescale=None, max_grad_norm=None, seed=None,
-                 ddp_sync=None, fused=True, **base_kwargs):
+                 ddp_sync=None, fused=True, persistent_grads=None, **base_kwargs):
         name = type(self).__name__
         method = method if method is not None else (self.default_method or "pcgrad")
         if reduction not in ("sum", "mean"):
@@ -117,11 +192,14 @@ class GradientAggregator(WrapperOptimizer):
                                  f"number, got {value!r}")
         self.weighting = _weighting(name, method, options, seed, {k: v for k, v in legacy.items() if v is not None})
         self.method = getattr(self.weighting, "name", None) or type(self.weighting).__name__
+        if persistent_grads not in (None, True, False):
+            raise TypeError(f"{name}: persistent_grads must be None, True or False, got {persistent_grads!r}")
         if groups is not None and not self.weighting.batched:
             raise ValueError(f"{name}: groups= needs a per-group weighting (gradvac); {self.method} takes one G")
         super().__init__(params, base_optimizer, {}, backend, max_grad_norm, fused, **base_kwargs)
         self.reduction = reduction
         self.ddp_sync = ddp_sync
+        self.persistent_grads = persistent_grads
         self._sync()  # a clear error now for ddp_sync=True on sharded (FSDP) parameters
         # Random weightings draw from a host generator: ranks drawing differently would give
         # DDP replicas / FSDP shards different weights. None: rank 0's state is broadcast once.
@@ -132,6 +210,9 @@ class GradientAggregator(WrapperOptimizer):
         self._t.stash = None  # per task: gradients aligned with the layout's params (None: no gradient)
         self._t.aligned = None  # _Aligned between a folding align() and step()
         self._t.flat = None
+        self._t.kept = None  # (layout, [_TaskGrads]) with persistent_grads
+        self._t.on_cpu = None  # (layout, every parameter on the CPU)
+        self._t.spare = None  # per task, the kept buffers behind the stash (zeros for missing gradients)
         self._t.inv_scale = None
         self._t.k = None  # number of losses seen (fixed once aligned)
         self._t.n_steps = 0
@@ -183,6 +264,29 @@ class GradientAggregator(WrapperOptimizer):
             self._t.flat = (lay, tasks)
         return self._t.flat[1][:k]
 
+    def _kept(self, k):
+        """The K kept gradient sets, reset for a new accumulation (None: autograd allocates).
+        Sets beyond K are dropped (never more memory than the K sets of a step); a set the
+        user still holds part of is left to them and replaced."""
+        lay = self._layout()
+        keep = self.persistent_grads
+        if keep is None:  # on the CPU (once per layout)
+            if self._t.on_cpu is None or self._t.on_cpu[0] is not lay:
+                self._t.on_cpu = (lay, all(p.device.type == "cpu" for p in lay.params))
+            keep = self._t.on_cpu[1]
+        if not keep or lay.sharded:
+            self._t.kept = None
+            return None
+        old = self._t.kept[1] if self._t.kept is not None and self._t.kept[0] is lay else []
+        sets = [s if s.private() else _TaskGrads(lay.params) for s in old[:k]]
+        self._t.kept = None
+        del old
+        sets += [_TaskGrads(lay.params) for _ in range(k - len(sets))]
+        for s in sets:
+            s.reset()
+        self._t.kept = (lay, sets)
+        return sets
+
     # -- the K gradients -------------------------------------------------------------------
     def backward(self, losses, *, align=True, scaler=None, model=None, retain_graph=False):
         """Compute the K task gradients and, with ``align=True``, combine them into ``.grad``.
@@ -204,11 +308,15 @@ class GradientAggregator(WrapperOptimizer):
         else:
             self._t.inv_scale = None
         params = self._params()
+        _utils.set_grads(params, None)  # a p.grad left from before is not accumulated into
         flat = self._task_views(k) if self._sync() else None
+        kept = None
         if flat is not None and self._t.stash is None:
             for bufs, _ in flat:
                 for b in bufs:
                     b.zero_()
+        elif flat is None:
+            kept = self._kept(k) if self._t.stash is None else self._t.spare
         ctx = model.no_sync() if model is not None and hasattr(model, "no_sync") else contextlib.nullcontext()
         keep_gathered = model is not None and hasattr(model, "set_reshard_after_backward")  # FSDP2
         stash, missing = [], 0
@@ -219,16 +327,19 @@ class GradientAggregator(WrapperOptimizer):
                 # accumulate into the flat views / the pending sums, or let autograd allocate
                 if flat is not None:
                     _utils.set_grads(params, flat[t][1])
+                elif kept is not None:
+                    _utils.set_grads(params, kept[t].grads)
                 else:
                     _utils.set_grads(params, self._t.stash[t] if self._t.stash is not None else None)
                 keep = retain_graph or t < k - 1
                 with _keep_graph_ok() if keep else contextlib.nullcontext():
                     torch.autograd.backward(loss, retain_graph=keep)
-                gs, miss = _utils.grads_of(params)
+                gs, miss = kept[t].reached(params) if kept is not None else _utils.grads_of(params)
                 stash.append(gs)
                 missing += miss
         _utils.set_grads(params, None)
         self._t.stash = stash
+        self._t.spare = kept
         self._t.stash_complete = missing == 0
         if align:
             self.align()
@@ -266,6 +377,7 @@ class GradientAggregator(WrapperOptimizer):
         if self._t.stash is None:
             raise RuntimeError(f"{type(self).__name__}.align() without backward(losses)")
         stash, self._t.stash = self._t.stash, None
+        spare, self._t.spare = self._t.spare, None
         k = len(stash)
         if self._sync() and self._t.flat is not None:
             world = dist.get_world_size()
@@ -281,10 +393,14 @@ class GradientAggregator(WrapperOptimizer):
                 present = [i for i in range(len(u.params)) if any(l[i] is not None for l in ls)]
                 if not present:
                     continue
+                # a task that did not reach a parameter contributes zeros (its kept buffer, zeroed)
+                zs = [u.take(s.grads) for s in spare] if spare is not None else [[None] * len(u.params)] * k
                 if len(present) < len(u.params):
                     u = _Unit(u.group, [u.params[i] for i in present], index=present, wgroup=u.wgroup)
                     ls = [[l[i] for i in present] for l in ls]
-                ls = [[g if g is not None else torch.zeros_like(p) for g, p in zip(l, u.params)] for l in ls]
+                    zs = [[z[i] for i in present] for z in zs]
+                ls = [[g if g is not None else (z.zero_() if z is not None else torch.zeros_like(p))
+                       for g, z, p in zip(l, zl, u.params)] for l, zl in zip(ls, zs)]
             units.append(u)
             lists.append(ls)
         if not units:
