@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from roga_cuda.apps.speech.models import (AASIST, AASISTSSLReadout, MelSincBank, build_model,
                                           load_clovaai_state_dict)
 
+from util import tiny_ssl_checkpoint
+
 # clovaai/aasist config/AASIST.conf and config/AASIST-L.conf, model_config
 AASIST_CONF = {"first_conv": 128, "filts": [70, [1, 32], [32, 32], [32, 64], [64, 64]], "gat_dims": [64, 32],
                "pool_ratios": [0.5, 0.7, 0.5, 0.5], "temperatures": [2.0, 2.0, 100.0, 100.0]}
@@ -296,19 +298,7 @@ def test_errors_and_shapes():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.save/load: deprecated, still supported
 @pytest.mark.parametrize("cls", [AASIST, AASISTSSLReadout])
 def test_ssl_front_end_composes_with_either(tmp_path, cls):
-    class Tiny(torch.nn.Module):  # (B, T) -> (B, frames, 24), stride 320 like XLS-R
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv1d(1, 24, 400, stride=320)
-
-        def forward(self, x):
-            return self.conv(x[:, None]).transpose(1, 2)
-
-    path = str(tmp_path / "tiny_ssl.pt")
-    try:
-        torch.jit.save(torch.jit.script(Tiny()), path)
-    except Exception as e:  # pragma: no cover - TorchScript unavailable in this torch build
-        pytest.skip(f"TorchScript unavailable: {e}")
+    path = tiny_ssl_checkpoint(tmp_path, stride=320)  # like XLS-R
     m = cls(filts=(4, 8, 8, 8, 8, 8), gat_dims=(8, 8), ssl_checkpoint=path, ssl_dim=30)
     x = 0.1 * torch.randn(2, 64600)                      # 201 SSL frames: six /3 poolings would leave none
     z = m.encode(x)

@@ -15,6 +15,8 @@ from roga_cuda.apps.common import read_log
 from roga_cuda.apps.image import cli as icli
 from roga_cuda.apps.speech import cli as scli
 
+from util import interrupt_after_checkpoint
+
 APP_PACKAGES = ("yaml", "matplotlib", "PIL", "sklearn", "soundfile", "tqdm", "scipy", "pandas")
 
 # Makes the given top-level packages unimportable, as in an environment without them: a
@@ -102,22 +104,10 @@ def image_run(tmp_path_factory):
 def test_image_log_is_identical_after_a_resume_between_log_rows(tmp_path, monkeypatch):
     """log_every=3 with checkpoints every 2 steps: the resumed run starts inside a log window
     (the checkpoint at step 4 holds step 4's loss); the log must not change."""
-    from roga_cuda.apps.common import training
     extra = ["method=roga", "train.steps=7", "train.log_every=3", "train.checkpoint_every=2", "train.eval_every=3",
              "train.keep_checkpoints=0"]
     assert _image(tmp_path / "full", *extra) == 0
-    real_save = training.Checkpointer.save
-
-    def save_then_die(self, step, state):
-        path = real_save(self, step, state)
-        if step == 4:
-            raise KeyboardInterrupt("simulated interruption after the step-4 checkpoint")
-        return path
-
-    monkeypatch.setattr(training.Checkpointer, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        _image(tmp_path / "cut", *extra)
-    monkeypatch.setattr(training.Checkpointer, "save", real_save)
+    interrupt_after_checkpoint(monkeypatch, lambda: _image(tmp_path / "cut", *extra), step=4)
     assert _image(tmp_path / "cut", *extra, "--resume") == 0
     a, b = read_log(str(tmp_path / "full" / "log.csv")), read_log(str(tmp_path / "cut" / "log.csv"))
     assert a["step"] == b["step"] == [3, 3, 6, 6, 7, 7]  # windows of 3 (+ the last step) and validations

@@ -5,27 +5,16 @@ process computation wherever the math says so: SAM with a synchronized first pas
 PCGrad equal the single-process run on the concatenated batch; RoGA (passes under
 no_sync, one all-reduce per step) equals the mean over ranks of per-rank RoGA gradients.
 """
-import os
-import socket
-import sys
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 from roga_cuda import PCGrad, RoGA, SAM
 
-WORLD = 2
+from util import WORLD, ddp_model, ddp_run
+
 STEPS = 3
-
-
-def model_():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
 
 
 def data(step, domain=0, n=8):
@@ -33,63 +22,46 @@ def data(step, domain=0, n=8):
     return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, kind, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        model = model_()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        if kind == "sam":
-            opt = SAM(ddp.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.1)
-            for s in range(STEPS):
-                x, y = data(s)
-                x, y = x[rank::WORLD], y[rank::WORLD]
-                F.cross_entropy(ddp(x), y).backward()  # synchronized first pass
-                opt.first_step(zero_grad=True)
-                F.cross_entropy(ddp(x), y).backward()
-                opt.second_step(zero_grad=True)
-        elif kind == "roga":
-            opt = RoGA(ddp.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, alpha=0.01)
-            for s in range(STEPS):
-                opt.zero_grad()
-                with opt.no_sync(ddp):
-                    for d in range(3):
-                        x, y = data(s, d)
-                        x, y = x[rank::WORLD], y[rank::WORLD]
-                        F.cross_entropy(ddp(x), y).backward()
-                        opt.perturb()
-                        F.cross_entropy(ddp(x), y).backward()
-                        opt.accumulate()
-                opt.step()  # one all-reduce of the accumulated gradient
-        else:
-            opt = PCGrad(ddp.parameters(), torch.optim.SGD, lr=0.1)
-            for s in range(STEPS):
-                x, y = data(s)
-                x, y = x[rank::WORLD], y[rank::WORLD]
-                out = ddp(x)
-                opt.zero_grad()
-                opt.backward([F.cross_entropy(out, y), -0.5 * F.cross_entropy(out, (y + 1) % 3)], model=ddp)
-                opt.step()
-        torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()  # both results are on disk
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Leave without tearing gloo down: its teardown at exit aborts a rank now and then
-    # ("terminate called without an active exception", seen 2 in ~30 runs), after the
-    # results are written; that is not what this test checks.
-    sys.stdout.flush()
-    os._exit(0)
+def _train(rank, kind):
+    """One rank's run; its final state."""
+    model = ddp_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    if kind == "sam":
+        opt = SAM(ddp.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.1)
+        for s in range(STEPS):
+            x, y = data(s)
+            x, y = x[rank::WORLD], y[rank::WORLD]
+            F.cross_entropy(ddp(x), y).backward()  # synchronized first pass
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(ddp(x), y).backward()
+            opt.second_step(zero_grad=True)
+    elif kind == "roga":
+        opt = RoGA(ddp.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, alpha=0.01)
+        for s in range(STEPS):
+            opt.zero_grad()
+            with opt.no_sync(ddp):
+                for d in range(3):
+                    x, y = data(s, d)
+                    x, y = x[rank::WORLD], y[rank::WORLD]
+                    F.cross_entropy(ddp(x), y).backward()
+                    opt.perturb()
+                    F.cross_entropy(ddp(x), y).backward()
+                    opt.accumulate()
+            opt.step()  # one all-reduce of the accumulated gradient
+    else:
+        opt = PCGrad(ddp.parameters(), torch.optim.SGD, lr=0.1)
+        for s in range(STEPS):
+            x, y = data(s)
+            x, y = x[rank::WORLD], y[rank::WORLD]
+            out = ddp(x)
+            opt.zero_grad()
+            opt.backward([F.cross_entropy(out, y), -0.5 * F.cross_entropy(out, (y + 1) % 3)], model=ddp)
+            opt.step()
+    return model.state_dict()
 
 
 def single_process(kind):
-    model = model_()
+    model = ddp_model()
     ps = list(model.parameters())
     base = torch.optim.SGD(ps, lr=0.1, momentum=0.9 if kind == "sam" else 0.0)
     for s in range(STEPS):
@@ -146,13 +118,7 @@ def single_process(kind):
 
 @pytest.mark.parametrize("kind", ["sam", "roga", "pcgrad"])
 def test_ddp_two_processes(kind):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(kind, _free_port(), tmp), nprocs=WORLD, join=True)
-        states = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(WORLD)]
-    for k in states[0]:
-        assert torch.equal(states[0][k], states[1][k]), f"ranks differ in {k}"
+    state = ddp_run(_train, kind)
     ref = single_process(kind)
     for k, v in ref.items():
-        torch.testing.assert_close(states[0][k], v, rtol=1e-9, atol=1e-11, msg=lambda s: f"{kind} {k}: {s}")
+        torch.testing.assert_close(state[k], v, rtol=1e-9, atol=1e-11, msg=lambda s: f"{kind} {k}: {s}")

@@ -14,6 +14,8 @@ from roga_cuda.apps.image import cli, data as data_mod
 from roga_cuda.apps.image.models import ResNet34, build_model
 from roga_cuda.apps.image.synthetic import generate
 
+from util import interrupt_after_checkpoint
+
 # Tiny runs: 3 steps, 32 px, a few videos; one synthetic dataset shared by the tests (in-process cache).
 TINY = ["runtime.threads=1", "train.steps=3", "train.eval_every=0", "train.log_every=1", "runtime.progress=false",
         "data.synthetic.videos=[4,2,2]", "data.synthetic.frames=4"]
@@ -104,24 +106,13 @@ def test_training_is_deterministic_and_optimizers_differ(tmp_path):
 
 
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
-    from roga_cuda.apps.common import training
     extra = ["method=roga", "train.steps=6", "train.checkpoint_every=2", "train.eval_every=3",
              "train.keep_checkpoints=0", "data.synthetic.videos=[4,2,2]"]
     _train(tmp_path / "full", *extra)
     # a fresh run into a folder with an earlier run's checkpoints is refused (they would mix)
     assert cli.train_main(["--preset", "smoke", "--out", str(tmp_path / "full"), *TINY, *extra]) == 2
-    real_save = training.Checkpointer.save
-
-    def save_then_die(self, step, state):
-        path = real_save(self, step, state)
-        if step == 4:
-            raise KeyboardInterrupt("simulated interruption after the step-4 checkpoint")
-        return path
-
-    monkeypatch.setattr(training.Checkpointer, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        cli.train_main(["--preset", "smoke", "--out", str(tmp_path / "cut"), *TINY, *extra])
-    monkeypatch.setattr(training.Checkpointer, "save", real_save)
+    cut = ["--preset", "smoke", "--out", str(tmp_path / "cut"), *TINY, *extra]
+    interrupt_after_checkpoint(monkeypatch, lambda: cli.train_main(cut), step=4)
     assert not (tmp_path / "cut" / "metrics.json").exists()
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["step_00000002.pt", "step_00000004.pt"]
     m = _train(tmp_path / "cut", *extra, "--resume")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from roga_cuda import PCGrad, RoGA, SAM, freeze_bn_stats
 
 from conftest import backend_cases
+from util import batch, frozen_bn, loss_of, params_equal
 
 BACKENDS = [p for p in backend_cases() if p.values[1] == "cpu"]
 BACKEND_NAMES = [p.values[0] for p in BACKENDS]
@@ -25,34 +26,6 @@ def cnn(seed=0, dtype=torch.float64, bn=True):
         layers.append(nn.BatchNorm2d(6))
     layers += [nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)]
     return nn.Sequential(*layers).to(dtype)
-
-
-def batch(seed, n=8, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 8, 8, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
-
-
-def loss_of(model, x, y):
-    return F.cross_entropy(model(x), y)
-
-
-def params_equal(m1, m2, rtol=1e-10, atol=1e-12):
-    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda s: f"{n}: {s}")
-
-
-class frozen_bn:
-    """Reference BN freezing: save running statistics, restore them afterwards."""
-
-    def __init__(self, model):
-        self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-
-    def __enter__(self):
-        self.saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in self.bns]
-
-    def __exit__(self, *a):
-        for m, (mu, var, n) in zip(self.bns, self.saved):
-            m.running_mean.copy_(mu), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
 
 
 # ------------------------------------------------------------------------------ SAM

@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from roga_cuda import GSAM, SAM, WSAM, FriendlySAM, LookSAM, RoGA, freeze_bn_stats
 
 from conftest import backend_cases
+from util import batch, frozen_bn, loss_of, params_equal
 
 BACKEND_NAMES = [p.values[0] for p in backend_cases() if p.values[1] == "cpu"]
 VARIANTS = ["gsam", "wsam", "wsam_coupled", "fsam", "looksam", "sam_interval"]
@@ -34,37 +34,9 @@ def cnn(seed=0, dtype=torch.float64):
                          nn.Flatten(), nn.Linear(36, 3)).to(dtype)
 
 
-def batch(seed, n=8, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 8, 8, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
-
-
-def loss_of(model, x, y):
-    return F.cross_entropy(model(x), y)
-
-
 def split(model):
     """Two parameter groups: the first conv + BatchNorm, and the rest."""
     return list(model[:2].parameters()), list(model[3:].parameters())
-
-
-def params_equal(m1, m2, rtol=1e-10, atol=1e-12):
-    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda s: f"{n}: {s}")
-
-
-class frozen_bn:
-    """Reference BN freezing: save the running statistics, put them back afterwards."""
-
-    def __init__(self, model):
-        self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-
-    def __enter__(self):
-        self.saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in self.bns]
-
-    def __exit__(self, *a):
-        for m, (mu, var, n) in zip(self.bns, self.saved):
-            m.running_mean.copy_(mu), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
 
 
 # ------------------------------------------------------------------------ configurations

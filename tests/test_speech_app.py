@@ -15,6 +15,8 @@ from roga_cuda.apps.speech import scoring, synth
 from roga_cuda.apps.speech.cli import eval_main, train_main
 from roga_cuda.apps.speech.models import AASIST, RawNet2, SSLFrontEnd, build_model
 
+from util import tiny_ssl_checkpoint
+
 try:
     import soundfile as sf
 except ImportError:  # only the loader tests need it
@@ -314,20 +316,7 @@ def test_ssl_front_end_local_only(tmp_path):
         SSLFrontEnd(str(tmp_path / "xlsr.pt"))
     with pytest.raises(ValueError, match="local checkpoint"):
         SSLFrontEnd(None)
-
-    class Tiny(torch.nn.Module):  # (B, T) -> (B, frames, 24), stride 160 like a wav2vec 2.0 encoder
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv1d(1, 24, 400, stride=160)
-
-        def forward(self, x):
-            return self.conv(x[:, None]).transpose(1, 2)
-
-    path = str(tmp_path / "tiny_ssl.pt")
-    try:
-        torch.jit.save(torch.jit.script(Tiny()), path)
-    except Exception as e:  # pragma: no cover - TorchScript unavailable in this torch build
-        pytest.skip(f"TorchScript unavailable: {e}")
+    path = tiny_ssl_checkpoint(tmp_path, stride=160)  # like a wav2vec 2.0 encoder
     m = AASIST(filts=(4, 8), gat_dims=(8, 8), branches=1, ssl_checkpoint=path, ssl_dim=16)
     out = m(0.1 * torch.randn(2, 8000))
     assert out.shape == (2, 2)

@@ -1,6 +1,18 @@
 """Helpers shared by the tests: random tensor lists carved out of guarded buffers,
-float64 expectations and per-dtype error bounds."""
+float64 expectations and per-dtype error bounds; the optimizer tests' small CNN data and
+model comparisons; the 2-process gloo harness; the apps' stand-in SSL encoder and
+simulated interruption."""
+import os
+import socket
+import sys
+import tempfile
+
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
 
 # Unit of least precision relative to 1.0 (twice the unit roundoff) per storage dtype.
 EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -108,3 +120,127 @@ def assert_elementwise(out, exact, mag, what="", backend=None):
 
 def reduction_rtol(dtypes):
     return 1e-12 if all(d == torch.float64 for d in dtypes) else 2e-5
+
+
+# ------------------------------------------------------------------ optimizer tests (CNN)
+
+def batch(seed, n=8, dtype=torch.float64):
+    """n random 3x8x8 images and labels in 0..2, from their own seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def loss_of(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def params_equal(ref, got, rtol=1e-10, atol=1e-12):
+    """got's state (parameters and buffers) equals ref's, the reference, within rtol/atol."""
+    for (n, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda s: f"{n}: {s}")
+
+
+class frozen_bn:
+    """Reference BN freezing: save the running statistics, put them back afterwards."""
+
+    def __init__(self, model):
+        self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def __enter__(self):
+        self.saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in self.bns]
+
+    def __exit__(self, *a):
+        for m, (mu, var, n) in zip(self.bns, self.saved):
+            m.running_mean.copy_(mu), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
+
+
+# ------------------------------------------------------------ DDP: 2 gloo processes on CPU
+
+WORLD = 2
+
+
+def ddp_model():
+    """The DDP tests' model (float64, seeded): every rank and the single-process reference
+    start from the same parameters."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank, train, args, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        state = train(rank, *args)
+        torch.save({k: v.clone() for k, v in state.items()}, os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()  # both results are on disk
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    # Leave without tearing gloo down: its teardown at exit aborts a rank now and then
+    # ("terminate called without an active exception", seen 2 in ~30 runs), after the
+    # results are written; that is not what these tests check.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def ddp_run(train, *args):
+    """Runs train(rank, *args) (a module-level function, so that spawn can pickle it; it
+    returns a state dict) on WORLD gloo processes with one thread each; asserts the ranks'
+    states are identical and returns rank 0's. Skips without gloo."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_gloo_worker, args=(train, args, _free_port(), tmp), nprocs=WORLD, join=True)
+        states = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(WORLD)]
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), f"ranks differ in {k}"
+    return states[0]
+
+
+# ------------------------------------------------------------------------------------ apps
+
+class _TinySSL(torch.nn.Module):
+    """A stand-in SSL encoder: (B, T) -> (B, frames, 24), one conv of the given stride."""
+
+    def __init__(self, stride):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 24, 400, stride=stride)
+
+    def forward(self, x):
+        return self.conv(x[:, None]).transpose(1, 2)
+
+
+def tiny_ssl_checkpoint(tmp_path, stride):
+    """A scripted _TinySSL saved under tmp_path (the local TorchScript file SSLFrontEnd
+    loads); its path. Skips where TorchScript is unavailable."""
+    path = str(tmp_path / "tiny_ssl.pt")
+    try:
+        torch.jit.save(torch.jit.script(_TinySSL(stride)), path)
+    except Exception as e:  # pragma: no cover - TorchScript unavailable in this torch build
+        pytest.skip(f"TorchScript unavailable: {e}")
+    return path
+
+
+def interrupt_after_checkpoint(monkeypatch, run, step=4):
+    """Calls run() with the apps' Checkpointer.save patched to raise KeyboardInterrupt just
+    after it saved step `step` (a run killed there), expects that interruption, and puts
+    the real save back."""
+    from roga_cuda.apps.common import training
+    real_save = training.Checkpointer.save
+
+    def save_then_die(self, s, state):
+        path = real_save(self, s, state)
+        if s == step:
+            raise KeyboardInterrupt(f"simulated interruption after the step-{step} checkpoint")
+        return path
+
+    monkeypatch.setattr(training.Checkpointer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(training.Checkpointer, "save", real_save)

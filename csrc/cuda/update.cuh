@@ -1,5 +1,6 @@
 // Shared by the fused base updates (sgd.cu, adam.cu): the table layout, the combined
-// gradient, AMP's skip, and the step counters.
+// gradient, AMP's skip, the step counters, the kernel functor (Chunk) and the
+// host-side launcher (launch_update).
 //
 // Each tensor's entry holds kFixedPtrs pointers and then its K gradients:
 //   0 params (written)  1 source (read; == params without a source)  2 grad_out (or null)
@@ -8,6 +9,8 @@
 // read list at its own position (grad_out may be grads[0]). The element loop is scalar and
 // grid-strided (coalesced): the updates read and write 5 to 9 arrays and are memory bound.
 #pragma once
+
+#include <array>
 
 #include "multi_tensor_apply.cuh"
 
@@ -71,15 +74,18 @@ inline void increment_steps(const TensorList& steps, const float* found_inf, cud
   if (!items.empty()) launch(items, sizeof(float), false, StepChunk{found_inf}, stream);
 }
 
+inline void* ptr_or_null(const TensorList& ts, int i) { return ts.empty() ? nullptr : ts[i].data_ptr(); }
+
+// The optimizer-state lists of table rows 3, 4, 5; an empty list leaves its row null.
+using StateLists = std::array<TensorList, 3>;
+
 template <int K>
-Item<kFixedPtrs + K> item(const UpdateArgs& a, int i, void* s0, void* s1, void* s2) {
+Item<kFixedPtrs + K> item(const UpdateArgs& a, int i, const StateLists& state) {
   Item<kFixedPtrs + K> it;
   it.ptr[0] = a.params[i].data_ptr();
   it.ptr[1] = a.source.empty() ? it.ptr[0] : a.source[i].data_ptr();
   it.ptr[2] = a.grad_out.empty() ? nullptr : a.grad_out[i].data_ptr();
-  it.ptr[3] = s0;
-  it.ptr[4] = s1;
-  it.ptr[5] = s2;
+  for (int s = 0; s < 3; ++s) it.ptr[3 + s] = ptr_or_null(state[s], i);
   it.ptr[6] = a.steps.empty() ? nullptr : a.steps[i].data_ptr();
   for (int k = 0; k < K; ++k) it.ptr[kFixedPtrs + k] = a.grads[k][i].data_ptr();
   it.numel = a.params[i].numel();
@@ -98,7 +104,47 @@ Common<T, K> common(const UpdateArgs& a, bool maximize) {
   return c;
 }
 
-inline void* ptr_or_null(const TensorList& ts, int i) { return ts.empty() ? nullptr : ts[i].data_ptr(); }
+// The functor an update launches. Op (sgd.cu's Sgd, adam.cu's Adam) holds the
+// hyper-parameters `h` and, in tile(), the element loop of one tile with the weights read.
+template <typename Op, typename T, int K>
+struct Chunk {
+  Common<T, K> c;
+  Op op;
+
+  __device__ __forceinline__ void operator()(const Table<kFixedPtrs + K>& tab, int t, int64_t, int64_t lo,
+                                             int64_t hi) const {
+    if (c.skip()) {  // AMP's skipped step: only the folded restore (source -> params) happens
+      c.restore(tab, t, lo, hi);
+      return;
+    }
+    acc_t<T> wk[K];
+    c.weights(wk);
+    op.tile(c, tab, t, lo, hi, wk);
+  }
+};
+
+// The host side of an update: one launch series per (K, dtype), then the step counters.
+template <typename Op>
+void launch_update(const UpdateArgs& a, const StateLists& state, const Op& op) {
+  if (a.skip) {  // found_inf read on the host: only the folded restore happens
+    if (!a.source.empty()) restore_(a.params, a.source);
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(a.params[0].device());
+  const cudaStream_t stream = current_stream();
+  dispatch_k(static_cast<int>(a.grads.size()), [&](auto kc) {
+    constexpr int K = decltype(kc)::value;
+    for (const auto& group : by_dtype(a.params)) {
+      dispatch_float(group.first, [&](auto tag) {
+        using T = decltype(tag);
+        std::vector<Item<kFixedPtrs + K>> items;
+        for (int i : group.second) items.push_back(item<K>(a, i, state));
+        launch(items, sizeof(T), false, Chunk<Op, T, K>{common<T, K>(a, op.h.maximize), op}, stream, kStepBit);
+      });
+    }
+  });
+  increment_steps(a.steps, a.found_inf.defined() ? a.found_inf.data_ptr<float>() : nullptr, stream);
+}
 
 }  // namespace update
 }  // namespace cuda

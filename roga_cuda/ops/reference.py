@@ -82,8 +82,16 @@ def combine_(out, lists, weights):
 # found_inf: None or a one-element tensor; nonzero skips the update: only source (when
 # given) is copied into params, so a restore folded into the update still happens.
 
-def _update_grad(grads, weights, i, m):
-    return sum(weights[k] * grads[k][i].to(m) for k in range(len(grads)))
+def _grad_and_source(i, m, params, source, grads, weights, grad_out, maximize):
+    """Position i's combined gradient (stored to grad_out before `maximize` negates it) and
+    its parameter value (read from source when given), both in math dtype m."""
+    g = sum(weights[k] * grads[k][i].to(m) for k in range(len(grads)))
+    if grad_out is not None:
+        grad_out[i].copy_(g)
+    if maximize:
+        g = -g
+    x = (source[i] if source is not None else params[i]).to(m)
+    return g, x
 
 
 def _skip(found_inf, params, source):
@@ -101,12 +109,7 @@ def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, 
         return
     for i, p in enumerate(params):
         m = _math_dtype(p)
-        g = _update_grad(grads, weights, i, m)
-        if grad_out is not None:
-            grad_out[i].copy_(g)
-        if maximize:
-            g = -g
-        x = (source[i] if source is not None else p).to(m)
+        g, x = _grad_and_source(i, m, params, source, grads, weights, grad_out, maximize)
         if weight_decay != 0:
             g = g + weight_decay * x
         if momentum != 0:
@@ -126,12 +129,7 @@ def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_e
         return
     for i, p in enumerate(params):
         m = _math_dtype(p)
-        g = _update_grad(grads, weights, i, m)
-        if grad_out is not None:
-            grad_out[i].copy_(g)
-        if maximize:
-            g = -g
-        x = (source[i] if source is not None else p).to(m)
+        g, x = _grad_and_source(i, m, params, source, grads, weights, grad_out, maximize)
         step = float(steps[i]) + 1
         if weight_decay != 0:
             if decoupled:

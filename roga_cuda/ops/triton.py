@@ -334,11 +334,11 @@ if triton is not None:
     # 2 grad_out, 3..5 optimizer state, 6 the step count (one float per tensor, not offset),
     # 7.. the K gradients. Rows a flag leaves unused hold the params' pointers. All tiles
     # are masked (found_inf folds into the mask: a skipped update only copies the source).
-    @triton.jit(do_not_specialize=["T", "lr_bits", "mom_bits", "damp_bits", "wd_bits"])
-    def _sgd_kernel(ptrs, meta, T, w_ptr, lr_ptr, lr_bits, found_ptr, mom_bits, damp_bits, wd_bits,
-                    K: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr, HAS_SRC: tl.constexpr,
-                    HAS_GOUT: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WD: tl.constexpr,
-                    MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, FOUND: tl.constexpr, BLOCK: tl.constexpr):
+    # _update_tile and _update_block are what the sgd and adam kernels share.
+    @triton.jit
+    def _update_tile(ptrs, meta, T, found_ptr, DT: tl.constexpr, FOUND: tl.constexpr, BLOCK: tl.constexpr):
+        # This program's tensor t, its tile (offset, length), the params, source and grad_out
+        # pointers, and `live`: a block of True, or found_inf == 0 broadcast over the tile.
         pid = tl.program_id(0).to(tl.int64)
         t = tl.load(meta + 3 * pid)
         off = tl.load(meta + 3 * pid + 1)
@@ -346,6 +346,36 @@ if triton is not None:
         p = tl.load(ptrs + t).to(tl.pointer_type(DT)) + off
         src = tl.load(ptrs + T + t).to(tl.pointer_type(DT)) + off
         gout = tl.load(ptrs + 2 * T + t).to(tl.pointer_type(DT)) + off
+        live = tl.full([BLOCK], 1, tl.int1)
+        if FOUND:
+            live = (tl.zeros([BLOCK], tl.float32) + tl.load(found_ptr).to(tl.float32)) == 0.0
+        return t, off, n, p, src, gout, live
+
+    @triton.jit
+    def _update_block(ptrs, T, t, off, n, i, live, w_ptr, src, gout, K: tl.constexpr, DT: tl.constexpr,
+                      ACC: tl.constexpr, HAS_GOUT: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+        # The block of the tile at i: its indices, masks (m: in the tile; mu: and updated), the
+        # combined gradient (stored to grad_out before `maximize` negates it) and the source.
+        idx = i + tl.arange(0, BLOCK)
+        m = idx < n
+        mu = m & live
+        g = tl.zeros([BLOCK], ACC)
+        for k in tl.static_range(K):
+            x = tl.load(ptrs + (7 + k) * T + t).to(tl.pointer_type(DT)) + off
+            g += tl.load(w_ptr + k).to(ACC) * tl.load(x + idx, mask=mu, other=0.0).to(ACC)
+        if HAS_GOUT:
+            tl.store(gout + idx, g.to(DT), mask=mu)
+        if MAXIMIZE:
+            g = -g
+        xv = tl.load(src + idx, mask=m, other=0.0)
+        return idx, m, mu, g, xv
+
+    @triton.jit(do_not_specialize=["T", "lr_bits", "mom_bits", "damp_bits", "wd_bits"])
+    def _sgd_kernel(ptrs, meta, T, w_ptr, lr_ptr, lr_bits, found_ptr, mom_bits, damp_bits, wd_bits,
+                    K: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr, HAS_SRC: tl.constexpr,
+                    HAS_GOUT: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WD: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, FOUND: tl.constexpr, BLOCK: tl.constexpr):
+        t, off, n, p, src, gout, live = _update_tile(ptrs, meta, T, found_ptr, DT, FOUND, BLOCK)
         buf = tl.load(ptrs + 3 * T + t).to(tl.pointer_type(DT)) + off
         step = tl.load(tl.load(ptrs + 6 * T + t).to(tl.pointer_type(tl.float32)))
         if LR_PTR:
@@ -355,24 +385,10 @@ if triton is not None:
         mom = mom_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
         damp = (1.0 - damp_bits.to(tl.int64).to(tl.float64, bitcast=True)).to(ACC)  # 1 - dampening
         wd = wd_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-        r = tl.arange(0, BLOCK)
-        live = r >= 0  # a block of True (found_inf, when given, is broadcast over the tile)
-        if FOUND:
-            live = (tl.zeros([BLOCK], tl.float32) + tl.load(found_ptr).to(tl.float32)) == 0.0
         dead = live == 0
         for i in range(0, n, BLOCK):
-            idx = i + r
-            m = idx < n
-            mu = m & live
-            g = tl.zeros([BLOCK], ACC)
-            for k in tl.static_range(K):
-                x = tl.load(ptrs + (7 + k) * T + t).to(tl.pointer_type(DT)) + off
-                g += tl.load(w_ptr + k).to(ACC) * tl.load(x + idx, mask=mu, other=0.0).to(ACC)
-            if HAS_GOUT:
-                tl.store(gout + idx, g.to(DT), mask=mu)
-            if MAXIMIZE:
-                g = -g
-            xv = tl.load(src + idx, mask=m, other=0.0)
+            idx, m, mu, g, xv = _update_block(ptrs, T, t, off, n, i, live, w_ptr, src, gout, K, DT, ACC, HAS_GOUT,
+                                              MAXIMIZE, BLOCK)
             xa = xv.to(ACC)
             if WD:
                 g = g + wd * xa
@@ -394,13 +410,7 @@ if triton is not None:
                      eps_bits, wd_bits, K: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr, HAS_SRC: tl.constexpr,
                      HAS_GOUT: tl.constexpr, WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
                      MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, FOUND: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        t = tl.load(meta + 3 * pid)
-        off = tl.load(meta + 3 * pid + 1)
-        n = tl.load(meta + 3 * pid + 2)
-        p = tl.load(ptrs + t).to(tl.pointer_type(DT)) + off
-        src = tl.load(ptrs + T + t).to(tl.pointer_type(DT)) + off
-        gout = tl.load(ptrs + 2 * T + t).to(tl.pointer_type(DT)) + off
+        t, off, n, p, src, gout, live = _update_tile(ptrs, meta, T, found_ptr, DT, FOUND, BLOCK)
         mp = tl.load(ptrs + 3 * T + t).to(tl.pointer_type(DT)) + off
         vp = tl.load(ptrs + 4 * T + t).to(tl.pointer_type(DT)) + off
         qp = tl.load(ptrs + 5 * T + t).to(tl.pointer_type(DT)) + off
@@ -423,24 +433,10 @@ if triton is not None:
         a1 = (1.0 - b1).to(ACC)
         b2a = b2.to(ACC)
         a2 = (1.0 - b2).to(ACC)
-        r = tl.arange(0, BLOCK)
-        live = r >= 0  # a block of True (found_inf, when given, is broadcast over the tile)
-        if FOUND:
-            live = (tl.zeros([BLOCK], tl.float32) + tl.load(found_ptr).to(tl.float32)) == 0.0
         dead = live == 0
         for i in range(0, n, BLOCK):
-            idx = i + r
-            m = idx < n
-            mu = m & live
-            g = tl.zeros([BLOCK], ACC)
-            for k in tl.static_range(K):
-                x = tl.load(ptrs + (7 + k) * T + t).to(tl.pointer_type(DT)) + off
-                g += tl.load(w_ptr + k).to(ACC) * tl.load(x + idx, mask=mu, other=0.0).to(ACC)
-            if HAS_GOUT:
-                tl.store(gout + idx, g.to(DT), mask=mu)
-            if MAXIMIZE:
-                g = -g
-            xv = tl.load(src + idx, mask=m, other=0.0)
+            idx, m, mu, g, xv = _update_block(ptrs, T, t, off, n, i, live, w_ptr, src, gout, K, DT, ACC, HAS_GOUT,
+                                              MAXIMIZE, BLOCK)
             xa = xv.to(ACC)
             if WD:
                 if DECOUPLED:
