@@ -225,7 +225,7 @@ def variants(prob, methods, log=print, fresh_path=False):
     return out
 
 
-def run(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHODS, reps=None, log=print):
+def run(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHODS, reps=None, log=print, fresh_path=False):
     device = torch.device(device)
     res = {"machine": machine(device), "list": list_name, "results": {}}
     shapes = shapes_of(list_name)
@@ -234,7 +234,7 @@ def run(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHODS, reps=
         numel = sum(p.numel() for p in prob.params)
         r = reps or (10 if numel > 5e6 else 40)
         log(f"# K = {k}: {len(shapes)} tensors, {numel / 1e6:.2f}M parameters, {r} reps")
-        t = interleaved(variants(prob, methods, log), reps=r, warmup=1 if reps == 1 else 3, device=device)
+        t = interleaved(variants(prob, methods, log, fresh_path=fresh_path), reps=r, warmup=1 if reps == 1 else 3, device=device)
         res["results"][k] = {"reps": r, "median_s": {n: median(v) for n, v in t.items()}}
         log(format_k(k, res["results"][k]))
         del prob
@@ -397,6 +397,8 @@ def main(argv=None):
     ap.add_argument("--faults-only", action="store_true", help="only the page-fault counts (no timing)")
     ap.add_argument("--faults-isolated", action="store_true", help="count each variant in its own process "
                     "(default: interleaved in one process per K, as timed)")
+    ap.add_argument("--fresh-path", action="store_true", help="also time roga-fresh|<method>: the aggregator "
+                    "with persistent_grads=False (autograd's fresh gradients every step)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.quick:
@@ -409,7 +411,7 @@ def main(argv=None):
             with open(a.json, "w") as f:
                 json.dump(res, f, indent=1, default=str)
         return res
-    res = run(a.device, a.list, a.ks, a.methods, a.reps)
+    res = run(a.device, a.list, a.ks, a.methods, a.reps, fresh_path=a.fresh_path)
     if a.faults:
         names = {k: [n for n in r["median_s"] if n.startswith(("twin", "sum", "roga"))] for k, r in res["results"].items()}
         res["faults"] = faults(names, a.list, a.ks, isolated=a.faults_isolated)
