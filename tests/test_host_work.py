@@ -108,3 +108,46 @@ def test_step_python_work_is_independent_of_parameter_count(kind):
         step(params, opt, 10, t)
         counts.append(t.count)
     assert counts[0] == counts[1], f"{kind}: {counts[0]} Python lines with 8 parameters, {counts[1]} with 64"
+
+
+class _TorchCalls(torch.overrides.TorchFunctionMode):
+    """Counts the calls that reach torch's Python API (tensor methods and operators
+    included: each costs microseconds, e.g. ``list.count(None)`` on a list of tensors calls
+    ``Tensor.__eq__`` once per element). Attribute reads (``t._version``: a C getter, tens
+    of nanoseconds) are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") != "__get__":
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Calls(Lines):
+    def run(self, fn, *args, **kwargs):
+        if not self.on:
+            return fn(*args, **kwargs)
+        with _TorchCalls() as c:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.count += c.count
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_step_torch_calls_are_independent_of_parameter_count(kind):
+    make, step = CASES[kind]
+    counts = []
+    for n in (8, 64):
+        params = _params(n)
+        opt = make(params)
+        t = _Calls()
+        for s in range(2):
+            step(params, opt, s, t)
+        t.on = True
+        step(params, opt, 10, t)
+        counts.append(t.count)
+    assert counts[0] == counts[1], f"{kind}: {counts[0]} torch calls with 8 parameters, {counts[1]} with 64"
