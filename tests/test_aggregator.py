@@ -291,6 +291,25 @@ def test_a_gradient_the_user_keeps_is_not_overwritten():
     assert step(3) == ptr == step(4)  # nobody holds them: the same buffers every step
 
 
+def test_kept_gradients_by_default_only_for_large_cpu_tensors():
+    """persistent_grads=None keeps the sets where freed gradients page-fault (CPU tensors
+    averaging >= 128 KiB); small tensors stay in the heap and would only pay autograd an
+    in-place add per parameter per pass."""
+    from roga_cuda.optim.aggregator import _worth_keeping
+    big = [torch.zeros(80000), torch.zeros(3)]           # mean ~156 KiB
+    small = [torch.zeros(1000) for _ in range(4)]         # 4 KiB each
+    assert _worth_keeping(big) and not _worth_keeping(small) and not _worth_keeping([])
+    assert not _worth_keeping([torch.zeros(40000, device="meta")])
+    for params, kept in ((big, True), (small, False)):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = PCGrad(ps, torch.optim.SGD, lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            opt.backward([sum((p * (k + 1)).sum() for p in ps) for k in range(2)])
+            opt.step()
+        assert (opt._t.kept is not None) == kept
+
+
 @pytest.mark.parametrize("persistent", [True, False])
 def test_each_task_accumulates_into_the_same_buffers_every_step(persistent):
     """Kept: in every step pass k hands autograd the same tensors as .grad (the same

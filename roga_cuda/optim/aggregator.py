@@ -116,6 +116,22 @@ class _TaskGrads:
                 and all(_storage_uses(f) <= n for f, n in zip(self.flats, self._uses)))
 
 
+# glibc's default mmap threshold: blocks this large come straight from the operating system
+# and go back to it when freed, so every step page-faults them in again.
+_MMAP_BYTES = 128 * 1024
+
+
+def _worth_keeping(params):
+    """persistent_grads=None: keep the K sets when every parameter is on the CPU and the
+    tensors average at least _MMAP_BYTES. Below that, freed gradients stay in the
+    allocator's heap (no page faults), and adding into kept sets costs autograd one
+    in-place add per parameter per pass where it takes a fresh gradient over for free
+    (measured on 400 one-element parameters: 13.3 -> 15.2 ms per PCGrad step)."""
+    if not params or any(p.device.type != "cpu" for p in params):
+        return False
+    return sum(p.numel() * p.element_size() for p in params) >= _MMAP_BYTES * len(params)
+
+
 _version = operator.attrgetter("_version")
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private in torch: without it, never reuse
 
@@ -161,9 +177,10 @@ class GradientAggregator(WrapperOptimizer):
         fused: run the base update (SGD, Adam, AdamW) as a fused primitive.
         persistent_grads: keep the K task gradient sets from step to step, autograd adding
             into them, instead of taking the K sets autograd allocates afresh every step.
-            None (default): when every parameter is on the CPU, where the freed sets go back
-            to the operating system and the next step page-faults them in again (CUDA's
-            caching allocator reuses its memory anyway). Costs one fill pass per set; holds
+            None (default): when every parameter is on the CPU and the tensors average at
+            least 128 KiB, where the freed sets go back to the operating system and the next
+            step page-faults them in again (CUDA's caching allocator reuses its memory
+            anyway; small CPU tensors stay in the heap). Costs one fill pass per set; holds
             the K sets between steps (what a step holds at its peak anyway). ``p.grad`` after
             the step is then the first set: not reused while you hold it (or a view of it).
 
@@ -271,9 +288,9 @@ class GradientAggregator(WrapperOptimizer):
         user still holds part of is left to them and replaced."""
         lay = self._layout()
         keep = self.persistent_grads
-        if keep is None:  # on the CPU (once per layout)
+        if keep is None:  # on the CPU, for large tensors (once per layout)
             if self._t.on_cpu is None or self._t.on_cpu[0] is not lay:
-                self._t.on_cpu = (lay, all(p.device.type == "cpu" for p in lay.params))
+                self._t.on_cpu = (lay, _worth_keeping(lay.params))
             keep = self._t.on_cpu[1]
         if not keep or lay.sharded:
             self._t.kept = None
