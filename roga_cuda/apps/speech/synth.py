@@ -421,20 +421,50 @@ def generate_utterance(seed, split, index, system, speaker, n_samples, channel_k
     return channel(rng, x, channel_kind).astype(np.float32)
 
 
-def generate_split(seed, split, spec, n_samples, progress=None):
-    """dict(waves float32 (N, T), labels (1 = bona fide), attacks, utt_ids, speakers)."""
-    layout = split_layout(spec)
-    waves = np.zeros((len(layout), n_samples), dtype=np.float32)
-    key = _SPLIT_KEY.get(split, split[:1].upper())
-    it = range(len(layout)) if progress is None else progress(range(len(layout)), desc=f"synth {split}")
+def _render_utterances(seed, split, items, n_samples, channel_kind):
+    """(index, system, speaker) items -> their waveforms, (len(items), n_samples) float32."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny STFTs: thread start-up costs far more than the work
     try:
-        for i in it:
-            system, spk = layout[i]
-            waves[i] = generate_utterance(seed, split, i, system, spk, n_samples, spec["channel"])
+        return np.stack([generate_utterance(seed, split, i, system, spk, n_samples, channel_kind)
+                         for i, system, spk in items]) if items else np.zeros((0, n_samples), np.float32)
     finally:
         torch.set_num_threads(threads)
+
+
+def _worker_count(n_items):
+    """Processes for generating a corpus: every core for a large one, none (in this process)
+    inside a distributed job, a worker process or on one core."""
+    import multiprocessing
+    cores = os.cpu_count() or 1
+    if n_items < 64 or cores < 2 or "WORLD_SIZE" in os.environ or multiprocessing.current_process().daemon:
+        return 0
+    return cores
+
+
+def generate_split(seed, split, spec, n_samples, progress=None, workers=None):
+    """dict(waves float32 (N, T), labels (1 = bona fide), attacks, utt_ids, speakers).
+    Each utterance depends only on (seed, split, index), so ``workers`` processes (default:
+    every core for a large split) generate the same waveforms as one, bit for bit."""
+    layout = split_layout(spec)
+    waves = np.zeros((len(layout), n_samples), dtype=np.float32)
+    key = _SPLIT_KEY.get(split, split[:1].upper())
+    items = [(i, system, spk) for i, (system, spk) in enumerate(layout)]
+    workers = _worker_count(len(items)) if workers is None else workers
+    chunks = [items[c:c + 16] for c in range(0, len(items), 16)]
+    if workers > 1:
+        import concurrent.futures
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_render_utterances, seed, split, ch, n_samples, spec["channel"]) for ch in chunks]
+            done = futures if progress is None else progress(futures, desc=f"synth {split}")
+            for ch, fut in zip(chunks, done):
+                waves[ch[0][0]:ch[-1][0] + 1] = fut.result()
+    else:
+        done = chunks if progress is None else progress(chunks, desc=f"synth {split}")
+        for ch in done:
+            waves[ch[0][0]:ch[-1][0] + 1] = _render_utterances(seed, split, ch, n_samples, spec["channel"])
     return {
         "waves": torch.from_numpy(waves),
         "labels": torch.tensor([1 if s == "bonafide" else 0 for s, _ in layout]),
