@@ -23,14 +23,14 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import traceback
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from util import spawn_and_wait
 
 WORLD = 2
 DEADLINE_S = 400
@@ -176,13 +176,7 @@ def runs():
         pytest.skip("torch.distributed with gloo is not available")
     pytest.importorskip("yaml")
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(tmp,), nprocs=WORLD, join=False, start_method="spawn")
-        deadline = time.monotonic() + DEADLINE_S
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"the 2-process FSDP app runs did not finish in {DEADLINE_S} s (a collective hung?)")
+        spawn_and_wait(_worker, WORLD, (tmp,), DEADLINE_S, "the 2-process FSDP app runs")
         res = {}
         for name in list(_scenarios(0, tmp)) + ["resharded"]:
             ranks = range(1) if name == "resharded" else range(WORLD)

@@ -32,15 +32,15 @@ import math
 import os
 import sys
 import tempfile
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+
+from util import spawn_and_wait
 
 WORLD = 2
 STEPS = 4
@@ -494,13 +494,7 @@ def _one_worker(rank, tmp):
 
 
 def _spawn(fn, nprocs, tmp):
-    ctx = mp.start_processes(fn, args=(tmp,), nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {nprocs}-process FSDP run did not finish in {DEADLINE_S} s (a collective hung?)")
+    spawn_and_wait(fn, nprocs, (tmp,), DEADLINE_S, f"the {nprocs}-process FSDP run")
 
 
 @pytest.fixture(scope="module")
@@ -810,6 +804,16 @@ def test_fsdp_mixed_precision_runs(sharded):
         assert res[r]["mixed_precision"] == {k: True for k in KINDS}, (r, res[r]["mixed_precision"])
 
 
+def _sam_steps(model, opt, steps):
+    """SAM steps on batches data(s), one per s in ``steps`` (one process)."""
+    for s in steps:
+        x, y = data(s)
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+
 def test_checkpoint_helpers_on_one_process():
     """roga_cuda.optim.checkpoint without torch.distributed: the state round-trips into a
     fresh optimizer (which then steps like the original), and another optimizer type is
@@ -817,25 +821,18 @@ def test_checkpoint_helpers_on_one_process():
     from roga_cuda import RoGA, SAM
     from roga_cuda.optim.checkpoint import get_state_dict, set_state_dict
 
-    def run(model, opt, steps):
-        for s in steps:
-            x, y = data(s)
-            F.cross_entropy(model(x), y).backward()
-            opt.first_step(zero_grad=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.second_step(zero_grad=True)
 
     model = net()
     opt = SAM(model.parameters(), torch.optim.AdamW, lr=0.01, rho=0.1)
-    run(model, opt, range(2))
+    _sam_steps(model, opt, range(2))
     msd, osd = get_state_dict(model, opt)
     msd, osd = copy.deepcopy(msd), copy.deepcopy(osd)  # as saved: the live state keeps changing
     model2 = net()
     opt2 = SAM(model2.parameters(), torch.optim.AdamW, lr=0.5, rho=0.1)  # lr comes from the checkpoint
     set_state_dict(model2, opt2, msd, osd)
     assert opt2.param_groups is opt2.base_optimizer.param_groups and opt2.param_groups[0]["lr"] == 0.01
-    run(model, opt, [2])
-    run(model2, opt2, [2])
+    _sam_steps(model, opt, [2])
+    _sam_steps(model2, opt2, [2])
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), k
     other = RoGA(net().parameters(), torch.optim.AdamW, lr=0.01)
@@ -889,23 +886,16 @@ def test_load_skips_parameters_without_optimizer_state(tmp_path):
         model.unused = nn.Parameter(torch.ones(2, dtype=torch.float64))  # never in the graph
         return model, SAM(model.parameters(), torch.optim.Adam, lr=0.01, rho=0.1)
 
-    def run(model, opt, steps):
-        for s in steps:
-            x, y = data(s)
-            F.cross_entropy(model(x), y).backward()
-            opt.first_step(zero_grad=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.second_step(zero_grad=True)
 
     model, opt = build()
-    run(model, opt, range(2))
+    _sam_steps(model, opt, range(2))
     assert model.unused not in opt.base_optimizer.state
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
     model2, opt2 = build()
     load(model2, opt2, str(tmp_path / "ckpt"))
     assert model2.unused not in opt2.base_optimizer.state
-    run(model, opt, [2])
-    run(model2, opt2, [2])
+    _sam_steps(model, opt, [2])
+    _sam_steps(model2, opt2, [2])
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), k

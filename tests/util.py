@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -244,3 +245,15 @@ def interrupt_after_checkpoint(monkeypatch, run, step=4):
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(training.Checkpointer, "save", real_save)
+
+
+def spawn_and_wait(fn, nprocs, args, deadline_s, what):
+    """``fn(rank, *args)`` in ``nprocs`` spawned processes; one still running after
+    ``deadline_s`` (a hung collective) is killed and fails the test, naming ``what``."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{what} did not finish in {deadline_s} s (a collective hung?)")
