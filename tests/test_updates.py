@@ -147,41 +147,6 @@ def test_folded_forms_match_reference(backend, device, kind, k, source, grad_out
             torch.testing.assert_close(x, e, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not ops.backends()["cpu"]["available"], reason="compiled module not built")
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_folded_update_of_a_large_list_streams_bit_for_bit(kind, dtype, rng):
-    """A folded update (params read from `source`) of a list far larger than the caches
-    writes the parameters with non-temporal stores: the same bits as each tensor updated
-    alone (small lists: plain stores), and the reference's values."""
-    shapes = [(2_500_001,), (1_700_003,), (5,)]  # > 16 MiB of parameters
-    base = _params(dtype, "cpu", rng, shapes=shapes)
-    src = _params(dtype, "cpu", rng, shapes=shapes)
-    grads = [_params(dtype, "cpu", rng, shapes=shapes) for _ in range(2)]
-
-    def update(idx, backend):
-        ps = [base[i].clone() for i in idx]
-        st = [[torch.ones_like(base[i]) * (0.5 + j) for i in idx] for j in range(2)]
-        steps = [torch.full((), 2.0) for _ in idx]
-        common = dict(lr=0.05, source=[src[i] for i in idx], grad_weights=[1.0, -0.5], backend=backend)
-        gl = [[g[i] for i in idx] for g in grads]
-        if kind == "sgd":
-            ops.sgd_(ps, gl, momentum_buffers=st[0], steps=steps, momentum=0.9, weight_decay=0.01, **common)
-        else:
-            ops.adam_(ps, gl, st[0], st[1], steps, weight_decay=0.02, **common)
-        return ps + st[0] + st[1]
-
-    whole = update([0, 1, 2], "cpu")
-    alone = [update([i], "cpu") for i in range(3)]
-    n = len(shapes)
-    for i in range(n):
-        for j in range(3):  # params, state 0, state 1
-            assert torch.equal(whole[j * n + i], alone[i][j]), (i, j)
-    ref = update([0, 1, 2], "reference")
-    for x, y in zip(whole, ref):
-        torch.testing.assert_close(x, y, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
-
-
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_found_inf_skips_but_restores(backend, device, kind, rng):

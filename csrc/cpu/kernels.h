@@ -235,16 +235,6 @@ inline void combine_block(typename IO<T>::C* g, const void* const* xs, const dou
   }
 }
 
-// The updated parameters of a block; `stream` (32/64-bit only): computed in a separate
-// block and written with non-temporal stores, the destination not read first.
-template <typename T>
-inline void store_param(T* dst, const typename IO<T>::C* out, int64_t m, bool stream) {
-  if (stream)
-    copy_out(dst, out, m * sizeof(T), true);
-  else
-    IO<T>::store(dst, out, m);
-}
-
 // torch.optim.SGD's update, computed in C and rounded once per stored value.
 template <typename T>
 void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int k, void* goutv, void* bufv, int64_t n,
@@ -256,7 +246,6 @@ void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int
   T* buf = static_cast<T*>(bufv);
   const C lr = static_cast<C>(s.lr), mom = static_cast<C>(s.momentum), damp = static_cast<C>(1 - s.dampening),
           wd = static_cast<C>(s.weight_decay);
-  const bool stream = s.stream && std::is_same<T, C>::value;
   alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], bb[kBlock], ob[kBlock];
   ROGA_BLOCKS(n) {
     combine_block<T>(g, gs, w, k, o, m, xb);
@@ -289,10 +278,10 @@ void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int
         for (int64_t j = 0; j < m; ++j) g[j] = b[j];
       }
     }
-    C* out = stream ? ob : IO<T>::dst_buf(p + o, ob);
+    C* out = IO<T>::dst_buf(p + o, ob);
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) out[j] = x[j] - lr * g[j];
-    store_param<T>(p + o, out, m, stream);
+    IO<T>::store(p + o, out, m);
   }
 }
 
@@ -308,7 +297,6 @@ void adam(void* pv, const void* srcv, const void* const* gs, const double* w, in
   const C wd = static_cast<C>(s.weight_decay), decay = static_cast<C>(s.decay_factor),
           a1 = static_cast<C>(1 - s.beta1), b2 = static_cast<C>(s.beta2), a2 = static_cast<C>(1 - s.beta2),
           eps = static_cast<C>(s.eps), bc2 = static_cast<C>(s.bc2_sqrt), step = static_cast<C>(s.step_size);
-  const bool stream = s.stream && std::is_same<T, C>::value;
   alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], x2[kBlock], mb[kBlock], vb[kBlock], qb[kBlock], ob[kBlock];
   ROGA_BLOCKS(n) {
     combine_block<T>(g, gs, w, k, o, m, xb);
@@ -347,10 +335,10 @@ void adam(void* pv, const void* srcv, const void* const* gs, const double* w, in
       IO<T>::store(vmaxp + o, qo, m);
       q = qo;
     }
-    C* out = stream ? ob : IO<T>::dst_buf(p + o, ob);
+    C* out = IO<T>::dst_buf(p + o, ob);
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) out[j] = x[j] - step * (mo[j] / (std::sqrt(q[j]) / bc2 + eps));
-    store_param<T>(p + o, out, m, stream);
+    IO<T>::store(p + o, out, m);
   }
 }
 

@@ -48,18 +48,14 @@ inline void stream_fence() {
 }
 
 // Per-tensor constants of the fused updates (the step count makes them per tensor).
-// stream: the parameters are write-only (read from a separate `source`, the folded restore)
-// in a list far larger than the caches: non-temporal stores (see copy_out).
 struct SgdSeg {
   double lr, momentum, dampening, weight_decay;
   bool nesterov, maximize, first;  // first: the momentum buffer starts as the gradient
-  bool stream;
 };
 struct AdamSeg {
   double weight_decay, decay_factor;  // decoupled: x * decay_factor (1 - lr * weight_decay)
   double beta1, beta2, eps, bc2_sqrt, step_size;  // step_size = lr / (1 - beta1^step)
   bool decoupled, amsgrad, maximize;
-  bool stream;
 };
 
 // Kernels over one contiguous segment of n elements of one storage dtype.

@@ -364,16 +364,6 @@ void run_update(const UpdateArgs& a, const UpdatePlan& u, std::vector<const std:
 
 char* at_off(const std::vector<char*>& v, int32_t i, int64_t off) { return v[i] ? v[i] + off : nullptr; }
 
-// The parameters are only written (read from a separate `source`: the folded restore), and
-// the list is far larger than the caches: stream them out (the stores would otherwise read
-// every line first, 4 more bytes per float32 parameter).
-bool write_only_params(const UpdateArgs& a, const UpdatePlan& u) {
-  if (a.source.empty() || list_bytes(a.params) <= kStreamBytes) return false;
-  for (size_t i = 0; i < u.p.size(); ++i)
-    if (u.src[i] == u.p[i]) return false;
-  return true;
-}
-
 }  // namespace
 
 // AMP's skipped step (found_inf): only the folded restore happens.
@@ -388,18 +378,15 @@ void sgd_(const UpdateArgs& a, const TensorList& momentum_buffers, const SgdHype
   const UpdatePlan u = update_plan(a);
   const auto buf = momentum_buffers.empty() ? std::vector<char*>(a.params.size(), nullptr) : ptrs(momentum_buffers);
   const int k = static_cast<int>(u.g.size());
-  const bool stream = write_only_params(a, u);
   std::vector<SgdSeg> seg(a.params.size());
   for (size_t i = 0; i < seg.size(); ++i)
-    seg[i] = SgdSeg{a.lr.value, h.momentum, h.dampening, h.weight_decay, h.nesterov, h.maximize, u.step[i] == 0.0f,
-                    stream};
+    seg[i] = SgdSeg{a.lr.value, h.momentum, h.dampening, h.weight_decay, h.nesterov, h.maximize, u.step[i] == 0.0f};
   std::vector<const std::vector<char*>*> extra;
   if (!momentum_buffers.empty()) extra.push_back(&buf);
   run_update(a, u, extra, [&](const Piece& pc, int64_t off, const void** gp) {
     const int32_t i = pc.tensor;
     u.sl[i].k->sgd(u.p[i] + off, u.src[i] + off, gp, u.w.data(), k, at_off(u.gout, i, off), at_off(buf, i, off),
                    pc.end - pc.begin, seg[i]);
-    if (stream) stream_fence();
   });
 }
 
@@ -407,7 +394,6 @@ void adam_(const UpdateArgs& a, const TensorList& exp_avgs, const TensorList& ex
            const TensorList& max_exp_avg_sqs, const AdamHyper& h) {
   if (skipped(a)) return;
   const UpdatePlan u = update_plan(a);
-  const bool stream = write_only_params(a, u);
   const auto m = ptrs(exp_avgs), v = ptrs(exp_avg_sqs);
   const auto vmax = max_exp_avg_sqs.empty() ? std::vector<char*>(a.params.size(), nullptr) : ptrs(max_exp_avg_sqs);
   const int k = static_cast<int>(u.g.size());
@@ -416,7 +402,7 @@ void adam_(const UpdateArgs& a, const TensorList& exp_avgs, const TensorList& ex
     const double step = static_cast<double>(u.step[i]) + 1.0;  // as torch: bias corrections in double
     const double bc1 = 1.0 - std::pow(h.beta1, step), bc2 = 1.0 - std::pow(h.beta2, step);
     seg[i] = AdamSeg{h.weight_decay, 1.0 - a.lr.value * h.weight_decay, h.beta1, h.beta2, h.eps, std::sqrt(bc2),
-                     a.lr.value / bc1, h.decoupled, h.amsgrad, h.maximize, stream};
+                     a.lr.value / bc1, h.decoupled, h.amsgrad, h.maximize};
   }
   std::vector<const std::vector<char*>*> extra{&m, &v};
   if (!max_exp_avg_sqs.empty()) extra.push_back(&vmax);
@@ -424,7 +410,6 @@ void adam_(const UpdateArgs& a, const TensorList& exp_avgs, const TensorList& ex
     const int32_t i = pc.tensor;
     u.sl[i].k->adam(u.p[i] + off, u.src[i] + off, gp, u.w.data(), k, at_off(u.gout, i, off), m[i] + off, v[i] + off,
                     at_off(vmax, i, off), pc.end - pc.begin, seg[i]);
-    if (stream) stream_fence();
   });
 }
 
