@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from util import spawn_and_wait
+from util import run_scenarios, spawn_and_wait
 
 WORLD = 2
 DEADLINE_S = 400
@@ -151,13 +151,7 @@ def _worker(rank, tmp):
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank,
                             world_size=WORLD)
     torch.set_num_threads(1)
-    for name, fn in _scenarios(rank, tmp).items():
-        try:
-            res = fn()
-        except BaseException:
-            res = {"error": traceback.format_exc()}
-        torch.save(res, os.path.join(tmp, f"{name}.{rank}.pt"))
-        dist.barrier()  # a scenario that failed on one rank only must not desynchronise the next
+    run_scenarios(_scenarios(rank, tmp).items(), rank, tmp)
     dist.barrier()
     if rank == 0:
         dist.destroy_process_group()

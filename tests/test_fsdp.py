@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util import spawn_and_wait
+from util import run_scenarios, spawn_and_wait
 
 WORLD = 2
 STEPS = 4
@@ -445,14 +445,8 @@ def _worker(rank, tmp):
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank,
                             world_size=WORLD)
     torch.set_num_threads(1)
-    for name, fn in [("rules", lambda: _check_rules(rank))] + [(k, lambda k=k: _run_kind(k, rank, tmp))
-                                                               for k in KINDS]:
-        try:
-            res = fn()
-        except BaseException:
-            res = {"error": traceback.format_exc()}
-        torch.save(res, os.path.join(tmp, f"{name}.{rank}.pt"))
-        dist.barrier()  # a scenario that failed on one rank only must not desynchronise the next
+    run_scenarios([("rules", lambda: _check_rules(rank))] + [(k, lambda k=k: _run_kind(k, rank, tmp)) for k in KINDS],
+                  rank, tmp)
     sys.stdout.flush()
     # No gloo teardown (see tests/test_ddp.py: it aborts a rank now and then at exit).
     os._exit(0)

@@ -94,19 +94,25 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("kind", list(CASES))
-def test_step_python_work_is_independent_of_parameter_count(kind):
+def _warm_step_counts(kind, counter):
+    """What ``counter`` (a Lines) counts in a warm step, with 8 and with 64 parameters."""
     make, step = CASES[kind]
     counts = []
     for n in (8, 64):
         params = _params(n)
         opt = make(params)
-        t = Lines()
+        t = counter()
         for s in range(2):  # warm: caches, state
             step(params, opt, s, t)
         t.on = True
         step(params, opt, 10, t)
         counts.append(t.count)
+    return counts
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_step_python_work_is_independent_of_parameter_count(kind):
+    counts = _warm_step_counts(kind, Lines)
     assert counts[0] == counts[1], f"{kind}: {counts[0]} Python lines with 8 parameters, {counts[1]} with 64"
 
 
@@ -139,15 +145,5 @@ class _Calls(Lines):
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_step_torch_calls_are_independent_of_parameter_count(kind):
-    make, step = CASES[kind]
-    counts = []
-    for n in (8, 64):
-        params = _params(n)
-        opt = make(params)
-        t = _Calls()
-        for s in range(2):
-            step(params, opt, s, t)
-        t.on = True
-        step(params, opt, 10, t)
-        counts.append(t.count)
+    counts = _warm_step_counts(kind, _Calls)
     assert counts[0] == counts[1], f"{kind}: {counts[0]} torch calls with 8 parameters, {counts[1]} with 64"

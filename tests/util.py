@@ -257,3 +257,17 @@ def spawn_and_wait(fn, nprocs, args, deadline_s, what):
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{what} did not finish in {deadline_s} s (a collective hung?)")
+
+
+def run_scenarios(scenarios, rank, tmp):
+    """In a gloo worker: each named scenario's result (or its traceback) saved to
+    ``tmp/<name>.<rank>.pt``, the ranks meeting after each one (a scenario that failed on one
+    rank only must not desynchronise the next)."""
+    import traceback
+    for name, fn in scenarios:
+        try:
+            res = fn()
+        except BaseException:
+            res = {"error": traceback.format_exc()}
+        torch.save(res, os.path.join(tmp, f"{name}.{rank}.pt"))
+        dist.barrier()
