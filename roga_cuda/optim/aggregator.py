@@ -229,7 +229,7 @@ class GradientAggregator(WrapperOptimizer):
         self._t.aligned = None  # _Aligned between a folding align() and step()
         self._t.flat = None
         self._t.kept = None  # (layout, [_TaskGrads]) with persistent_grads
-        self._t.on_cpu = None  # (layout, every parameter on the CPU)
+        self._t.keep_default = None  # (layout, _worth_keeping(its params)): persistent_grads=None
         self._t.spare = None  # per task, the kept buffers behind the stash (zeros for missing gradients)
         self._t.inv_scale = None
         self._t.k = None  # number of losses seen (fixed once aligned)
@@ -289,9 +289,9 @@ class GradientAggregator(WrapperOptimizer):
         lay = self._layout()
         keep = self.persistent_grads
         if keep is None:  # on the CPU, for large tensors (once per layout)
-            if self._t.on_cpu is None or self._t.on_cpu[0] is not lay:
-                self._t.on_cpu = (lay, _worth_keeping(lay.params))
-            keep = self._t.on_cpu[1]
+            if self._t.keep_default is None or self._t.keep_default[0] is not lay:
+                self._t.keep_default = (lay, _worth_keeping(lay.params))
+            keep = self._t.keep_default[1]
         if not keep or lay.sharded:
             self._t.kept = None
             return None
