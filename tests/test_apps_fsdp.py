@@ -324,6 +324,10 @@ def test_bad_fsdp_settings_are_refused():
                       app="speech")
     with pytest.raises(ValueError, match="probe_conflict_every is not supported with train.fsdp"):
         validate(cfg)
+    # FSDP2 shards contiguous parameters only: refused before anything is built
+    cfg = load_config("smoke", overrides=["runtime.channels_last=true", "train.fsdp=true"], app="image")
+    with pytest.raises(ValueError, match="runtime.channels_last is not supported with train.fsdp"):
+        ImageTrainer(cfg, "/nonexistent-run-folder")
 
 
 def test_a_checkpoint_that_does_not_fit_gets_a_clear_error(runs):

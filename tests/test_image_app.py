@@ -16,6 +16,8 @@ from roga_cuda.apps.image.synthetic import generate
 
 from util import interrupt_after_checkpoint
 
+CL = torch.channels_last
+
 # Tiny runs: 3 steps, 32 px, a few videos; one synthetic dataset shared by the tests (in-process cache).
 TINY = ["runtime.threads=1", "train.steps=3", "train.eval_every=0", "train.log_every=1", "runtime.progress=false",
         "data.synthetic.videos=[4,2,2]", "data.synthetic.frames=4"]
@@ -105,9 +107,10 @@ def test_training_is_deterministic_and_optimizers_differ(tmp_path):
     assert not torch.equal(pa["fc.weight"], pc["fc.weight"])
 
 
-def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, channels_last):
     extra = ["method=roga", "train.steps=6", "train.checkpoint_every=2", "train.eval_every=3",
-             "train.keep_checkpoints=0", "data.synthetic.videos=[4,2,2]"]
+             "train.keep_checkpoints=0", "data.synthetic.videos=[4,2,2]", f"runtime.channels_last={channels_last}"]
     _train(tmp_path / "full", *extra)
     # a fresh run into a folder with an earlier run's checkpoints is refused (they would mix)
     assert cli.train_main(["--preset", "smoke", "--out", str(tmp_path / "full"), *TINY, *extra]) == 2
@@ -119,6 +122,8 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
     full, resumed = _params(tmp_path / "full" / "final.pt"), _params(tmp_path / "cut" / "final.pt")
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+    convs = [v for v in full.values() if v.dim() == 4 and v.is_contiguous() != v.is_contiguous(memory_format=CL)]
+    assert convs and all(v.is_contiguous(memory_format=CL) == channels_last for v in convs)  # the layout reached them
     with open(tmp_path / "full" / "metrics.json") as f:
         ref = json.load(f)
     assert m["in_domain"] == ref["in_domain"] and m["selected"] == ref["selected"]

@@ -17,6 +17,8 @@ from roga_cuda.apps.speech.models import AASIST, RawNet2, SSLFrontEnd, build_mod
 
 from util import tiny_ssl_checkpoint
 
+CL = torch.channels_last
+
 try:
     import soundfile as sf
 except ImportError:  # only the loader tests need it
@@ -269,6 +271,14 @@ def test_synthetic_corpus_in_worker_processes_equals_one_process():
     two = synth.generate_split(3, "dev", spec, 800, workers=2, progress=progress)
     assert one["waves"].shape == (36, 800) and torch.equal(one["waves"], two["waves"])
     assert seen == ["synth dev"] * 3
+    # several splits share one pool (its processes start once), each split as generated alone
+    seen.clear()
+    spec_e = dict(spec, attacks=["A05"], channel="wild")
+    both = synth.generate_splits(3, {"dev": spec, "eval": spec_e}, 800, workers=2, progress=progress)
+    alone = synth.generate_split(3, "eval", spec_e, 800, workers=0)
+    assert torch.equal(both["dev"]["waves"], one["waves"]) and torch.equal(both["eval"]["waves"], alone["waves"])
+    assert both["eval"]["utt_ids"] == alone["utt_ids"] and both["dev"]["attacks"] == one["attacks"]
+    assert seen == ["synth dev"] * 3 + ["synth eval"] * 2
     assert synth._worker_count(10) == 0 and synth._worker_count(1000) in (0, os.cpu_count())
 
 
@@ -389,13 +399,15 @@ def test_end_to_end(tmp_path, cache_dir, mode, extra):
     assert json.loads((tmp_path / "sc" / "metrics.json").read_text())["eer"] == pytest.approx(m["eer"])
 
 
-def test_resume_continues_exactly(tmp_path, cache_dir, monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resume_continues_exactly(tmp_path, cache_dir, monkeypatch, channels_last):
     """A run that crashes mid-epoch, is moved to another folder and resumed from its last
     checkpoint ends with the same weights, conflict statistics and scores as an
-    uninterrupted run."""
+    uninterrupted run (in either weight layout)."""
     from roga_cuda.apps.speech import train as strain
     args = ["--preset", "smoke", "--method", "dpda", f"data.synthetic.cache_dir={cache_dir}",
-            "train.checkpoint_every=3", "train.average_best=1", "runtime.device=cpu"] + TINY  # CPU: bit-exact
+            "train.checkpoint_every=3", "train.average_best=1", "runtime.device=cpu",  # CPU: bit-exact
+            f"runtime.channels_last={channels_last}"] + TINY
     assert train_main(args + ["--out", str(tmp_path / "full")]) == 0
     original = strain.SpeechTrainer.train_step
     calls = {"n": 0}
@@ -423,6 +435,8 @@ def test_resume_continues_exactly(tmp_path, cache_dir, monkeypatch):
     b = moved["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    convs = [v for v in a.values() if v.dim() == 4 and v.is_contiguous() != v.is_contiguous(memory_format=CL)]
+    assert convs and all(v.is_contiguous(memory_format=CL) == channels_last for v in convs)  # the layout reached them
     ma = json.loads((tmp_path / "full" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "moved" / "metrics.json").read_text())
     assert ma["conflict_rate"] == mb["conflict_rate"] and ma["eer"] == mb["eer"]

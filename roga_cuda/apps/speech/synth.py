@@ -443,35 +443,53 @@ def _worker_count(n_items):
 
 
 def generate_split(seed, split, spec, n_samples, progress=None, workers=None):
-    """dict(waves float32 (N, T), labels (1 = bona fide), attacks, utt_ids, speakers).
-    Each utterance depends only on (seed, split, index), so ``workers`` processes (default:
-    every core for a large split) generate the same waveforms as one, bit for bit."""
-    layout = split_layout(spec)
-    waves = np.zeros((len(layout), n_samples), dtype=np.float32)
-    key = _SPLIT_KEY.get(split, split[:1].upper())
-    items = [(i, system, spk) for i, (system, spk) in enumerate(layout)]
-    workers = _worker_count(len(items)) if workers is None else workers
-    chunks = [items[c:c + 16] for c in range(0, len(items), 16)]
+    """dict(waves float32 (N, T), labels (1 = bona fide), attacks, utt_ids, speakers)."""
+    return generate_splits(seed, {split: spec}, n_samples, progress, workers)[split]
+
+
+def generate_splits(seed, splits, n_samples, progress=None, workers=None):
+    """{split: generate_split's dict} for ``splits`` ({name: spec}). Each utterance depends
+    only on (seed, split, index), so ``workers`` processes (default: every core for a large
+    corpus) generate the same waveforms as one, bit for bit; one pool serves every split, so
+    its processes start (and import torch) once."""
+    jobs = {}  # split -> (layout, chunks of (index, system, speaker) items)
+    for split, spec in splits.items():
+        layout = split_layout(spec)
+        items = [(i, system, spk) for i, (system, spk) in enumerate(layout)]
+        jobs[split] = layout, [items[c:c + 16] for c in range(0, len(items), 16)]
+    n_items = sum(len(layout) for layout, _ in jobs.values())
+    workers = _worker_count(n_items) if workers is None else workers
+    waves = {split: np.zeros((len(layout), n_samples), dtype=np.float32) for split, (layout, _) in jobs.items()}
+    pool = None
     if workers > 1:
         import concurrent.futures
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_render_utterances, seed, split, ch, n_samples, spec["channel"]) for ch in chunks]
-            done = futures if progress is None else progress(futures, desc=f"synth {split}")
-            for ch, fut in zip(chunks, done):
-                waves[ch[0][0]:ch[-1][0] + 1] = fut.result()
-    else:
-        done = chunks if progress is None else progress(chunks, desc=f"synth {split}")
-        for ch in done:
-            waves[ch[0][0]:ch[-1][0] + 1] = _render_utterances(seed, split, ch, n_samples, spec["channel"])
-    return {
-        "waves": torch.from_numpy(waves),
-        "labels": torch.tensor([1 if s == "bonafide" else 0 for s, _ in layout]),
-        "attacks": ["-" if s == "bonafide" else s for s, _ in layout],
-        "utt_ids": [f"SYN_{key}_{i:05d}" for i in range(len(layout))],
-        "speakers": [f"SPK_{key}_{k:03d}" for _, k in layout],
-    }
+        pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    try:
+        # every chunk is queued before any result is awaited: the pool never idles between splits
+        pending = {split: [pool.submit(_render_utterances, seed, split, ch, n_samples, splits[split]["channel"])
+                           for ch in chunks] if pool else chunks for split, (_, chunks) in jobs.items()}
+        for split, (_, chunks) in jobs.items():
+            todo = pending[split]
+            done = todo if progress is None else progress(todo, desc=f"synth {split}")
+            for ch, x in zip(chunks, done):
+                waves[split][ch[0][0]:ch[-1][0] + 1] = x.result() if pool else \
+                    _render_utterances(seed, split, x, n_samples, splits[split]["channel"])
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    out = {}
+    for split, (layout, _) in jobs.items():
+        key = _SPLIT_KEY.get(split, split[:1].upper())
+        out[split] = {
+            "waves": torch.from_numpy(waves[split]),
+            "labels": torch.tensor([1 if s == "bonafide" else 0 for s, _ in layout]),
+            "attacks": ["-" if s == "bonafide" else s for s, _ in layout],
+            "utt_ids": [f"SYN_{key}_{i:05d}" for i in range(len(layout))],
+            "speakers": [f"SPK_{key}_{k:03d}" for _, k in layout],
+        }
+    return out
 
 
 def corpus_key(seed, n_samples, splits):
@@ -498,7 +516,7 @@ def load_corpus(seed=0, n_samples=16000, splits=None, cache_dir=None, progress=N
                 return torch.load(path, weights_only=True)
             except Exception as e:  # a corrupt cache is regenerated, not fatal
                 log(f"synthetic corpus cache {path} unreadable ({type(e).__name__}); regenerating")
-    out = {name: generate_split(seed, name, spec, n_samples, progress) for name, spec in splits.items()}
+    out = generate_splits(seed, splits, n_samples, progress)
     if path:
         from ..common.checkpoint import save_checkpoint
         try:
