@@ -281,7 +281,7 @@ def test_renamed_keys_still_work_with_a_warning(tmp_path):
 def test_both_apps_share_one_vocabulary():
     img, sp = load_config(app="image"), load_config(app="speech")
     assert set(img.runtime) == set(sp.runtime) == {"device", "threads", "amp", "amp_dtype", "deterministic",
-                                                    "progress", "tensorboard"}
+                                                    "progress", "tensorboard", "channels_last"}
     shared_optim = {"name", "lr", "momentum", "nesterov", "weight_decay", "betas", "max_grad_norm", "schedule",
                     "warmup_steps", "min_lr_ratio", "step_size", "gamma", "backend"}
     assert shared_optim <= set(img.optim) and shared_optim <= set(sp.optim)
