@@ -122,3 +122,48 @@ def test_ddp_two_processes(kind):
     ref = single_process(kind)
     for k, v in ref.items():
         torch.testing.assert_close(state[k], v, rtol=1e-9, atol=1e-11, msg=lambda s: f"{kind} {k}: {s}")
+
+
+def _conv_train(rank, kind, channels_last):
+    """RoGA / PCGrad under DDP on a small conv net, its weights in either memory layout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(36, 3)).double()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    ddp = nn.parallel.DistributedDataParallel(model)
+
+    def batch(s, d=0):
+        g = torch.Generator().manual_seed(1000 * s + d)
+        x, y = torch.randn(8, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+        return x[rank::WORLD], y[rank::WORLD]
+    if kind == "roga":
+        opt = RoGA(ddp.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, alpha=0.01)
+        for s in range(STEPS):
+            opt.zero_grad()
+            with opt.no_sync(ddp):
+                for d in range(2):
+                    x, y = batch(s, d)
+                    F.cross_entropy(ddp(x), y).backward()
+                    opt.perturb()
+                    F.cross_entropy(ddp(x), y).backward()
+                    opt.accumulate()
+            opt.step()  # the accumulators are views of one flat buffer, in the weights' layout
+    else:
+        opt = PCGrad(ddp.parameters(), torch.optim.SGD, lr=0.1)
+        for s in range(STEPS):
+            x, y = batch(s)
+            out = ddp(x)
+            opt.zero_grad()
+            opt.backward([F.cross_entropy(out, y), -0.5 * F.cross_entropy(out, (y + 1) % 3)], model=ddp)
+            opt.step()
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["roga", "pcgrad"])
+def test_ddp_channels_last_weights_train_like_row_major(kind):
+    """Buffers that stand in for gradients under DDP (RoGA's flat accumulators, PCGrad's
+    flat task gradients) take the weights' memory layout: channels-last weights train, and
+    as the row-major ones do (float64: the layouts differ only in the convolution's rounding)."""
+    cl, rm = ddp_run(_conv_train, kind, True), ddp_run(_conv_train, kind, False)
+    for k, v in rm.items():
+        torch.testing.assert_close(cl[k], v, rtol=1e-12, atol=1e-14, msg=lambda s: f"{kind} {k}: {s}")

@@ -343,13 +343,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out, optimizer, strategy):
+def _ddp_worker(rank, world, port, out, optimizer, strategy, channels_last):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from roga_cuda.apps.image.train import train
     from roga_cuda.apps.common.runtime import cleanup_distributed
     cfg = load_config("smoke", overrides=TINY + [f"method={optimizer}", "train.eval_every=2", "runtime.device=cpu",
-                                                 f"optim.strategy={strategy}", "eval.select=last"], app="image")
+                                                 f"optim.strategy={strategy}", "eval.select=last",
+                                                 f"runtime.channels_last={channels_last}"], app="image")
     try:
         import roga_cuda.apps.image.train as T
         model_holder = {}
@@ -366,10 +367,12 @@ def _ddp_worker(rank, world, port, out, optimizer, strategy):
         cleanup_distributed()
 
 
-@pytest.mark.parametrize("optimizer,strategy", [("roga", "swap"), ("sam", "copy"), ("looksam", "copy")])
-def test_ddp_two_gloo_processes(tmp_path, optimizer, strategy):
+@pytest.mark.parametrize("optimizer,strategy,channels_last", [("roga", "swap", False), ("sam", "copy", False),
+                                                             ("looksam", "copy", False), ("roga", "copy", True)])
+def test_ddp_two_gloo_processes(tmp_path, optimizer, strategy, channels_last):
     out = str(tmp_path / "ddp")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), out, optimizer, strategy), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), out, optimizer, strategy, channels_last), nprocs=2,
+                                join=True)
     with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)
     assert m["world_size"] == 2 and m["steps"] == 3

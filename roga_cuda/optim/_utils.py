@@ -136,8 +136,15 @@ def flat_views(params, zero=False):
         buf = alloc(sum(p.numel() for p in gp), dtype=dt, device=dev)
         bufs.append(buf)
         for p, v in zip(gp, buf.split([p.numel() for p in gp])):
-            views[id(p)] = v.view_as(p)
+            views[id(p)] = v.as_strided(p.shape, grad_strides(p))
     return bufs, views
+
+
+def grad_strides(p):
+    """The strides autograd gives p's gradient: p's own when p is dense in any order (e.g.
+    channels_last weights), row-major otherwise. Buffers that stand in for gradients use them,
+    since the fused kernels walk the tensors at one position in one memory order."""
+    return torch.empty_like(p, device="meta").stride()
 
 
 def inv_scale_of(scaler):

@@ -78,8 +78,7 @@ class _TaskGrads:
             storage, off = flat.untyped_storage(), 0
             for i in idx:
                 p = params[i]
-                stride = torch.empty_like(p, device="meta").stride()  # the layout contract of p.grad
-                self.grads[i] = torch.empty(0, dtype=dt, device=dev).set_(storage, off, p.shape, stride)
+                self.grads[i] = torch.empty(0, dtype=dt, device=dev).set_(storage, off, p.shape, _utils.grad_strides(p))
                 off += p.numel()
             del storage
             self.flats.append(flat)
