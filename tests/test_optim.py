@@ -764,3 +764,46 @@ def test_parameter_listed_twice_is_refused(cls):
     with pytest.raises(ValueError, match="listed twice"):
         opt.add_param_group({"params": [p, p]})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("kind", ["sam", "fsam"])
+@pytest.mark.parametrize("base,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                                     (torch.optim.AdamW, dict(lr=0.1, amsgrad=True))], ids=["sgd", "adamw"])
+@pytest.mark.parametrize("saved_cl", [False, True], ids=["saved-row-major", "saved-channels-last"])
+def test_state_resumes_across_memory_layouts(kind, base, kw, saved_cl):
+    """Optimizer state saved with the weights in one memory layout resumes on weights in the
+    other (a checkpoint written before model.to(memory_format=torch.channels_last), or after),
+    as torch.optim does: the fused kernels get the state in the weights' layout, and the next
+    step equals the resume in the saved layout (float64; the layouts differ only in the
+    convolution's rounding)."""
+    from roga_cuda import FriendlySAM
+    cls = SAM if kind == "sam" else FriendlySAM
+
+    def make(cl):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(36, 3)).double()
+        return m.to(memory_format=torch.channels_last) if cl else m
+
+    def sam_step(m, opt):
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.first_step(zero_grad=True)
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.second_step(zero_grad=True)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 2, 5, 5, dtype=torch.float64, generator=g), torch.randint(0, 3, (8,), generator=g)
+    m = make(saved_cl)
+    opt = cls(m.parameters(), base, rho=0.05, **kw)
+    for _ in range(2):
+        sam_step(m, opt)
+    sd, msd = opt.state_dict(), m.state_dict()
+    after = {}
+    for cl in (saved_cl, not saved_cl):
+        m2 = make(cl)
+        m2.load_state_dict(msd)
+        opt2 = cls(m2.parameters(), base, rho=0.05, **kw)
+        opt2.load_state_dict(copy.deepcopy(sd))  # (load_state_dict keeps the tensors it is given)
+        sam_step(m2, opt2)
+        after[cl] = [p.detach() for p in m2.parameters()]
+        assert m2[0].weight.is_contiguous(memory_format=torch.channels_last) == cl
+    for a, b in zip(after[saved_cl], after[not saved_cl]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

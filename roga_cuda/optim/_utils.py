@@ -147,6 +147,13 @@ def grad_strides(p):
     return torch.empty_like(p, device="meta").stride()
 
 
+def in_layout_of(t, p):
+    """t itself when it is laid out as p's state should be (grad_strides), else a copy that
+    is: state saved from a model in another memory layout (a checkpoint written before
+    ``model.to(memory_format=torch.channels_last)``) keeps working, as it does in torch.optim."""
+    return t if t.stride() == grad_strides(p) else torch.empty_like(p, dtype=t.dtype).copy_(t)
+
+
 def inv_scale_of(scaler):
     """1 / scale of a torch.amp.GradScaler as a 0-d device tensor (no host sync), or None."""
     if scaler is None or not scaler.is_enabled():

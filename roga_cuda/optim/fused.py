@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ._utils import in_layout_of
 
 _EXACT = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
 
@@ -124,6 +125,7 @@ class FusedUpdate:
                         s["step"] = _count(1, p)
                     else:
                         s["step"] = _as_count(s["step"], p)
+                    s["momentum_buffer"] = in_layout_of(s["momentum_buffer"], p)
                     st.bufs.append(s["momentum_buffer"])
                     st.steps.append(s["step"])
             return st
@@ -139,6 +141,8 @@ class FusedUpdate:
                 s["step"] = _as_count(s["step"], p)
             if flags and "max_exp_avg_sq" not in s:
                 s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if flags else ("exp_avg", "exp_avg_sq"):
+                s[name] = in_layout_of(s[name], p)
             st.exp_avgs.append(s["exp_avg"])
             st.exp_avg_sqs.append(s["exp_avg_sq"])
             st.steps.append(s["step"])

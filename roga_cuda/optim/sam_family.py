@@ -469,7 +469,7 @@ class StateBuffers:
         self._by_param, self._lists = {}, {}
         for i, t in entries.items():
             p = params[i]
-            self._by_param[id(p)] = (p, t.detach().to(device=p.device, dtype=p.dtype, copy=True))
+            self._by_param[id(p)] = (p, torch.empty_like(p).copy_(t.detach()))  # on p's device, in p's layout
 
 
 def _ratio(gamma):
