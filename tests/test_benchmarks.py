@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+import torch
 
 from benchmarks import lists as L
 from benchmarks.timing import BYTES_PER_ELEMENT, op_bytes
@@ -52,3 +54,16 @@ def test_e2e_variants_run_on_tiny_inputs():
     sp = bench_e2e.speech_variants("cpu", batch=2, length=4000)
     for fn in list(im.values()) + list(sp.values()):
         fn()
+
+
+def test_layout_benchmark_times_both_layouts_on_tiny_inputs():
+    from benchmarks import bench_layout
+    threads = torch.get_num_threads()
+    lines = []
+    res = bench_layout.run(threads=1, reps=2, cases=[("img", bench_layout._image, (2, 32)),
+                                                      ("speech", bench_layout._speech, (2, 1600))], log=lines.append)
+    assert torch.get_num_threads() == threads  # restored
+    assert set(res["cases"]) == {"img", "speech"} and len(lines) == 2
+    for c in res["cases"].values():
+        assert c["row-major"] > 0 and c["channels-last"] > 0 and c["speedup"] == pytest.approx(
+            c["row-major"] / c["channels-last"])
