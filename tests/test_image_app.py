@@ -215,6 +215,25 @@ def test_folder_layout_trains_and_roga_eval(tmp_path, faces):
         assert set(json.load(f)["cross_domain"]) == {"dfA"}
 
 
+def test_roga_eval_scores_in_the_runs_weight_layout(tmp_path, monkeypatch):
+    """A run trained with runtime.channels_last is rescored by roga-eval in that layout (the
+    checkpoint's config says so), so the rescored numbers are the run's own."""
+    import roga_cuda.apps.image.train as T
+    m = _train(tmp_path / "run", "runtime.channels_last=true", "eval.select=last", "method=sam")
+    layouts, real = [], T.evaluate_domains
+
+    def spy(model, *a, **k):
+        w = [p for p in model.parameters() if p.dim() == 4 and p.is_contiguous() != p.is_contiguous(memory_format=CL)]
+        layouts.append(bool(w) and all(p.is_contiguous(memory_format=CL) for p in w))
+        return real(model, *a, **k)
+    monkeypatch.setattr(T, "evaluate_domains", spy)
+    assert cli.eval_main([str(tmp_path / "run" / "final.pt"), "--out", str(tmp_path / "ev")]) == 0
+    with open(tmp_path / "ev" / "metrics.json") as f:
+        ev = json.load(f)
+    assert layouts == [True, True]  # in-domain and held-out sets
+    assert ev["in_domain"] == m["in_domain"] and ev["cross_domain"] == m["cross_domain"]
+
+
 def _dfb_json(tmp_path, faces):
     """A FaceForensics++-style JSON (compression level inside the split) and a Celeb-DF-style one,
     with frame paths relative to an rgb_dir."""

@@ -193,6 +193,8 @@ def _eval_parser():
 
 def evaluate_checkpoint(path, out_dir, overrides=(), config=None, split="test", device=None, skip_corrupt=False,
                         threads=None):
+    import torch
+
     from ..common.checkpoint import load_checkpoint
     from ..common.runtime import Amp, select_device, set_num_threads
     from ..common.trainer import check_app
@@ -211,6 +213,8 @@ def evaluate_checkpoint(path, out_dir, overrides=(), config=None, split="test", 
     dev = select_device(cfg.runtime.device)
     model = build_model(cfg.model.arch, int(cfg.data.image_size), cfg.model.width, None, float(cfg.model.dropout),
                         int(cfg.model.xception_middle_blocks)).to(dev)
+    if cfg.runtime.get("channels_last", False):  # scores as the run computed them (same rounding)
+        model.to(memory_format=torch.channels_last)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

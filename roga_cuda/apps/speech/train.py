@@ -51,6 +51,8 @@ MONITORS = {"eer": "min", "auc": "max", "loss": "min"}
 def model_from_config(cfg, device="cpu"):
     """The configured model on ``device``, lazy layers (the SSL projection) materialised."""
     model = _model_from_config(cfg).to(device)
+    if cfg.runtime.get("channels_last", False):  # (dpda-eval: scores as the run computed them)
+        model.to(memory_format=torch.channels_last)
     if any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in model.parameters()):
         model.eval()
         with torch.no_grad():
