@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["seed_everything", "set_num_threads", "make_generator", "derive_seed", "get_rng_state", "set_rng_state", "select_device",
+           "in_weight_layout",
            "Amp", "DistInfo", "init_distributed", "cleanup_distributed", "is_main", "rank", "world_size",
            "barrier", "print0", "progress", "all_gather_objects"]
 
@@ -91,6 +92,14 @@ def set_num_threads(n):
     thread per process avoids oversubscription, which can slow small models many-fold."""
     if n:
         torch.set_num_threads(int(n))
+
+
+def in_weight_layout(model, cfg):
+    """``model`` with its 4-d weights channels-last when ``cfg.runtime.channels_last`` (faster
+    convolutions, the same math up to rounding): where a run trains and is rescored alike."""
+    if cfg.runtime.get("channels_last", False):
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def select_device(name="auto", local_rank=None):

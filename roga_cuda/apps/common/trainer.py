@@ -132,8 +132,6 @@ class Trainer:
         self.data = data if data is not None else self.build_data()
         self.data_time = time.time() - self.t_created
         self.model = self.build_model().to(self.device)
-        if cfg.runtime.get("channels_last", False):  # NHWC: faster convolutions, same math up to rounding
-            self.model.to(memory_format=torch.channels_last)
         self.ddp = None
         if self.fsdp:  # sharded in place: self.model is the FSDP module
             shard_model(self.model, self.shard_units())

@@ -193,14 +193,11 @@ def _eval_parser():
 
 def evaluate_checkpoint(path, out_dir, overrides=(), config=None, split="test", device=None, skip_corrupt=False,
                         threads=None):
-    import torch
-
     from ..common.checkpoint import load_checkpoint
     from ..common.runtime import Amp, select_device, set_num_threads
     from ..common.trainer import check_app
     from .data import build_image_data
-    from .models import build_model
-    from .train import _write_outputs, evaluate_domains, summarize
+    from .train import _write_outputs, evaluate_domains, model_from_config, summarize
 
     ckpt = load_checkpoint(path)
     check_app(ckpt, APP, path)
@@ -211,10 +208,7 @@ def evaluate_checkpoint(path, out_dir, overrides=(), config=None, split="test", 
     cfg = load_config(None, [ckpt["config"]] + ([config] if config else []), ov, app=APP)
     set_num_threads(cfg.runtime.threads)
     dev = select_device(cfg.runtime.device)
-    model = build_model(cfg.model.arch, int(cfg.data.image_size), cfg.model.width, None, float(cfg.model.dropout),
-                        int(cfg.model.xception_middle_blocks)).to(dev)
-    if cfg.runtime.get("channels_last", False):  # scores as the run computed them (same rounding)
-        model.to(memory_format=torch.channels_last)
+    model = model_from_config(cfg, dev, pretrained=False)  # in the run's layout: its scores, its rounding
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -24,7 +24,7 @@ from ...optim import GSAM, SAM, WSAM, FriendlySAM, LookSAM, RoGA, clip_grad_norm
 from ..common import metrics as M
 from ..common.checkpoint import load_checkpoint, save_checkpoint
 from ..common.plots import plot_det, plot_roc, plot_training_curves
-from ..common.runtime import all_gather_objects, barrier, is_main, make_generator, print0
+from ..common.runtime import all_gather_objects, barrier, in_weight_layout, is_main, make_generator, print0
 from ..common.sharding import forward_count, full_state_dict, is_sharded, load_full_state_dict
 from ..common.trainer import Trainer, make_optimizer
 from ..common.training import BatchStream, read_log, unwrap_model
@@ -64,6 +64,15 @@ def build_optimizer(cfg, params, num_domains):
 
 def _bce(logits, y):
     return F.binary_cross_entropy_with_logits(logits.float().squeeze(1), y.float())
+
+
+def model_from_config(cfg, device="cpu", pretrained=True):
+    """The configured model on ``device`` in the configured weight layout (``pretrained``:
+    load model.pretrained's weights; roga-eval loads a checkpoint's instead)."""
+    m = cfg.model
+    model = build_model(m.arch, int(cfg.data.image_size), m.width, m.pretrained if pretrained else None,
+                        float(m.dropout), int(m.xception_middle_blocks)).to(device)
+    return in_weight_layout(model, cfg)
 
 
 class _Stepper:
@@ -245,9 +254,7 @@ class ImageTrainer(Trainer):
         return data
 
     def build_model(self):
-        m = self.cfg.model
-        return build_model(m.arch, int(self.cfg.data.image_size), m.width, m.pretrained, float(m.dropout),
-                           int(m.xception_middle_blocks))
+        return model_from_config(self.cfg, self.device)
 
     def build_optimizer(self):
         return build_optimizer(self.cfg, self.params, len(self.data.train_domains))

@@ -30,8 +30,8 @@ from ... import ops
 from ...optim import PCGrad, clip_grad_norm_
 from ..common import average_checkpoints, derive_seed, eer, load_checkpoint, print0, read_log, roc_auc, save_checkpoint
 from ..common.plots import plot_det, plot_roc, plot_training_curves
-from ..common.runtime import (Amp, all_gather_objects, barrier, init_distributed, is_main, progress, select_device,
-                              set_num_threads)
+from ..common.runtime import (Amp, all_gather_objects, barrier, in_weight_layout, init_distributed, is_main, progress,
+                              select_device, set_num_threads)
 from ..common.sharding import forward_count, full_state_dict, is_sharded, load_full_state_dict
 from ..common.trainer import Trainer, make_optimizer
 from ..common.training import BatchStream
@@ -49,10 +49,9 @@ MONITORS = {"eer": "min", "auc": "max", "loss": "min"}
 # ------------------------------------------------------------------------------ builders
 
 def model_from_config(cfg, device="cpu"):
-    """The configured model on ``device``, lazy layers (the SSL projection) materialised."""
-    model = _model_from_config(cfg).to(device)
-    if cfg.runtime.get("channels_last", False):  # (dpda-eval: scores as the run computed them)
-        model.to(memory_format=torch.channels_last)
+    """The configured model on ``device`` in the configured weight layout, lazy layers (the SSL
+    projection) materialised."""
+    model = in_weight_layout(_model_from_config(cfg).to(device), cfg)
     if any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in model.parameters()):
         model.eval()
         with torch.no_grad():
