@@ -22,15 +22,12 @@ def data(step, domain=0, n=8):
     return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
-def _train(rank, kind):
-    """One rank's run; its final state."""
-    model = ddp_model()
-    ddp = nn.parallel.DistributedDataParallel(model)
+def _steps(kind, ddp, batch):
+    """STEPS steps of ``kind`` on the DDP module; ``batch(step, domain)`` is this rank's data."""
     if kind == "sam":
         opt = SAM(ddp.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.1)
         for s in range(STEPS):
-            x, y = data(s)
-            x, y = x[rank::WORLD], y[rank::WORLD]
+            x, y = batch(s, 0)
             F.cross_entropy(ddp(x), y).backward()  # synchronized first pass
             opt.first_step(zero_grad=True)
             F.cross_entropy(ddp(x), y).backward()
@@ -41,8 +38,7 @@ def _train(rank, kind):
             opt.zero_grad()
             with opt.no_sync(ddp):
                 for d in range(3):
-                    x, y = data(s, d)
-                    x, y = x[rank::WORLD], y[rank::WORLD]
+                    x, y = batch(s, d)
                     F.cross_entropy(ddp(x), y).backward()
                     opt.perturb()
                     F.cross_entropy(ddp(x), y).backward()
@@ -51,12 +47,18 @@ def _train(rank, kind):
     else:
         opt = PCGrad(ddp.parameters(), torch.optim.SGD, lr=0.1)
         for s in range(STEPS):
-            x, y = data(s)
-            x, y = x[rank::WORLD], y[rank::WORLD]
+            x, y = batch(s, 0)
             out = ddp(x)
             opt.zero_grad()
             opt.backward([F.cross_entropy(out, y), -0.5 * F.cross_entropy(out, (y + 1) % 3)], model=ddp)
             opt.step()
+
+
+def _train(rank, kind):
+    """One rank's run; its final state."""
+    model = ddp_model()
+    _steps(kind, nn.parallel.DistributedDataParallel(model),
+           lambda s, d: tuple(t[rank::WORLD] for t in data(s, d)))
     return model.state_dict()
 
 
@@ -130,32 +132,13 @@ def _conv_train(rank, kind, channels_last):
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(36, 3)).double()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    ddp = nn.parallel.DistributedDataParallel(model)
 
-    def batch(s, d=0):
+    def batch(s, d):
         g = torch.Generator().manual_seed(1000 * s + d)
         x, y = torch.randn(8, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
         return x[rank::WORLD], y[rank::WORLD]
-    if kind == "roga":
-        opt = RoGA(ddp.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, alpha=0.01)
-        for s in range(STEPS):
-            opt.zero_grad()
-            with opt.no_sync(ddp):
-                for d in range(2):
-                    x, y = batch(s, d)
-                    F.cross_entropy(ddp(x), y).backward()
-                    opt.perturb()
-                    F.cross_entropy(ddp(x), y).backward()
-                    opt.accumulate()
-            opt.step()  # the accumulators are views of one flat buffer, in the weights' layout
-    else:
-        opt = PCGrad(ddp.parameters(), torch.optim.SGD, lr=0.1)
-        for s in range(STEPS):
-            x, y = batch(s)
-            out = ddp(x)
-            opt.zero_grad()
-            opt.backward([F.cross_entropy(out, y), -0.5 * F.cross_entropy(out, (y + 1) % 3)], model=ddp)
-            opt.step()
+    # RoGA's accumulators and PCGrad's task gradients are views of one flat buffer: in the weights' layout
+    _steps(kind, nn.parallel.DistributedDataParallel(model), batch)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
