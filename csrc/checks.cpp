@@ -201,16 +201,18 @@ Scalar scalar_arg(const char* op, const char* name, double value, const std::opt
 }
 
 Weights weights_arg(const char* op, c10::ArrayRef<double> values, const std::optional<at::Tensor>& t, int64_t k,
-                    const std::optional<at::Device>& dev, CheckLevel level) {
+                    const std::optional<at::Device>& dev, CheckLevel level, bool direct_ok) {
   Weights w;
   if (!t.has_value() || !t->defined()) {
-    TORCH_CHECK_VALUE(static_cast<int64_t>(values.size()) == k, op, ": got ", values.size(), " weights for ", k,
-                      " lists");
+    const int64_t got = static_cast<int64_t>(values.size());
+    TORCH_CHECK_VALUE(got == k || (direct_ok && got == 2 * k), op, ": got ", got, " weights for ", k, " lists",
+                      direct_ok ? " (give K, or 2K with the direct row)" : "");
     w.values.assign(values.begin(), values.end());
     return w;
   }
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->sym_numel() == k, op, ": `weights` must hold ", k,
-                    " values (one per list), got shape ", t->sym_sizes());
+  TORCH_CHECK_VALUE(t->dim() == 1 && (t->sym_numel() == k || (direct_ok && t->sym_numel() == 2 * k)), op,
+                    ": `weights` must hold ", k, direct_ok ? " or 2K" : "", " values (one per list",
+                    direct_ok ? ", then the direct row" : "", "), got shape ", t->sym_sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": `weights` has dtype ", t->scalar_type(),
                    "; use a floating-point tensor");
   const bool host = t->device().is_cpu();
@@ -219,15 +221,15 @@ Weights weights_arg(const char* op, c10::ArrayRef<double> values, const std::opt
                       *dev);
   if (host && level != CheckLevel::kMeta) {
     const at::Tensor c = t->to(at::kDouble).contiguous();
-    w.values.assign(c.const_data_ptr<double>(), c.const_data_ptr<double>() + k);
+    w.values.assign(c.const_data_ptr<double>(), c.const_data_ptr<double>() + c.numel());
     return w;
   }
   if (level == CheckLevel::kMeta) {
     w.tensor = *t;
     return w;
   }
-  const bool direct = (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble) && t->is_contiguous();
-  w.tensor = direct ? *t : t->to(at::kFloat).contiguous();
+  const bool as_is = (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble) && t->is_contiguous();
+  w.tensor = as_is ? *t : t->to(at::kFloat).contiguous();
   return w;
 }
 
@@ -290,7 +292,7 @@ Checked check_combine_(TensorList out, TensorList lists, c10::ArrayRef<double> w
     named.insert(named.end(), ls.begin(), ls.end());
   }
   c.dev = check_lists("combine_", named, true, /*alias_ok=*/true, level);
-  c.weights = weights_arg("combine_", weights, weights_t, k, c.dev, level);
+  c.weights = weights_arg("combine_", weights, weights_t, k, c.dev, level, false);
   c.lists = views(named, 1);
   return c;
 }
@@ -335,7 +337,7 @@ Checked check_update(const char* op, TensorList params, TensorList source, Tenso
   Checked c;
   c.dev = check_lists(op, named, true, /*alias_ok=*/true, level);
   for (size_t j = grads_at; j < grads_end; ++j) c.lists.push_back(named[j].ts);
-  c.weights = weights_arg(op, grad_weights, grad_weight_t, k, c.dev, level);
+  c.weights = weights_arg(op, grad_weights, grad_weight_t, k, c.dev, level, true);
   c.lr = scalar_arg(op, "lr", lr, lr_t, c.dev, level);
   if (found_inf.has_value() && found_inf->defined()) {
     const at::Tensor& f = *found_inf;

@@ -43,9 +43,10 @@ std::optional<at::Device> check_lists(const char* op, const std::vector<ListArg>
 Scalar scalar_arg(const char* op, const char* name, double value, const std::optional<at::Tensor>& t,
                   const std::optional<at::Device>& dev, CheckLevel level);
 
-// K weights: host values, or a 1-d tensor of K (CPU: read on the host; else on `dev`).
+// K weights: host values, or a 1-d tensor of K (CPU: read on the host; else on `dev`);
+// with direct_ok (the updates) also 2K: the combination's row, then the direct row.
 Weights weights_arg(const char* op, c10::ArrayRef<double> values, const std::optional<at::Tensor>& t, int64_t k,
-                    const std::optional<at::Device>& dev, CheckLevel level);
+                    const std::optional<at::Device>& dev, CheckLevel level, bool direct_ok);
 
 // The arguments of one op call, validated.
 struct Checked {

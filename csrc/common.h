@@ -27,6 +27,7 @@ struct Scalar {
 struct Weights {
   std::vector<double> values;
   at::Tensor tensor;
+  int64_t size() const { return tensor.defined() ? tensor.numel() : static_cast<int64_t>(values.size()); }
 };
 
 // Result dtype of reductions: float64 if any tensor is float64, else float32.
@@ -55,7 +56,9 @@ struct AdamHyper {
 // incremented after it. `found_inf` (a one-element device tensor, or undefined) and `skip`
 // (the same read on the host): when nonzero the update is skipped (AMP's overflow): only
 // `source` is copied into `params`, bit-exact, so a restore folded into the update still
-// happens; nothing else is written, steps included.
+// happens; nothing else is written, steps included. `weights` may hold 2K values: the second
+// K are the direct row, d, and the update ends with params -= lr * sum_k d[k] * grads[k]
+// (outside momentum, moments, weight decay and maximize: WSAM's decoupled sharpness term).
 struct UpdateArgs {
   TensorList params, source, grad_out, steps;
   std::vector<TensorList> grads;

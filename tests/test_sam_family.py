@@ -219,9 +219,12 @@ def test_swap_strategy_and_unfused_update_match_reference(kind):
     compare(kind, fused=False)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", VARIANTS)
-def test_clipping_clips_the_final_gradient(kind):
-    compare(kind, max_norm=0.05)
+def test_clipping_clips_the_final_gradient(kind, fused):
+    """fused=False: torch's own step (WSAM's decoupled term must then read the unclipped
+    first-pass gradient, which the clipped .grad once overwrote)."""
+    compare(kind, max_norm=0.05, fused=fused)
 
 
 @pytest.mark.parametrize("kind", ["gsam", "wsam", "fsam", "looksam"])
@@ -274,6 +277,22 @@ def test_wsam_gamma_one_half_is_sam_and_zero_is_the_base_optimizer():
         else:
             run_ours(ref_cls(m2.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9), m2, [(x, y)] * 2)
         params_equal(m2, m1)
+
+
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
+def test_wsam_decoupled_term_rides_in_the_update_pass(base, monkeypatch):
+    """Fused, WSAM's decoupled a (g_p - g) is the update's direct row: one update call per
+    step, not a second pass over the parameters (the reference tests check its value)."""
+    from roga_cuda import ops
+    calls = []
+    for name in ("sgd_", "adam_"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **kw: (calls.append(
+            (_name, kw.get("direct_weights") is not None)), _real(*a, **kw))[1])
+    m = cnn()
+    run_ours(WSAM(m.parameters(), base, gamma=0.8, lr=0.01), m, [batch(0)] * 2)
+    want = "sgd_" if base is torch.optim.SGD else "adam_"
+    assert calls == [(want, True)] * 2
 
 
 # ------------------------------------------------------------------- interval and reuse

@@ -147,6 +147,93 @@ def test_folded_forms_match_reference(backend, device, kind, k, source, grad_out
             torch.testing.assert_close(x, e, rtol=1e-6, atol=1e-6)
 
 
+def _direct_run(kind, backend, device, base, grads, direct, found=None, maximize=False, **common):
+    """One update of copies of base (state seeded identically per call); returns (params, state)."""
+    ps = [p.clone() for p in base]
+    st = [[torch.rand(p.shape, generator=torch.Generator().manual_seed(i)).to(base[0].dtype).to(device)
+           for p in base] for i in range(3)]
+    steps = [torch.full((), float(i % 3), device=device) for i in range(len(base))]
+    if kind == "sgd":
+        ops.sgd_(ps, grads, momentum_buffers=st[0], steps=steps, momentum=0.9, dampening=0.1, nesterov=False,
+                 weight_decay=0.01, maximize=maximize, direct_weights=direct, found_inf=found, backend=backend,
+                 **common)
+    else:
+        ops.adam_(ps, grads, st[0], st[1], steps, max_exp_avg_sqs=st[2], amsgrad=True, weight_decay=0.02,
+                  decoupled=True, maximize=maximize, direct_weights=direct, found_inf=found, backend=backend,
+                  **common)
+    return ps, st[:2]
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("k,source,grad_out,tensor_scalars,maximize", [
+    (1, False, False, False, False), (2, True, True, False, True), (2, False, False, True, False),
+    (3, True, True, True, False)])
+def test_direct_row_is_a_plain_step_after_the_update(backend, device, kind, dtype, k, source, grad_out,
+                                                     tensor_scalars, maximize, rng):
+    """direct_weights d (WSAM's decoupled term, folded into the update's pass): the result is
+    the update with grad_weights, then params -= lr * sum_k d[k] grads[k], outside momentum,
+    moments, weight decay and maximize. Checked against that two-call composition on the
+    reference in float64 (the spec), then every backend against the reference."""
+    base = _params(dtype, device, rng, shapes=[(5, 3), (7,), (), (0,), (300,), (2, 1, 4)])
+    grads = [_params(dtype, device, rng, shapes=[p.shape for p in base]) for _ in range(k)]
+    src = _params(dtype, device, rng, shapes=[p.shape for p in base]) if source else None
+    w, d = [0.5, -1.25, 2.0][:k], [1.5, -0.75, 0.25][:k]
+    as_arg = (lambda v: torch.tensor(v, device=device)) if tensor_scalars else (lambda v: v)
+    lr = 0.05
+    go = [torch.full_like(p, float("nan")) for p in base] if grad_out else None
+    common = dict(lr=as_arg(lr), source=src, grad_weights=as_arg(w), grad_out=go)
+    got, got_state = _direct_run(kind, backend, device, base, grads, as_arg(d), maximize=maximize, **common)
+    ref, ref_state = _direct_run(kind, "reference", device, base, grads, as_arg(d), maximize=maximize, **common)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for x, y in zip(got + got_state[0] + got_state[1], ref + ref_state[0] + ref_state[1]):
+        torch.testing.assert_close(x, y, **tol)
+    if grad_out:  # the combination's row only
+        for x, i in zip(go, range(len(base))):
+            torch.testing.assert_close(x, sum(wi * g[i] for wi, g in zip(w, grads)), **tol)
+    if dtype == torch.float64 and backend == "reference":  # the spec against its definition
+        two, two_state = _direct_run(kind, "reference", device, base, grads, None, maximize=maximize, **common)
+        ops.sgd_(two, grads, lr=as_arg(lr), grad_weights=as_arg(d), backend="reference")
+        for x, y in zip(ref + ref_state[0] + ref_state[1], two + two_state[0] + two_state[1]):
+            torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-13)
+        assert any(not torch.equal(x, y) for x, y in zip(ref, _direct_run(kind, "reference", device, base, grads,
+                                                                             None, maximize=maximize, **common)[0])
+                   if x.numel())
+    skipped, skipped_state = _direct_run(kind, backend, device, base, grads, as_arg(d),
+                                         found=torch.ones(1, device=device), maximize=maximize, **common)
+    for x, y in zip(skipped, src if source else base):  # AMP overflow: the direct term is skipped too
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_direct_row_errors(backend, device):
+    p, g = [torch.randn(3, device=device)], [torch.randn(3, device=device)]
+    with pytest.raises(ValueError, match=r"sgd_: got 1 direct_weights for 2 lists"):
+        ops.sgd_(p, [g, g], lr=0.1, direct_weights=[1.0], backend=backend)
+    with pytest.raises(TypeError, match=r"adam_: `direct_weights` must be a sequence"):
+        ops.adam_(p, g, [torch.zeros(3, device=device)], [torch.zeros(3, device=device)],
+                  [torch.zeros((), device=device)], lr=0.1, direct_weights=1.0, backend=backend)
+    with pytest.raises(ValueError, match=r"sgd_: got 4 weights for 2 lists"):  # the API's rows stay apart
+        ops.sgd_(p, [g, g], lr=0.1, grad_weights=[1.0, 2.0, 3.0, 4.0], backend=backend)
+    with pytest.raises(ValueError, match=r"sgd_: `direct_weights` must hold 2 values \(one per list\), got shape \[4\]"):
+        ops.sgd_(p, [g, g], lr=0.1, direct_weights=torch.ones(4, device=device), backend=backend)
+
+
+def test_direct_row_errors_of_the_operator():
+    """The operator's one weights row takes K or 2K values (then the direct row), nothing else."""
+    if not ops.backends()["cpu"]["available"]:
+        pytest.skip("compiled module not built")
+    p, g = [torch.randn(3)], [torch.randn(3), torch.randn(3)]
+    r = torch.ops.roga_cuda
+    with pytest.raises(ValueError, match=r"sgd_: got 3 weights for 2 lists \(give K, or 2K with the direct row\)"):
+        r.sgd_(p, [], g, [1.0, 2.0, 3.0], None, [], [], [], 0.1, None, 0.0, 0.0, False, 0.0, False, None)
+    with pytest.raises(ValueError, match=r"sgd_: `weights` must hold 2 or 2K values"):
+        r.sgd_(p, [], g, [], torch.ones(5), [], [], [], 0.1, None, 0.0, 0.0, False, 0.0, False, None)
+    with pytest.raises(ValueError, match=r"combine_: got 4 weights for 2 lists$"):  # combine_ has no direct row
+        r.combine_(p, g, [1.0, 2.0, 3.0, 4.0], None)
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_found_inf_skips_but_restores(backend, device, kind, rng):
@@ -223,3 +310,7 @@ def test_update_ops_opcheck():
                                                lr_t, 0.9, 0.0, False, 0.01, False, found))
         torch.library.opcheck(r.adam_.default, (ps, [], mk(), [1.0], None, [], mk(), mk(), mk(), steps, 0.01,
                                                 lr_t, 0.9, 0.999, 1e-8, 0.1, True, True, False, found))
+        torch.library.opcheck(r.sgd_.default, (ps, [], mk() + mk(), [0.5, 0.5, 0.9, -0.9], None, [], mk(), steps,
+                                               0.1, lr_t, 0.9, 0.0, False, 0.01, False, found))  # direct row
+        torch.library.opcheck(r.adam_.default, (ps, [], mk(), [], torch.tensor([1.0, 0.3]), [], mk(), mk(), [],
+                                                steps, 0.01, lr_t, 0.9, 0.999, 1e-8, 0.1, True, False, False, found))

@@ -235,6 +235,13 @@ inline void combine_block(typename IO<T>::C* g, const void* const* xs, const dou
   }
 }
 
+// out -= lr * d: the direct row's term, after the update (common.h UpdateArgs)
+template <typename C>
+inline void subtract_direct(C* out, const C* d, C lr, int64_t m) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) out[j] = out[j] - lr * d[j];
+}
+
 // torch.optim.SGD's update, computed in C and rounded once per stored value.
 template <typename T>
 void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int k, void* goutv, void* bufv, int64_t n,
@@ -246,9 +253,10 @@ void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int
   T* buf = static_cast<T*>(bufv);
   const C lr = static_cast<C>(s.lr), mom = static_cast<C>(s.momentum), damp = static_cast<C>(1 - s.dampening),
           wd = static_cast<C>(s.weight_decay);
-  alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], bb[kBlock], ob[kBlock];
+  alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], bb[kBlock], ob[kBlock], d[kBlock];
   ROGA_BLOCKS(n) {
     combine_block<T>(g, gs, w, k, o, m, xb);
+    if (s.direct) combine_block<T>(d, gs, w + k, k, o, m, xb);
     if (gout) IO<T>::store(gout + o, g, m);  // a separate buffer from g: store copies
     if (s.maximize) {
 #pragma omp simd
@@ -281,6 +289,7 @@ void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int
     C* out = IO<T>::dst_buf(p + o, ob);
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) out[j] = x[j] - lr * g[j];
+    if (s.direct) subtract_direct(out, d, lr, m);
     IO<T>::store(p + o, out, m);
   }
 }
@@ -297,9 +306,11 @@ void adam(void* pv, const void* srcv, const void* const* gs, const double* w, in
   const C wd = static_cast<C>(s.weight_decay), decay = static_cast<C>(s.decay_factor),
           a1 = static_cast<C>(1 - s.beta1), b2 = static_cast<C>(s.beta2), a2 = static_cast<C>(1 - s.beta2),
           eps = static_cast<C>(s.eps), bc2 = static_cast<C>(s.bc2_sqrt), step = static_cast<C>(s.step_size);
-  alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], x2[kBlock], mb[kBlock], vb[kBlock], qb[kBlock], ob[kBlock];
+  alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], x2[kBlock], mb[kBlock], vb[kBlock], qb[kBlock], ob[kBlock],
+      d[kBlock];
   ROGA_BLOCKS(n) {
     combine_block<T>(g, gs, w, k, o, m, xb);
+    if (s.direct) combine_block<T>(d, gs, w + k, k, o, m, xb);
     if (gout) IO<T>::store(gout + o, g, m);
     if (s.maximize) {
 #pragma omp simd
@@ -338,6 +349,7 @@ void adam(void* pv, const void* srcv, const void* const* gs, const double* w, in
     C* out = IO<T>::dst_buf(p + o, ob);
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) out[j] = x[j] - step * (mo[j] / (std::sqrt(q[j]) / bc2 + eps));
+    if (s.direct) subtract_direct(out, d, static_cast<C>(s.lr), m);
     IO<T>::store(p + o, out, m);
   }
 }

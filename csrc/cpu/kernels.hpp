@@ -48,14 +48,15 @@ inline void stream_fence() {
 }
 
 // Per-tensor constants of the fused updates (the step count makes them per tensor).
+// direct: w holds 2K weights, the second K the direct row (common.h UpdateArgs).
 struct SgdSeg {
   double lr, momentum, dampening, weight_decay;
-  bool nesterov, maximize, first;  // first: the momentum buffer starts as the gradient
+  bool nesterov, maximize, first, direct;  // first: the momentum buffer starts as the gradient
 };
 struct AdamSeg {
-  double weight_decay, decay_factor;  // decoupled: x * decay_factor (1 - lr * weight_decay)
+  double lr, weight_decay, decay_factor;  // decoupled: x * decay_factor (1 - lr * weight_decay)
   double beta1, beta2, eps, bc2_sqrt, step_size;  // step_size = lr / (1 - beta1^step)
-  bool decoupled, amsgrad, maximize;
+  bool decoupled, amsgrad, maximize, direct;
 };
 
 // Kernels over one contiguous segment of n elements of one storage dtype.

@@ -380,7 +380,8 @@ void sgd_(const UpdateArgs& a, const TensorList& momentum_buffers, const SgdHype
   const int k = static_cast<int>(u.g.size());
   std::vector<SgdSeg> seg(a.params.size());
   for (size_t i = 0; i < seg.size(); ++i)
-    seg[i] = SgdSeg{a.lr.value, h.momentum, h.dampening, h.weight_decay, h.nesterov, h.maximize, u.step[i] == 0.0f};
+    seg[i] = SgdSeg{a.lr.value, h.momentum, h.dampening, h.weight_decay, h.nesterov, h.maximize, u.step[i] == 0.0f,
+                    a.weights.size() == 2 * k};
   std::vector<const std::vector<char*>*> extra;
   if (!momentum_buffers.empty()) extra.push_back(&buf);
   run_update(a, u, extra, [&](const Piece& pc, int64_t off, const void** gp) {
@@ -401,8 +402,8 @@ void adam_(const UpdateArgs& a, const TensorList& exp_avgs, const TensorList& ex
   for (size_t i = 0; i < seg.size(); ++i) {
     const double step = static_cast<double>(u.step[i]) + 1.0;  // as torch: bias corrections in double
     const double bc1 = 1.0 - std::pow(h.beta1, step), bc2 = 1.0 - std::pow(h.beta2, step);
-    seg[i] = AdamSeg{h.weight_decay, 1.0 - a.lr.value * h.weight_decay, h.beta1, h.beta2, h.eps, std::sqrt(bc2),
-                     a.lr.value / bc1, h.decoupled, h.amsgrad, h.maximize};
+    seg[i] = AdamSeg{a.lr.value, h.weight_decay, 1.0 - a.lr.value * h.weight_decay, h.beta1, h.beta2, h.eps,
+                     std::sqrt(bc2), a.lr.value / bc1, h.decoupled, h.amsgrad, h.maximize, a.weights.size() == 2 * k};
   }
   std::vector<const std::vector<char*>*> extra{&m, &v};
   if (!max_exp_avg_sqs.empty()) extra.push_back(&vmax);

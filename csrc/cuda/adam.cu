@@ -16,7 +16,7 @@ struct Adam {
 
   template <typename T, int K>
   __device__ __forceinline__ void tile(const Common<T, K>& c, const Table<kFixedPtrs + K>& tab, int t, int64_t lo,
-                                       int64_t hi, const acc_t<T> (&wk)[K]) const {
+                                       int64_t hi, const acc_t<T> (&wk)[2 * K]) const {
     using C = acc_t<T>;
     // Bias corrections in double from this tensor's count, as torch computes them.
     const double step = static_cast<double>(*static_cast<const float*>(tab.ptr[6][t])) + 1.0;
@@ -32,7 +32,8 @@ struct Adam {
     T* vp = static_cast<T*>(tab.ptr[4][t]);
     T* vmax = static_cast<T*>(tab.ptr[5][t]);
     for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-      C g = c.grad(tab, t, i, wk);
+      C d;
+      C g = c.grad(tab, t, i, wk, d);
       C x = static_cast<C>(src[i]);
       if (h.weight_decay != 0) {
         if (h.decoupled)
@@ -51,7 +52,9 @@ struct Adam {
         q = q0 > v ? q0 : v;
         vmax[i] = static_cast<T>(q);
       }
-      p[i] = static_cast<T>(x - step_size * (m / (sqrt(q) / bc2 + ep)));
+      C y = x - step_size * (m / (sqrt(q) / bc2 + ep));
+      if (c.direct) y = y - static_cast<C>(lr) * d;
+      p[i] = static_cast<T>(y);
     }
   }
 };

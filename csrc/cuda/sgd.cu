@@ -15,7 +15,7 @@ struct Sgd {
 
   template <typename T, int K>
   __device__ __forceinline__ void tile(const Common<T, K>& c, const Table<kFixedPtrs + K>& tab, int t, int64_t lo,
-                                       int64_t hi, const acc_t<T> (&wk)[K]) const {
+                                       int64_t hi, const acc_t<T> (&wk)[2 * K]) const {
     using C = acc_t<T>;
     const C lr = c.lr.template get<C>(), mom = static_cast<C>(h.momentum), damp = static_cast<C>(1 - h.dampening),
             wd = static_cast<C>(h.weight_decay);
@@ -25,7 +25,8 @@ struct Sgd {
     const float* step = static_cast<const float*>(tab.ptr[6][t]);
     const bool first = step != nullptr && *step == 0.0f;
     for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-      C g = c.grad(tab, t, i, wk);
+      C d;
+      C g = c.grad(tab, t, i, wk, d);
       const C x = static_cast<C>(src[i]);
       if (h.weight_decay != 0) g = g + wd * x;
       if (buf != nullptr) {
@@ -33,7 +34,9 @@ struct Sgd {
         buf[i] = static_cast<T>(b);
         g = h.nesterov ? g + mom * b : b;
       }
-      p[i] = static_cast<T>(x - lr * g);
+      C y = x - lr * g;
+      if (c.direct) y = y - lr * d;
+      p[i] = static_cast<T>(y);
     }
   }
 };

@@ -25,9 +25,10 @@ constexpr unsigned kStepBit = 1u << 6;
 template <typename T, int K>
 struct Common {
   using C = acc_t<T>;
-  double w[K];
+  double w[2 * K];  // the combination's row, then (with `direct`) the direct row
   const void* wt;  // device weights, or nullptr
   int wt_double;
+  bool direct;  // params -= lr * sum_k w[K + k] * grads[k] after the update (common.h UpdateArgs)
   DevScalar lr;
   const float* found_inf;  // or nullptr
   bool maximize;
@@ -42,19 +43,27 @@ struct Common {
     for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) p[i] = src[i];
   }
 
-  __device__ __forceinline__ void weights(C (&out)[K]) const {
+  __device__ __forceinline__ void weights(C (&out)[2 * K]) const {
 #pragma unroll
-    for (int a = 0; a < K; ++a)
-      out[a] = wt == nullptr ? static_cast<C>(w[a])
-               : wt_double   ? static_cast<C>(static_cast<const double*>(wt)[a])
-                             : static_cast<C>(static_cast<const float*>(wt)[a]);
+    for (int a = 0; a < 2 * K; ++a)
+      out[a] = a >= K && !direct ? C(0)  // a K-weight tensor has no second row to read
+               : wt == nullptr   ? static_cast<C>(w[a])
+               : wt_double       ? static_cast<C>(static_cast<const double*>(wt)[a])
+                                 : static_cast<C>(static_cast<const float*>(wt)[a]);
   }
 
-  // The combined gradient of element i (stored to grad_out before `maximize` applies).
-  __device__ __forceinline__ C grad(const Table<kFixedPtrs + K>& tab, int t, int64_t i, const C (&wk)[K]) const {
-    C g = wk[0] * static_cast<C>(static_cast<const T*>(tab.ptr[kFixedPtrs][t])[i]);
+  // The combined gradient of element i (stored to grad_out before `maximize` applies) and,
+  // with `direct`, the direct row's combination in d.
+  __device__ __forceinline__ C grad(const Table<kFixedPtrs + K>& tab, int t, int64_t i, const C (&wk)[2 * K],
+                                    C& d) const {
+    C g = 0;
+    d = 0;
 #pragma unroll
-    for (int a = 1; a < K; ++a) g += wk[a] * static_cast<C>(static_cast<const T*>(tab.ptr[kFixedPtrs + a][t])[i]);
+    for (int a = 0; a < K; ++a) {
+      const C x = static_cast<C>(static_cast<const T*>(tab.ptr[kFixedPtrs + a][t])[i]);
+      g = a == 0 ? wk[0] * x : g + wk[a] * x;
+      if (direct) d = a == 0 ? wk[K] * x : d + wk[K + a] * x;
+    }
     if (tab.ptr[2][t] != nullptr) static_cast<T*>(tab.ptr[2][t])[i] = static_cast<T>(g);
     return maximize ? -g : g;
   }
@@ -95,7 +104,8 @@ Item<kFixedPtrs + K> item(const UpdateArgs& a, int i, const StateLists& state) {
 template <typename T, int K>
 Common<T, K> common(const UpdateArgs& a, bool maximize) {
   Common<T, K> c{};
-  for (int k = 0; k < K; ++k) c.w[k] = a.weights.tensor.defined() ? 0.0 : a.weights.values[k];
+  c.direct = a.weights.size() == 2 * K;
+  for (int k = 0; k < (c.direct ? 2 * K : K); ++k) c.w[k] = a.weights.tensor.defined() ? 0.0 : a.weights.values[k];
   c.wt = a.weights.tensor.defined() ? a.weights.tensor.data_ptr() : nullptr;
   c.wt_double = a.weights.tensor.defined() && a.weights.tensor.scalar_type() == at::kDouble;
   c.lr = dev_scalar(a.lr);
@@ -117,7 +127,7 @@ struct Chunk {
       c.restore(tab, t, lo, hi);
       return;
     }
-    acc_t<T> wk[K];
+    acc_t<T> wk[2 * K];
     c.weights(wk);
     op.tile(c, tab, t, lo, hi, wk);
   }

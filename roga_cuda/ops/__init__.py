@@ -150,9 +150,9 @@ def combine_(out, lists, weights, *, backend="auto"):
 
 # ------------------------------------------------------------------ fused base updates
 
-def _update_inputs(op, params, grads, grad_weights, source, grad_out, found_inf):
-    """Normalises what both updates share: K gradient lists and their weights, the optional
-    lists, found_inf."""
+def _update_inputs(op, params, grads, grad_weights, direct_weights, source, grad_out, found_inf):
+    """Normalises what both updates share: K gradient lists and their weights (one row of
+    2K with direct_weights), the optional lists, found_inf."""
     params = checks.tensor_list(op, "params", params)
     grads = checks.tensor_list(op, "grads", grads)
     nested = bool(grads) and not isinstance(grads[0], torch.Tensor) and isinstance(grads[0], (list, tuple))
@@ -161,6 +161,8 @@ def _update_inputs(op, params, grads, grad_weights, source, grad_out, found_inf)
         ws, wt = [1.0] * len(grads), None
     else:
         ws, wt = checks.weights(op, grad_weights, len(grads))
+    if direct_weights is not None:
+        ws, wt = _two_rows(ws, wt, *checks.weights(op, direct_weights, len(grads), "direct_weights"))
     source = None if source is None else checks.tensor_list(op, "source", source)
     grad_out = None if grad_out is None else checks.tensor_list(op, "grad_out", grad_out)
     if found_inf is not None and not isinstance(found_inf, torch.Tensor):
@@ -168,23 +170,36 @@ def _update_inputs(op, params, grads, grad_weights, source, grad_out, found_inf)
     return params, grads, ws, wt, source, grad_out
 
 
+def _two_rows(ws, wt, ds, dt):
+    """The kernels' single weights row: the combination's K weights, then the direct K."""
+    if wt is None and dt is None:
+        return ws + ds, None
+    dev = (wt if wt is not None else dt).device
+    rows = [r if r is not None else torch.tensor(v, dtype=torch.float64, device=dev) for v, r in ((ws, wt), (ds, dt))]
+    dtype = torch.promote_types(rows[0].dtype, rows[1].dtype)
+    return [], torch.cat([r.to(dev, dtype) for r in rows])
+
+
 def sgd_(params, grads, *, lr, momentum_buffers=None, steps=None, momentum=0.0, dampening=0.0, nesterov=False,
-         weight_decay=0.0, maximize=False, source=None, grad_weights=None, grad_out=None, found_inf=None,
-         backend="auto"):
+         weight_decay=0.0, maximize=False, source=None, grad_weights=None, direct_weights=None, grad_out=None,
+         found_inf=None, backend="auto"):
     """``torch.optim.SGD``'s update of ``params`` in one pass (per dtype, per launch).
 
     ``grads``: a list, or K lists combined as ``sum_k grad_weights[k] * grads[k]`` in the
     same pass (``grad_weights`` floats or a 1-d device tensor: AMP's unscaling, clipping and
     gradient surgery's coefficients fold in here). ``source``: read the parameters' values
     from this list instead (SAM: restore and update in one pass). ``grad_out``: also write
-    the combined gradient there (e.g. into ``.grad``). With ``momentum``,
+    the combined gradient there (e.g. into ``.grad``). ``direct_weights`` (K floats or a
+    1-d tensor): also ``params -= lr * sum_k direct_weights[k] * grads[k]`` after the update,
+    outside momentum, weight decay and ``maximize`` (WSAM's decoupled term, in the same
+    pass). With ``momentum``,
     ``momentum_buffers`` and ``steps`` (one-element float32 tensors: the buffer starts as the
     gradient when the count is 0; counts are incremented) are required. ``lr`` a float or a
     0-d device tensor. ``found_inf`` (GradScaler's): when nonzero the update is skipped and
     only ``source`` (if given) is copied into ``params``, so a folded restore still happens.
     """
-    params, grads, ws, wt, source, grad_out = _update_inputs("sgd_", params, grads, grad_weights, source, grad_out,
-                                                             found_inf)
+    params, grads, ws, wt, source, grad_out = _update_inputs("sgd_", params, grads, grad_weights, direct_weights,
+                                                             source, grad_out, found_inf)
     bufs = [] if momentum_buffers is None else checks.tensor_list("sgd_", "momentum_buffers", momentum_buffers)
     steps = [] if steps is None else checks.tensor_list("sgd_", "steps", steps)
     lr_v, lr_t = checks.scalar("sgd_", "lr", lr)
@@ -206,17 +221,17 @@ def sgd_(params, grads, *, lr, momentum_buffers=None, steps=None, momentum=0.0, 
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
           decoupled=False, amsgrad=False, max_exp_avg_sqs=None, maximize=False, source=None, grad_weights=None,
-          grad_out=None, found_inf=None, backend="auto"):
+          direct_weights=None, grad_out=None, found_inf=None, backend="auto"):
     """``torch.optim.Adam``'s update (``decoupled=True``: AdamW's) of ``params`` in one pass.
 
     ``exp_avgs``, ``exp_avg_sqs`` (and with ``amsgrad`` ``max_exp_avg_sqs``) are the
     optimizer's state; ``steps`` the per-parameter counts before this update (one-element
     float32 tensors; bias corrections use count + 1, then the counts are incremented).
-    ``grads``, ``grad_weights``, ``source``, ``grad_out``, ``lr`` and ``found_inf`` as in
-    :func:`sgd_`.
+    ``grads``, ``grad_weights``, ``direct_weights`` (outside the moments too), ``source``,
+    ``grad_out``, ``lr`` and ``found_inf`` as in :func:`sgd_`.
     """
-    params, grads, ws, wt, source, grad_out = _update_inputs("adam_", params, grads, grad_weights, source, grad_out,
-                                                             found_inf)
+    params, grads, ws, wt, source, grad_out = _update_inputs("adam_", params, grads, grad_weights, direct_weights,
+                                                             source, grad_out, found_inf)
     m = checks.tensor_list("adam_", "exp_avgs", exp_avgs)
     v = checks.tensor_list("adam_", "exp_avg_sqs", exp_avg_sqs)
     vmax = [] if max_exp_avg_sqs is None else checks.tensor_list("adam_", "max_exp_avg_sqs", max_exp_avg_sqs)

@@ -83,17 +83,19 @@ def scalar(op, name, s):
     raise TypeError(f"{op}: `{name}` must be a number or a 0-d tensor, got {type(s).__name__}")
 
 
-def weights(op, w, k):
+def weights(op, w, k, name="weights"):
     """combine_'s weights as (list of floats, None) or ([], 1-d tensor)."""
     if isinstance(w, torch.Tensor):
+        if w.dim() != 1 or w.shape[0] != k:
+            raise ValueError(f"{op}: `{name}` must hold {k} values (one per list), got shape {list(w.shape)}")
         return [], w.detach()
     try:
         ws = list(w)
     except TypeError:
-        raise TypeError(f"{op}: `weights` must be a sequence of {k} numbers or a 1-d tensor") from None
+        raise TypeError(f"{op}: `{name}` must be a sequence of {k} numbers or a 1-d tensor") from None
     if len(ws) != k:
-        raise ValueError(f"{op}: got {len(ws)} weights for {k} lists")
-    pairs = [scalar(op, f"weights[{j}]", x) for j, x in enumerate(ws)]
+        raise ValueError(f"{op}: got {len(ws)} {name} for {k} lists")
+    pairs = [scalar(op, f"{name}[{j}]", x) for j, x in enumerate(ws)]
     if all(t is None for _, t in pairs):
         return [v for v, _ in pairs], None
     dev = next(t.device for _, t in pairs if t is not None)
@@ -299,7 +301,7 @@ def _fb_update(op, params, source, grads, nweights, wt, grad_out, states, steps,
     named += [("steps", steps)] if len(steps) else []
     written = {"params", "grad_out", "steps"} | {name for name, _, _ in states}
     dev = _check_lists(op, named, written, alias_ok=True, memory=memory, steps=("steps",))
-    _fb_weights(op, k, nweights, wt, dev)
+    _fb_weights(op, k, nweights, wt, dev, direct_ok=True)
     _check_scalar(op, "lr", lr_t, dev)
     if found_inf is not None:
         if found_inf.numel() != 1 or not found_inf.is_floating_point():
@@ -309,13 +311,17 @@ def _fb_update(op, params, source, grads, nweights, wt, grad_out, states, steps,
             raise ValueError(f"{op}: `found_inf` is on {found_inf.device} but the tensors are on {dev}")
 
 
-def _fb_weights(op, k, nweights, w, dev):
+def _fb_weights(op, k, nweights, w, dev, direct_ok=False):
+    # direct_ok (the updates): 2K weights too, the combination's row and then the direct row
+    sizes = (k, 2 * k) if direct_ok else (k,)
     if w is None:
-        if nweights != k:
-            raise ValueError(f"{op}: got {nweights} weights for {k} lists")
+        if nweights not in sizes:
+            raise ValueError(f"{op}: got {nweights} weights for {k} lists"
+                             + (" (give K, or 2K with the direct row)" if direct_ok else ""))
         return
-    if w.dim() != 1 or w.numel() != k:
-        raise ValueError(f"{op}: `weights` must hold {k} values (one per list), got shape {list(w.shape)}")
+    if w.dim() != 1 or w.numel() not in sizes:
+        raise ValueError(f"{op}: `weights` must hold {k}{' or 2K' if direct_ok else ''} values (one per list"
+                         f"{', then the direct row' if direct_ok else ''}), got shape {list(w.shape)}")
     if not w.is_floating_point():
         raise TypeError(f"{op}: `weights` has dtype {_dtype(w.dtype)}; use a floating-point tensor")
     if dev is not None and w.device.type != "cpu" and w.device != dev:

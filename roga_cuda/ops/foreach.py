@@ -203,6 +203,17 @@ def _combined(grads, weights):
     return acc
 
 
+def _direct(grads, weights):
+    """The direct row's combination (2K weights), as new tensors: grad_out may be grads[0]."""
+    k = len(grads)
+    if len(weights) != 2 * k:
+        return None
+    acc = _scaled(grads[0], weights[k])
+    for j in range(1, k):
+        _scaled_add_(acc, grads[j], weights[k + j])
+    return acc
+
+
 def _host(x):
     return float(x) if isinstance(x, torch.Tensor) else x
 
@@ -231,6 +242,7 @@ def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, 
     if _skipped(found_inf, params, source):
         return
     lr = _host(lr)
+    d = _direct(grads, weights)
     g = _front(params, source, grads, weights, grad_out, maximize)
     if weight_decay != 0:
         g = torch._foreach_add(g, params, alpha=weight_decay)
@@ -246,6 +258,8 @@ def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, 
             torch._foreach_add_(bufs, [g[i] for i in old], alpha=1 - dampening)
         g = torch._foreach_add(g, momentum_buffers, alpha=momentum) if nesterov else momentum_buffers
     torch._foreach_add_(params, g, alpha=-lr)
+    if d is not None:
+        torch._foreach_add_(params, d, alpha=-lr)
     if steps:
         torch._foreach_add_(steps, 1)
 
@@ -255,6 +269,7 @@ def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_e
     if _skipped(found_inf, params, source):
         return
     lr = _host(lr)
+    d = _direct(grads, weights)
     g = _front(params, source, grads, weights, grad_out, maximize)
     if weight_decay != 0:
         if decoupled:
@@ -273,4 +288,6 @@ def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_e
     torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** c) for c in counts])
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1 ** c) for c in counts])
+    if d is not None:
+        torch._foreach_add_(params, d, alpha=-lr)
     torch._foreach_add_(steps, 1)

@@ -76,22 +76,31 @@ def combine_(out, lists, weights):
 
 # ------------------------------------------------------------------ fused base updates
 # grads: K lists; weights: K floats or a 1-d tensor; the gradient of position i is
-# sum_k weights[k] * grads[k][i]. source: None (read params) or the list the parameter
+# sum_k weights[k] * grads[k][i]. 2K weights: the second K are the direct row d, and the
+# update ends with params -= lr * sum_k d[k] * grads[k] (outside momentum, moments, weight
+# decay and maximize: WSAM's decoupled term). source: None (read params) or the list the parameter
 # values are read from. grad_out: None or a list receiving the combined gradient. steps:
 # None or one-element float32 tensors, the counts before this update; incremented after.
 # found_inf: None or a one-element tensor; nonzero skips the update: only source (when
 # given) is copied into params, so a restore folded into the update still happens.
 
 def _grad_and_source(i, m, params, source, grads, weights, grad_out, maximize):
-    """Position i's combined gradient (stored to grad_out before `maximize` negates it) and
-    its parameter value (read from source when given), both in math dtype m."""
-    g = sum(weights[k] * grads[k][i].to(m) for k in range(len(grads)))
+    """Position i's combined gradient (stored to grad_out before `maximize` negates it), its
+    parameter value (read from source when given) and the direct row's combination (None
+    without one), in math dtype m."""
+    k = len(grads)
+    g = sum(weights[j] * grads[j][i].to(m) for j in range(k))
+    d = sum(weights[k + j] * grads[j][i].to(m) for j in range(k)) if len(weights) == 2 * k else None
     if grad_out is not None:
         grad_out[i].copy_(g)
     if maximize:
         g = -g
     x = (source[i] if source is not None else params[i]).to(m)
-    return g, x
+    return g, x, d
+
+
+def _minus_direct(y, lr, d):
+    return y if d is None else y - lr * d
 
 
 def _skip(found_inf, params, source):
@@ -109,7 +118,7 @@ def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, 
         return
     for i, p in enumerate(params):
         m = _math_dtype(p)
-        g, x = _grad_and_source(i, m, params, source, grads, weights, grad_out, maximize)
+        g, x, d = _grad_and_source(i, m, params, source, grads, weights, grad_out, maximize)
         if weight_decay != 0:
             g = g + weight_decay * x
         if momentum != 0:
@@ -117,7 +126,7 @@ def sgd_(params, source, grads, weights, grad_out, momentum_buffers, steps, lr, 
             buf = g if first else momentum * momentum_buffers[i].to(m) + (1 - dampening) * g
             momentum_buffers[i].copy_(buf)
             g = g + momentum * buf if nesterov else buf
-        p.copy_(x - lr * g)
+        p.copy_(_minus_direct(x - lr * g, lr, d))
     for s in steps or ():
         s.add_(1)
 
@@ -129,7 +138,7 @@ def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_e
         return
     for i, p in enumerate(params):
         m = _math_dtype(p)
-        g, x = _grad_and_source(i, m, params, source, grads, weights, grad_out, maximize)
+        g, x, d = _grad_and_source(i, m, params, source, grads, weights, grad_out, maximize)
         step = float(steps[i]) + 1
         if weight_decay != 0:
             if decoupled:
@@ -146,6 +155,6 @@ def adam_(params, source, grads, weights, grad_out, exp_avgs, exp_avg_sqs, max_e
             max_exp_avg_sqs[i].copy_(nu)
         step_size = lr / (1 - beta1 ** step)
         denom = nu.sqrt() / math.sqrt(1 - beta2 ** step) + eps
-        p.copy_(x - step_size * (mu / denom))
+        p.copy_(_minus_direct(x - step_size * (mu / denom), lr, d))
     for s in steps:
         s.add_(1)

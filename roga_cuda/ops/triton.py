@@ -353,28 +353,35 @@ if triton is not None:
 
     @triton.jit
     def _update_block(ptrs, T, t, off, n, i, live, w_ptr, src, gout, K: tl.constexpr, DT: tl.constexpr,
-                      ACC: tl.constexpr, HAS_GOUT: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+                      ACC: tl.constexpr, HAS_GOUT: tl.constexpr, MAXIMIZE: tl.constexpr, DIRECT: tl.constexpr,
+                      BLOCK: tl.constexpr):
         # The block of the tile at i: its indices, masks (m: in the tile; mu: and updated), the
-        # combined gradient (stored to grad_out before `maximize` negates it) and the source.
+        # combined gradient (stored to grad_out before `maximize` negates it), the direct row's
+        # combination (zeros without DIRECT: the weights then hold K values) and the source.
         idx = i + tl.arange(0, BLOCK)
         m = idx < n
         mu = m & live
         g = tl.zeros([BLOCK], ACC)
+        d = tl.zeros([BLOCK], ACC)
         for k in tl.static_range(K):
             x = tl.load(ptrs + (7 + k) * T + t).to(tl.pointer_type(DT)) + off
-            g += tl.load(w_ptr + k).to(ACC) * tl.load(x + idx, mask=mu, other=0.0).to(ACC)
+            xk = tl.load(x + idx, mask=mu, other=0.0).to(ACC)
+            g += tl.load(w_ptr + k).to(ACC) * xk
+            if DIRECT:
+                d += tl.load(w_ptr + K + k).to(ACC) * xk
         if HAS_GOUT:
             tl.store(gout + idx, g.to(DT), mask=mu)
         if MAXIMIZE:
             g = -g
         xv = tl.load(src + idx, mask=m, other=0.0)
-        return idx, m, mu, g, xv
+        return idx, m, mu, g, d, xv
 
     @triton.jit(do_not_specialize=["T", "lr_bits", "mom_bits", "damp_bits", "wd_bits"])
     def _sgd_kernel(ptrs, meta, T, w_ptr, lr_ptr, lr_bits, found_ptr, mom_bits, damp_bits, wd_bits,
                     K: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr, HAS_SRC: tl.constexpr,
                     HAS_GOUT: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WD: tl.constexpr,
-                    MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, FOUND: tl.constexpr, BLOCK: tl.constexpr):
+                    MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, FOUND: tl.constexpr, DIRECT: tl.constexpr,
+                    BLOCK: tl.constexpr):
         t, off, n, p, src, gout, live = _update_tile(ptrs, meta, T, found_ptr, DT, FOUND, BLOCK)
         buf = tl.load(ptrs + 3 * T + t).to(tl.pointer_type(DT)) + off
         step = tl.load(tl.load(ptrs + 6 * T + t).to(tl.pointer_type(tl.float32)))
@@ -387,8 +394,8 @@ if triton is not None:
         wd = wd_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
         dead = live == 0
         for i in range(0, n, BLOCK):
-            idx, m, mu, g, xv = _update_block(ptrs, T, t, off, n, i, live, w_ptr, src, gout, K, DT, ACC, HAS_GOUT,
-                                              MAXIMIZE, BLOCK)
+            idx, m, mu, g, d, xv = _update_block(ptrs, T, t, off, n, i, live, w_ptr, src, gout, K, DT, ACC,
+                                                 HAS_GOUT, MAXIMIZE, DIRECT, BLOCK)
             xa = xv.to(ACC)
             if WD:
                 g = g + wd * xa
@@ -400,7 +407,10 @@ if triton is not None:
                     g = g + mom * b
                 else:
                     g = b
-            tl.store(p + idx, (xa - lr * g).to(DT), mask=mu)
+            y = xa - lr * g
+            if DIRECT:
+                y = y - lr * d
+            tl.store(p + idx, y.to(DT), mask=mu)
             if HAS_SRC and FOUND:  # a skipped update still restores
                 tl.store(p + idx, xv, mask=m & dead)
 
@@ -409,7 +419,8 @@ if triton is not None:
     def _adam_kernel(ptrs, meta, T, w_ptr, lr_ptr, lr_bits, found_ptr, b1_bits, b2_bits, lb1_bits, lb2_bits,
                      eps_bits, wd_bits, K: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr, HAS_SRC: tl.constexpr,
                      HAS_GOUT: tl.constexpr, WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                     MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, FOUND: tl.constexpr, BLOCK: tl.constexpr):
+                     MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr, FOUND: tl.constexpr, DIRECT: tl.constexpr,
+                     BLOCK: tl.constexpr):
         t, off, n, p, src, gout, live = _update_tile(ptrs, meta, T, found_ptr, DT, FOUND, BLOCK)
         mp = tl.load(ptrs + 3 * T + t).to(tl.pointer_type(DT)) + off
         vp = tl.load(ptrs + 4 * T + t).to(tl.pointer_type(DT)) + off
@@ -435,8 +446,8 @@ if triton is not None:
         a2 = (1.0 - b2).to(ACC)
         dead = live == 0
         for i in range(0, n, BLOCK):
-            idx, m, mu, g, xv = _update_block(ptrs, T, t, off, n, i, live, w_ptr, src, gout, K, DT, ACC, HAS_GOUT,
-                                              MAXIMIZE, BLOCK)
+            idx, m, mu, g, d, xv = _update_block(ptrs, T, t, off, n, i, live, w_ptr, src, gout, K, DT, ACC,
+                                                 HAS_GOUT, MAXIMIZE, DIRECT, BLOCK)
             xa = xv.to(ACC)
             if WD:
                 if DECOUPLED:
@@ -452,7 +463,10 @@ if triton is not None:
             if AMSGRAD:
                 q = tl.maximum(tl.load(qp + idx, mask=mu, other=0.0).to(ACC), vv)
                 tl.store(qp + idx, q.to(DT), mask=mu)
-            tl.store(p + idx, (xa - step_size * (mv / (tl.sqrt(q) / bc2s + eps))).to(DT), mask=mu)
+            y = xa - step_size * (mv / (tl.sqrt(q) / bc2s + eps))
+            if DIRECT:
+                y = y - lr.to(ACC) * d
+            tl.store(p + idx, y.to(DT), mask=mu)
             if HAS_SRC and FOUND:
                 tl.store(p + idx, xv, mask=m & dead)
 
@@ -839,7 +853,8 @@ def _run_update(kernel, kind, params, source, grads, weights, grad_out, states, 
         for la, ptrs in zip(plan.launches, tables):
             kernel[(la.nb,)](ptrs, la.meta, la.t, w, lr_ptr, lr_bits, found, K=len(grads), DT=la.tdt, ACC=la.acc,
                              HAS_SRC=source is not None, HAS_GOUT=grad_out is not None, LR_PTR=lr_is_ptr,
-                             FOUND=found_inf is not None, BLOCK=la.block, num_warps=_warps(), **flags)
+                             FOUND=found_inf is not None, DIRECT=w.numel() == 2 * len(grads), BLOCK=la.block,
+                             num_warps=_warps(), **flags)
     stats["launches"] += len(plan.launches)
     if steps:  # after the update read them; a skipped update leaves them
         torch._foreach_add_(steps, 1 if found_inf is None else (1 - found_inf.reshape(())).float())

@@ -232,14 +232,21 @@ class WrapperOptimizer(torch.optim.Optimizer):
             if part.source is not None:
                 ops.restore_(part.params, part.source, backend=self.backend)
             out = part.grad_out if part.grad_out is not None else part.grads[0]
+            if part.direct is not None and out is part.grads[0]:  # the direct term reads it after the step
+                out = [torch.empty_like(g) for g in out]
             if part.weights is not None or len(part.grads) > 1:
                 ws = part.weights if part.weights is not None else [1.0] * len(part.grads)
                 ops.combine_(out, part.grads, ws, backend=self.backend)
+            elif out is not part.grads[0]:
+                torch._foreach_copy_(out, part.grads[0])
             _utils.set_grads(part.params, out)
         if found_inf is not None and float(found_inf) != 0.0:
             return  # AMP overflow: skip (this path synchronises once)
         self.base_optimizer.step()
         self._opt_called = True
+        for part in parts:
+            if part.direct is not None:
+                ops.sgd_(part.params, part.grads, lr=part.group["lr"], grad_weights=part.direct, backend=self.backend)
 
     def _grad_coef(self, parts, grad_scale=None):
         """The coefficient AMP's unscaling and clipping put on the gradients (a 0-d device

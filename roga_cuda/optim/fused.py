@@ -47,6 +47,7 @@ class UpdatePart:
     weights: object = None  # K floats or a 1-d tensor; None: all ones
     source: list = None  # read the parameter values here (SAM/RoGA: the backup)
     grad_out: list = None  # also write the combined gradient here (e.g. .grad)
+    direct: object = None  # K weights: then params -= lr * sum_k direct[k] * grads[k] (WSAM)
 
 
 @dataclass
@@ -81,8 +82,8 @@ class FusedUpdate:
         for part in parts:
             st = self._state(part)
             g = part.group
-            common = dict(source=part.source, grad_weights=part.weights, grad_out=part.grad_out, found_inf=found_inf,
-                          backend=self.backend)
+            common = dict(source=part.source, grad_weights=part.weights, direct_weights=part.direct,
+                          grad_out=part.grad_out, found_inf=found_inf, backend=self.backend)
             if self.kind == "sgd":
                 ops.sgd_(part.params, part.grads, lr=g["lr"], momentum_buffers=st.bufs, steps=st.steps,
                          momentum=g["momentum"], dampening=g["dampening"], nesterov=g["nesterov"],

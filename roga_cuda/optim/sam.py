@@ -39,6 +39,7 @@ The variants in :mod:`.sam_family` (GSAM, WSAM, Friendly-SAM, LookSAM) override 
 ``_radius``, ``_direction``, ``_perturbed``, ``_mix``, ``_reuse_mix`` and ``_after_update``.
 """
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -60,6 +61,15 @@ def check_hyper(name, **values):
     for k, v in values.items():
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{name}: {k} must be a finite number >= 0, got {v!r}")
+
+
+class Mix(NamedTuple):
+    """What one part's update takes (see :class:`UpdatePart`): the base optimizer steps with
+    ``sum_k weights[k] * grads[k]``; ``direct`` (K weights, or None) adds the plain step
+    ``-lr * sum_k direct[k] * grads[k]`` outside it, in the same pass when fused."""
+    grads: list
+    weights: object = None
+    direct: object = None
 
 
 class SAM(WrapperOptimizer):
@@ -145,8 +155,8 @@ class SAM(WrapperOptimizer):
             self._t.plain = False
             parts = self._gather()
             mixes = self._reuse_mix(parts, grad_scale)
-            self._base_step([UpdatePart(p.group, p.params, lists, w) for p, (lists, w) in zip(parts, mixes)],
-                            found_inf)
+            self._base_step([UpdatePart(p.group, p.params, m.grads, m.weights, direct=m.direct)
+                             for p, m in zip(parts, mixes)], found_inf)
             self._t.steps += 1
             if zero_grad:
                 self.zero_grad()
@@ -176,12 +186,13 @@ class SAM(WrapperOptimizer):
             else:
                 self._perturber.restore([m])
         updates = []
-        for part, (lists, w) in zip(parts, mixes):
+        for part, mix in zip(parts, mixes):
             m = folded.pop(id(part.params), None)
             if m is not None and m.params is not part.params:
                 self._perturber.restore([m])
                 m = None
-            updates.append(UpdatePart(part.group, part.params, lists, w, m.saved if m else None))
+            updates.append(UpdatePart(part.group, part.params, mix.grads, mix.weights, m.saved if m else None,
+                                      direct=mix.direct))
         self._perturber.restore(folded.values())  # perturbed, but no gradient in the second pass
         self._base_step(updates, found_inf)
         self._after_update(parts, firsts, found_inf, grad_scale)
@@ -205,7 +216,7 @@ class SAM(WrapperOptimizer):
         perturbed gradient, times AMP's unscaling and clipping. ``firsts``: the first pass's
         gradients, aligned with ``parts`` (variants with ``_keeps_first_grads``)."""
         coef = self._grad_coef(parts, grad_scale)
-        return [([p.grads], None if coef is None else coef.to(p.params[0].device).reshape(1)) for p in parts]
+        return [Mix([p.grads], None if coef is None else coef.to(p.params[0].device).reshape(1)) for p in parts]
 
     def _reuse_mix(self, parts, grad_scale):
         """:meth:`_mix` of a plain (unperturbed) step: the gradient itself."""

@@ -29,7 +29,7 @@ import torch
 
 from .. import ops
 from . import _utils
-from .sam import SAM, check_hyper, check_interval
+from .sam import SAM, Mix, check_hyper, check_interval
 
 EPS = 1e-12  # the epsilon of SAM's own ascent, rho / (||g|| + EPS)
 
@@ -145,7 +145,7 @@ class GSAM(_Variant):
         if self.max_grad_norm is not None:
             norm = _combo_norm(grams, [(b, a) for a, b in ab])
         coef = _coef(norm, grad_scale, self.max_grad_norm)
-        return [([p.grads, f], _weights(w, coef, p, gm)) for p, f, w, gm in zip(parts, firsts, ab, grams)]
+        return [Mix([p.grads, f], _weights(w, coef, p, gm)) for p, f, w, gm in zip(parts, firsts, ab, grams)]
 
 
 # ------------------------------------------------------------------------------------ WSAM
@@ -165,8 +165,8 @@ class WSAM(_Variant):
     :math:`g` and applies the sharpness term afterwards as a plain SGD step,
     :math:`w \leftarrow w - lr\, a\,(g_p - g)`, so that momentum and Adam's moments see the
     loss gradient alone (like decoupled weight decay). ``decouple=False`` steps the base
-    optimizer on :math:`\nabla L`. Both are one fused update (plus one fused pass for the
-    decoupled term, skipped on AMP overflow like the update).
+    optimizer on :math:`\nabla L`. Both are one fused pass: the decoupled term rides in the
+    update's pass as its direct row (skipped on AMP overflow like the update).
 
     ``max_grad_norm`` clips :math:`\nabla L`: its coefficient scales both the base gradient
     and the decoupled term (so SGD takes the same step either way). pytorch-optimizer
@@ -185,7 +185,6 @@ class WSAM(_Variant):
         super().__init__(params, base_optimizer, rho, adaptive, eta, backend, strategy, max_grad_norm, fused,
                          interval, **base_kwargs)
         self._init_groups(gamma=gamma, decouple=decouple)
-        self._t.coef = None
 
     def _check_group(self, group):
         gamma = group["gamma"]
@@ -202,22 +201,16 @@ class WSAM(_Variant):
         if self.max_grad_norm is not None:
             grams = _grams(firsts, parts, self.backend)
             norm = _combo_norm(grams, [(1.0 - x, x) for x in a])
-        self._t.coef = coef = _coef(norm, grad_scale, self.max_grad_norm)
+        coef = _coef(norm, grad_scale, self.max_grad_norm)
         out = []
         for p, f, x, gm in zip(parts, firsts, a, grams):
-            if p.group["decouple"]:
-                out.append(([f], _weights((1.0,), coef, p, gm)))
-            else:
-                out.append(([f, p.grads], _weights((1.0 - x, x), coef, p, gm)))
+            if not p.group["decouple"]:
+                out.append(Mix([f, p.grads], _weights((1.0 - x, x), coef, p, gm)))
+            elif x == 0:
+                out.append(Mix([f], _weights((1.0,), coef, p, gm)))
+            else:  # w -= lr a (g_p - g) outside the base optimizer, in its pass
+                out.append(Mix([f, p.grads], _weights((1.0, 0.0), coef, p, gm), _weights((-x, x), coef, p, gm)))
         return out
-
-    def _after_update(self, parts, firsts, found_inf, grad_scale):
-        for p, f in zip(parts, firsts):
-            a = _ratio(p.group["gamma"])
-            if p.group["decouple"] and a != 0:  # w -= lr a (g_p - g), skipped with the update on overflow
-                ops.sgd_(p.params, [p.grads, f], lr=p.group["lr"], grad_weights=_weights((a, -a), self._t.coef, p),
-                         found_inf=found_inf, backend=self.backend)
-        self._t.coef = None
 
 
 # ----------------------------------------------------------------------------- Friendly-SAM
@@ -400,7 +393,7 @@ class LookSAM(_Variant):
         if self.max_grad_norm is not None:
             norm = _combo_norm(grams, [(1.0, w) for w in ws])
         coef = _coef(norm, grad_scale, self.max_grad_norm)
-        return [([p.grads, gv], _weights((1.0, w), coef, p, gm)) for p, gv, w, gm in zip(parts, gvs, ws, grams)]
+        return [Mix([p.grads, gv], _weights((1.0, w), coef, p, gm)) for p, gv, w, gm in zip(parts, gvs, ws, grams)]
 
     def _extra_state(self):
         return dict(super()._extra_state(), gv=self._gv.export(self._params()))
