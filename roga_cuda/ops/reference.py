@@ -78,8 +78,8 @@ def combine_(out, lists, weights):
 # grads: K lists; weights: K floats or a 1-d tensor; the gradient of position i is
 # sum_k weights[k] * grads[k][i]. 2K weights: the second K are the direct row d, and the
 # update ends with params -= lr * sum_k d[k] * grads[k] (outside momentum, moments, weight
-# decay and maximize: WSAM's decoupled term). source: None (read params) or the list the parameter
-# values are read from. grad_out: None or a list receiving the combined gradient. steps:
+# decay and maximize: WSAM's decoupled term). source: None (read params) or the list the
+# parameter values are read from. grad_out: None or a list receiving the combined gradient. steps:
 # None or one-element float32 tensors, the counts before this update; incremented after.
 # found_inf: None or a one-element tensor; nonzero skips the update: only source (when
 # given) is copied into params, so a restore folded into the update still happens.

@@ -212,8 +212,9 @@ class SAM(WrapperOptimizer):
         """After the perturbation (norm: the direction's global norm, a device tensor)."""
 
     def _mix(self, parts, firsts, grad_scale):
-        """Per part, the gradient lists the update combines and their weights: SAM's is the
-        perturbed gradient, times AMP's unscaling and clipping. ``firsts``: the first pass's
+        """Per part, a :class:`Mix`: the gradient lists the update combines and their weights
+        (and a direct row, WSAM): SAM's is the perturbed gradient, times AMP's unscaling and
+        clipping. ``firsts``: the first pass's
         gradients, aligned with ``parts`` (variants with ``_keeps_first_grads``)."""
         coef = self._grad_coef(parts, grad_scale)
         return [Mix([p.grads], None if coef is None else coef.to(p.params[0].device).reshape(1)) for p in parts]
@@ -223,7 +224,7 @@ class SAM(WrapperOptimizer):
         return SAM._mix(self, parts, None, grad_scale)
 
     def _after_update(self, parts, firsts, found_inf, grad_scale):
-        """After the base update of a perturbed step (WSAM's decoupled term, LookSAM's g_v)."""
+        """After the base update of a perturbed step (LookSAM's g_v)."""
 
     @torch.no_grad()
     def abort(self):
