@@ -1,17 +1,17 @@
-"""GSAM and LookSAM under DistributedDataParallel (gloo, 2 processes on CPU): with both
+"""GSAM, WSAM and LookSAM under DistributedDataParallel (gloo, 2 processes on CPU): with both
 backward passes synchronised (DDP's default), every rank takes the single-process step on
-the global batch. GSAM runs with gradient_as_bucket_view=True, where DDP writes the second
-pass's gradients into the buckets that held the first pass's."""
+the global batch. GSAM and WSAM run with gradient_as_bucket_view=True, where DDP writes the
+second pass's gradients into the buckets that held the first pass's."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roga_cuda import GSAM, LookSAM
+from roga_cuda import GSAM, WSAM, LookSAM
 
 from util import WORLD, ddp_model, ddp_run
 
-STEPS, RHO, ALPHA = 4, 0.1, 0.3
+STEPS, RHO, ALPHA, GAMMA = 4, 0.1, 0.3, 0.8
 
 
 def data(step, n=8):
@@ -22,9 +22,11 @@ def data(step, n=8):
 def _train(rank, kind):
     """One rank's run; its final state."""
     model = ddp_model()
-    ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=kind == "gsam")
+    ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=kind != "looksam")
     if kind == "gsam":
         opt = GSAM(ddp.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=RHO, alpha=ALPHA)
+    elif kind == "wsam":  # decoupled: its sharpness term is the update's direct row
+        opt = WSAM(ddp.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=RHO, gamma=GAMMA)
     else:
         opt = LookSAM(ddp.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=RHO, alpha=ALPHA, k=2)
     for s in range(STEPS):
@@ -61,6 +63,15 @@ def single_process(kind):
             if kind == "gsam":
                 c = dot(g, gp) / dot(gp, gp)
                 d = [u - ALPHA * (t - c * u) for t, u in zip(g, gp)]
+            elif kind == "wsam":  # the base step on g, then w -= lr a (g_p - g)
+                for p, t in zip(ps, g):
+                    p.grad = t
+                base.step()
+                a = GAMMA / (1 - GAMMA)
+                with torch.no_grad():
+                    for p, t, u in zip(ps, g, gp):
+                        p.sub_(0.1 * a * (u - t))
+                continue
             else:
                 d = gp
                 gv = [u - dot(g, gp) / dot(g, g) * t for t, u in zip(g, gp)]
@@ -70,7 +81,7 @@ def single_process(kind):
     return model.state_dict()
 
 
-@pytest.mark.parametrize("kind", ["gsam", "looksam"])
+@pytest.mark.parametrize("kind", ["gsam", "wsam", "looksam"])
 def test_ddp_two_processes_equal_the_global_batch_step(kind):
     state = ddp_run(_train, kind)
     for k, v in single_process(kind).items():
