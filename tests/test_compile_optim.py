@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roga_cuda import SAM, PCGrad, RoGA, freeze_bn_stats
+from roga_cuda import SAM, WSAM, PCGrad, RoGA, freeze_bn_stats
 
 
 def model(bn=True):
@@ -56,6 +56,8 @@ def train(kind, net, opt, steps=3):
 def make(kind, params, strategy="copy"):
     if kind == "sam":
         return SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, strategy=strategy)
+    if kind == "wsam":  # clipped: both weight rows are device tensors, the direct one included
+        return WSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, strategy=strategy, max_grad_norm=0.5)
     if kind == "roga":
         return RoGA(params, torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.1, alpha=0.01, strategy=strategy,
                     num_domains=2)
@@ -83,13 +85,15 @@ def test_compiled_model_trains_like_eager(kind, strategy, backend):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def test_optimizer_steps_compile_without_graph_breaks():
-    """SAM's first and second steps trace as single graphs (fullgraph: a graph break fails;
-    the fused ops are operators Dynamo records) and take the eager steps."""
+@pytest.mark.parametrize("kind", ["sam", "wsam"])
+def test_optimizer_steps_compile_without_graph_breaks(kind):
+    """SAM's (and WSAM's, whose update carries a direct row) first and second steps trace as
+    single graphs (fullgraph: a graph break fails; the fused ops are operators Dynamo
+    records) and take the eager steps."""
     torch._dynamo.reset()
     net = model(bn=False)
     ref = copy.deepcopy(net)
-    opt, opt_ref = make("sam", net.parameters()), make("sam", ref.parameters())
+    opt, opt_ref = make(kind, net.parameters()), make(kind, ref.parameters())
     first = torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")
     second = torch.compile(opt.second_step, fullgraph=True, backend="aot_eager")
     for s in range(2):
