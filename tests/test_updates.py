@@ -207,6 +207,22 @@ def test_direct_row_is_a_plain_step_after_the_update(backend, device, kind, dtyp
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_direct_row_mixes_float_and_tensor_weights(backend, device, kind, rng):
+    """One row as floats and the other as a (float64) device tensor: the same update as both
+    as floats."""
+    base = _params(torch.float64, device, rng, shapes=[(5, 3), (9,)])
+    grads = [_params(torch.float64, device, rng, shapes=[p.shape for p in base]) for _ in range(2)]
+    w, d = [0.5, -1.25], [1.5, -0.75]
+    t = lambda v: torch.tensor(v, dtype=torch.float64, device=device)  # noqa: E731
+    want = _direct_run(kind, backend, device, base, grads, d, lr=0.05, grad_weights=w)[0]
+    for gw, dw in ((w, t(d)), (t(w), d)):
+        got = _direct_run(kind, backend, device, base, grads, dw, lr=0.05, grad_weights=gw)[0]
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
 def test_direct_row_errors(backend, device):
     p, g = [torch.randn(3, device=device)], [torch.randn(3, device=device)]
     with pytest.raises(ValueError, match=r"sgd_: got 1 direct_weights for 2 lists"):
