@@ -328,13 +328,15 @@ struct UpdatePlan {
   std::vector<std::vector<char*>> g;
   std::vector<double> w;
   std::vector<float> step;  // the step count before this update, per tensor (0 without steps)
+  bool direct;              // w holds the direct row too (2K weights)
 };
 
 UpdatePlan update_plan(const UpdateArgs& a) {
-  UpdatePlan u{make_plan(a.params), slots(a.params), ptrs(a.params), {}, {}, {}, a.weights.values, {}};
+  UpdatePlan u{make_plan(a.params), slots(a.params), ptrs(a.params), {}, {}, {}, a.weights.values, {}, false};
   u.src = a.source.empty() ? u.p : ptrs(a.source);
   u.gout = a.grad_out.empty() ? std::vector<char*>(a.params.size(), nullptr) : ptrs(a.grad_out);
   for (const auto& l : a.grads) u.g.push_back(ptrs(l));
+  u.direct = a.weights.size() == 2 * static_cast<int64_t>(a.grads.size());
   u.step.assign(a.params.size(), 0.0f);
   for (size_t i = 0; i < a.steps.size(); ++i) u.step[i] = *a.steps[i].const_data_ptr<float>();
   return u;
@@ -381,7 +383,7 @@ void sgd_(const UpdateArgs& a, const TensorList& momentum_buffers, const SgdHype
   std::vector<SgdSeg> seg(a.params.size());
   for (size_t i = 0; i < seg.size(); ++i)
     seg[i] = SgdSeg{a.lr.value, h.momentum, h.dampening, h.weight_decay, h.nesterov, h.maximize, u.step[i] == 0.0f,
-                    a.weights.size() == 2 * k};
+                    u.direct};
   std::vector<const std::vector<char*>*> extra;
   if (!momentum_buffers.empty()) extra.push_back(&buf);
   run_update(a, u, extra, [&](const Piece& pc, int64_t off, const void** gp) {
@@ -403,7 +405,7 @@ void adam_(const UpdateArgs& a, const TensorList& exp_avgs, const TensorList& ex
     const double step = static_cast<double>(u.step[i]) + 1.0;  // as torch: bias corrections in double
     const double bc1 = 1.0 - std::pow(h.beta1, step), bc2 = 1.0 - std::pow(h.beta2, step);
     seg[i] = AdamSeg{a.lr.value, h.weight_decay, 1.0 - a.lr.value * h.weight_decay, h.beta1, h.beta2, h.eps,
-                     std::sqrt(bc2), a.lr.value / bc1, h.decoupled, h.amsgrad, h.maximize, a.weights.size() == 2 * k};
+                     std::sqrt(bc2), a.lr.value / bc1, h.decoupled, h.amsgrad, h.maximize, u.direct};
   }
   std::vector<const std::vector<char*>*> extra{&m, &v};
   if (!max_exp_avg_sqs.empty()) extra.push_back(&vmax);

@@ -204,14 +204,12 @@ def _combined(grads, weights):
 
 
 def _direct(grads, weights):
-    """The direct row's combination (2K weights), as new tensors: grad_out may be grads[0]."""
+    """The direct row's combination (2K weights), never grads[0] itself: grad_out may be it."""
     k = len(grads)
     if len(weights) != 2 * k:
         return None
-    acc = _scaled(grads[0], weights[k])
-    for j in range(1, k):
-        _scaled_add_(acc, grads[j], weights[k + j])
-    return acc
+    d = _combined(grads, weights[k:])
+    return torch._foreach_mul(d, 1.0) if d is grads[0] else d
 
 
 def _host(x):

@@ -79,10 +79,11 @@ def combine_(out, lists, weights):
 # sum_k weights[k] * grads[k][i]. 2K weights: the second K are the direct row d, and the
 # update ends with params -= lr * sum_k d[k] * grads[k] (outside momentum, moments, weight
 # decay and maximize: WSAM's decoupled term). source: None (read params) or the list the
-# parameter values are read from. grad_out: None or a list receiving the combined gradient. steps:
-# None or one-element float32 tensors, the counts before this update; incremented after.
-# found_inf: None or a one-element tensor; nonzero skips the update: only source (when
-# given) is copied into params, so a restore folded into the update still happens.
+# parameter values are read from. grad_out: None or a list receiving the combined
+# gradient. steps: None or one-element float32 tensors, the counts before this update;
+# incremented after. found_inf: None or a one-element tensor; nonzero skips the update:
+# only source (when given) is copied into params, so a restore folded into the update
+# still happens.
 
 def _grad_and_source(i, m, params, source, grads, weights, grad_out, maximize):
     """Position i's combined gradient (stored to grad_out before `maximize` negates it), its

@@ -71,6 +71,10 @@ class Mix(NamedTuple):
     weights: object = None
     direct: object = None
 
+    def update(self, part, source=None):
+        """The fused call of ``part`` (a Part) with this mix, reading its values from ``source``."""
+        return UpdatePart(part.group, part.params, self.grads, self.weights, source, direct=self.direct)
+
 
 class SAM(WrapperOptimizer):
     """Sharpness-Aware Minimization (Foret et al. 2021) and ASAM (Kwon et al. 2021).
@@ -155,8 +159,7 @@ class SAM(WrapperOptimizer):
             self._t.plain = False
             parts = self._gather()
             mixes = self._reuse_mix(parts, grad_scale)
-            self._base_step([UpdatePart(p.group, p.params, m.grads, m.weights, direct=m.direct)
-                             for p, m in zip(parts, mixes)], found_inf)
+            self._base_step([m.update(p) for p, m in zip(parts, mixes)], found_inf)
             self._t.steps += 1
             if zero_grad:
                 self.zero_grad()
@@ -191,8 +194,7 @@ class SAM(WrapperOptimizer):
             if m is not None and m.params is not part.params:
                 self._perturber.restore([m])
                 m = None
-            updates.append(UpdatePart(part.group, part.params, mix.grads, mix.weights, m.saved if m else None,
-                                      direct=mix.direct))
+            updates.append(mix.update(part, m.saved if m else None))
         self._perturber.restore(folded.values())  # perturbed, but no gradient in the second pass
         self._base_step(updates, found_inf)
         self._after_update(parts, firsts, found_inf, grad_scale)
@@ -214,8 +216,8 @@ class SAM(WrapperOptimizer):
     def _mix(self, parts, firsts, grad_scale):
         """Per part, a :class:`Mix`: the gradient lists the update combines and their weights
         (and a direct row, WSAM): SAM's is the perturbed gradient, times AMP's unscaling and
-        clipping. ``firsts``: the first pass's
-        gradients, aligned with ``parts`` (variants with ``_keeps_first_grads``)."""
+        clipping. ``firsts``: the first pass's gradients, aligned with ``parts`` (variants
+        with ``_keeps_first_grads``)."""
         coef = self._grad_coef(parts, grad_scale)
         return [Mix([p.grads], None if coef is None else coef.to(p.params[0].device).reshape(1)) for p in parts]
 
