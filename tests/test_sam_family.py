@@ -4,6 +4,7 @@ in float64, whole-model inner products, torch's own base optimizers. Nothing her
 roga_cuda.optim code except to drive it. The peer comparison with pytorch-optimizer is in
 test_sam_family_peer.py, the DDP runs in test_sam_family_ddp.py."""
 import copy
+import math
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from conftest import backend_cases
 from util import batch, frozen_bn, loss_of, params_equal
 
 BACKEND_NAMES = [p.values[0] for p in backend_cases() if p.values[1] == "cpu"]
-VARIANTS = ["gsam", "wsam", "wsam_coupled", "fsam", "looksam", "sam_interval"]
+VARIANTS = ["gsam", "wsam", "wsam_coupled", "fsam", "fsam_asam", "looksam", "sam_interval"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,11 +51,14 @@ CONFIG = {
                      dict(gamma=0.9)),
     "fsam": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True), dict(rho=0.08, sigma=1.0, lmbda=0.9),
              dict(sigma=0.5, lmbda=0.6)),
+    # ASAM's ascent in the second group only: the friendly direction's other path
+    "fsam_asam": (torch.optim.SGD, dict(lr=0.1, momentum=0.9), dict(rho=0.5, sigma=0.8, lmbda=0.7, adaptive=True,
+                                                                     eta=0.01), dict(adaptive=False, rho=0.08)),
     "looksam": (torch.optim.Adam, dict(lr=0.01), dict(rho=0.1, k=2, alpha=0.7), dict(alpha=0.3)),
     "sam_interval": (torch.optim.SGD, dict(lr=0.1, momentum=0.9), dict(rho=0.05, interval=3), dict(rho=0.1)),
 }
-CLASS = {"gsam": GSAM, "wsam": WSAM, "wsam_coupled": WSAM, "fsam": FriendlySAM, "looksam": LookSAM,
-         "sam_interval": SAM}
+CLASS = {"gsam": GSAM, "wsam": WSAM, "wsam_coupled": WSAM, "fsam": FriendlySAM, "fsam_asam": FriendlySAM,
+         "looksam": LookSAM, "sam_interval": SAM}
 
 
 def make(kind, model, **kw):
@@ -137,17 +141,19 @@ class Reference:
             c = self.clip(d)
             return self.apply([c * t for t in d])
         asc = g
-        if kind == "fsam":  # ascend along g - sigma * EMA(g), the EMA taken before this step's update
+        if kind.startswith("fsam"):  # ascend along g - sigma * EMA(g), the EMA taken before this step's update
             if self.ema is None:
                 self.ema = [t.clone() for t in g]
             else:
                 asc = [g[i] - self.h(i, "sigma") * self.ema[i] for i in range(n)]
                 self.ema = [self.h(i, "lmbda") * self.ema[i] + (1 - self.h(i, "lmbda")) * g[i] for i in range(n)]
-        gn = norm(asc)
+        # ASAM where adaptive: e = rho T^2 asc / ||T asc||, T = |p| + eta
+        t = [p.detach().abs() + self.hp[p]["eta"] if self.hp[p].get("adaptive") else 1.0 for p in self.ps]
+        gn = norm([ti * a for ti, a in zip(t, asc)])
         old = [p.detach().clone() for p in self.ps]
         with torch.no_grad():
             for i, p in enumerate(self.ps):
-                p.add_(self.radius(i) * asc[i] / (gn + 1e-12))
+                p.add_(self.radius(i) * t[i] ** 2 * asc[i] / (gn + 1e-12))
         with frozen_bn(self.model):
             gp = self.grads(x, y)
         with torch.no_grad():
@@ -685,3 +691,40 @@ def test_roga_interval_state_dict_and_hvp_plain_steps():
     o2.zero_grad()
     loss_of(m2, *batch(0)).backward()
     assert not o2.perturb()  # step 2 of 3: plain again
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_friendly_radius_when_the_average_nearly_cancels_the_gradient(backend, dtype):
+    """||d|| comes from the Gram matrix of (g, m), a difference of sums: as d = g - m shrinks
+    from 1e-1 of g to 0 the radius must stay rho within the documented bound (16 roundings
+    times (||g|| + ||m||)^2 / ||d||^2) while that bound is small, and never blow up (to
+    rho / 1e-12) once it is not. The direction is formed element-wise: exact at every scale."""
+    rho, gen = 0.5, torch.Generator().manual_seed(3)
+    g0 = [torch.randn(s, generator=gen, dtype=torch.float64) for s in [(300, 7), (50,), ()]]
+    r = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in g0]
+    ps = [nn.Parameter(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype)) for t in g0]
+    u = torch.finfo(dtype).eps / 2
+    for delta in [1e-1, 1e-2, 1e-4, 1e-6, 1e-9, 0.0]:
+        opt = FriendlySAM(ps, torch.optim.SGD, lr=0.0, rho=rho, sigma=1.0, lmbda=0.5, backend=backend,
+                          strategy="copy")
+        for p, t in zip(ps, g0):  # step 1 starts the average at g0
+            p.grad = t.to(dtype)
+        opt.first_step(zero_grad=True)
+        opt.second_step()
+        g1 = [(t + delta * v).to(dtype) for t, v in zip(g0, r)]
+        for p, t in zip(ps, g1):  # step 2: d = g1 - m = delta * r (up to rounding)
+            p.grad = t.clone()
+        before = [p.detach().clone() for p in ps]
+        opt.first_step(zero_grad=True)
+        e = [(p.detach() - b).double() for p, b in zip(ps, before)]
+        opt.abort()
+        radius = norm(e).item()
+        assert math.isfinite(radius) and radius <= 1.01 * rho, (delta, radius)
+        d = [a.double() - t.to(dtype).double() for a, t in zip(g1, g0)]
+        if norm(d) == 0:
+            continue
+        bound = 16 * u * ((norm(g1) + norm(g0)) / norm(d)).item() ** 2
+        if bound < 1e-2:
+            assert abs(radius / rho - 1) <= bound, (delta, radius, bound)
+            assert (dot(e, d) / (norm(e) * norm(d))).item() > 1 - 1e-6, delta

@@ -208,6 +208,25 @@ def test_direct_row_is_a_plain_step_after_the_update(backend, device, kind, dtyp
 
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("source", [False, True])
+def test_grad_out_may_be_any_gradient_list(backend, device, kind, source, rng):
+    """grad_out aliasing grads[1] (Friendly-SAM's average, rewritten in the pass that reads it):
+    every gradient list, the direct row included, is read before grad_out is written, so the
+    result equals the call with a separate grad_out."""
+    base = _params(torch.float32, device, rng, shapes=[(5, 3), (7,), (), (0,), (300,), (2, 1, 4)])
+    grads = [_params(torch.float32, device, rng, shapes=[p.shape for p in base]) for _ in range(2)]
+    src = [p + 1 for p in base] if source else None
+    common = dict(lr=0.05, source=src, grad_weights=[0.3, 0.7], maximize=True)
+    sep = [torch.empty_like(p) for p in base]
+    want, want_state = _direct_run(kind, backend, device, base, grads, [-0.7, 1.5], grad_out=sep, **common)
+    aliased = [grads[0], [g.clone() for g in grads[1]]]
+    got, got_state = _direct_run(kind, backend, device, base, aliased, [-0.7, 1.5], grad_out=aliased[1], **common)
+    for x, y in zip(got + got_state[0] + got_state[1] + aliased[1], want + want_state[0] + want_state[1] + sep):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_direct_row_mixes_float_and_tensor_weights(backend, device, kind, rng):
     """One row as floats and the other as a (float64) device tensor: the same update as both
     as floats."""

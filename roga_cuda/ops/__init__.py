@@ -189,7 +189,8 @@ def sgd_(params, grads, *, lr, momentum_buffers=None, steps=None, momentum=0.0, 
     same pass (``grad_weights`` floats or a 1-d device tensor: AMP's unscaling, clipping and
     gradient surgery's coefficients fold in here). ``source``: read the parameters' values
     from this list instead (SAM: restore and update in one pass). ``grad_out``: also write
-    the combined gradient there (e.g. into ``.grad``). ``direct_weights`` (K floats or a
+    the combined gradient there (e.g. into ``.grad``; it may be one of the ``grads`` lists:
+    every list is read first). ``direct_weights`` (K floats or a
     1-d tensor): also ``params -= lr * sum_k direct_weights[k] * grads[k]`` after the update,
     outside momentum, weight decay and ``maximize`` (WSAM's decoupled term, in the same
     pass). With ``momentum``,

@@ -96,6 +96,28 @@ class Perturber:
         orig = _utils.swap_data(params, spare)
         return Move("swap", params, orig, grads, group)
 
+    def perturb_mix(self, params, lists, along, out, out_weights, scale, strategy, skip, group=None):
+        """Moves ``params`` to ``p + scale * sum_k along[k] lists[k]`` and writes
+        ``out <- sum_k out_weights[k] lists[k]`` (``out`` may be one of ``lists``) in the same
+        pass; neither happens when the one-element device flag ``skip`` is nonzero. (Friendly-SAM:
+        the ascent along ``g - sigma m`` and the average's update read ``g`` and ``m`` once.)
+        Weights: floats or 0-d tensors on the lists' device. The pass is the fused SGD update with ``out_weights`` as
+        its gradient (``grad_out`` writes it), ``maximize`` and a direct row making up the rest."""
+        direct = [b - a for a, b in zip(along, out_weights)]
+        if all(isinstance(d, (int, float)) and d == 0 for d in direct):
+            direct = None
+        kw = dict(lr=scale, maximize=True, grad_weights=out_weights, direct_weights=direct, grad_out=out,
+                  found_inf=skip, backend=self.backend)
+        if strategy == "copy":
+            backup = self.buffers("backup", params)
+            ops.restore_(backup, params, backend=self.backend)  # backup <- p
+            ops.sgd_(params, lists, **kw)
+            return Move("copy", params, backup, lists[0], group)
+        spare = self.buffers("spare", params)
+        ops.sgd_(spare, lists, source=params, **kw)  # spare = the perturbed point
+        orig = _utils.swap_data(params, spare)
+        return Move("swap", params, orig, lists[0], group)
+
     def restore(self, moves):
         """Undoes every move."""
         for m in moves:
@@ -109,3 +131,4 @@ class Perturber:
         the next spare."""
         perturbed = _utils.swap_data(m.params, m.saved)
         self._replace("spare", m.params, perturbed)
+

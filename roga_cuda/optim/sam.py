@@ -36,7 +36,7 @@ in between (one backward). ``first_step()`` says which: it returns True when it 
     optimizer.second_step(zero_grad=True)
 
 The variants in :mod:`.sam_family` (GSAM, WSAM, Friendly-SAM, LookSAM) override the hooks
-``_radius``, ``_direction``, ``_perturbed``, ``_mix``, ``_reuse_mix`` and ``_after_update``.
+``_radius``, ``_ascend``, ``_mix``, ``_reuse_mix`` and ``_after_update``.
 """
 import math
 from typing import NamedTuple
@@ -131,18 +131,7 @@ class SAM(WrapperOptimizer):
             return False
         if self._keeps_first_grads:  # the update reads them: they must outlive the next backward
             parts = [_owned(part, self._perturber) for part in parts]
-        self._direction(parts)
-        norm = _utils.global_norm([(p.params, p.grads) for p in parts], self.backend,
-                                  adaptive=[p.group["eta"] if p.group["adaptive"] else None for p in parts])
-        strategy = self._perturber.strategy_for([p.params for p in parts])
-        moves = []
-        for part in parts:
-            g = part.group
-            scale = (self._radius(g) / (norm + 1e-12)).to(part.params[0].device)
-            moves.append(self._perturber.perturb(part.params, part.grads, scale, strategy, g["adaptive"], g["eta"],
-                                                 group=g))
-        self._t.moves = moves
-        self._perturbed(parts, norm)
+        self._t.moves = self._ascend(parts)
         if zero_grad or self._keeps_first_grads:
             self.zero_grad()
         return True
@@ -207,11 +196,26 @@ class SAM(WrapperOptimizer):
         """The perturbation radius of a group this step."""
         return group["rho"]
 
-    def _direction(self, parts):
-        """Turn the gradients in ``parts`` into the ascent direction, in place (Friendly-SAM)."""
+    def _ascend(self, parts):
+        """Move every part to its perturbed point ``p + e``; returns the moves (Friendly-SAM
+        ascends along another direction)."""
+        return self._move(parts, self._ascent_norm(parts))
 
-    def _perturbed(self, parts, norm):
-        """After the perturbation (norm: the direction's global norm, a device tensor)."""
+    def _ascent_norm(self, parts):
+        """The global norm of the ascent direction in ``.grad`` (ASAM's where adaptive)."""
+        return _utils.global_norm([(p.params, p.grads) for p in parts], self.backend,
+                                  adaptive=[p.group["eta"] if p.group["adaptive"] else None for p in parts])
+
+    def _move(self, parts, norm):
+        """Each part to ``p + radius * g / (norm + 1e-12)`` (ASAM's where adaptive)."""
+        strategy = self._perturber.strategy_for([p.params for p in parts])
+        moves = []
+        for part in parts:
+            g = part.group
+            scale = (self._radius(g) / (norm + 1e-12)).to(part.params[0].device)
+            moves.append(self._perturber.perturb(part.params, part.grads, scale, strategy, g["adaptive"], g["eta"],
+                                                 group=g))
+        return moves
 
     def _mix(self, parts, firsts, grad_scale):
         """Per part, a :class:`Mix`: the gradient lists the update combines and their weights
