@@ -1,17 +1,18 @@
-"""GSAM, WSAM and LookSAM under DistributedDataParallel (gloo, 2 processes on CPU): with both
-backward passes synchronised (DDP's default), every rank takes the single-process step on
-the global batch. GSAM and WSAM run with gradient_as_bucket_view=True, where DDP writes the
-second pass's gradients into the buckets that held the first pass's."""
+"""GSAM, WSAM, Friendly-SAM and LookSAM under DistributedDataParallel (gloo, 2 processes on
+CPU): with both backward passes synchronised (DDP's default), every rank takes the
+single-process step on the global batch. All but LookSAM run with gradient_as_bucket_view=True,
+where DDP writes the second pass's gradients into the buckets that held the first pass's
+(Friendly-SAM's average is read from and written to in the pass that perturbs)."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roga_cuda import GSAM, WSAM, LookSAM
+from roga_cuda import GSAM, WSAM, FriendlySAM, LookSAM
 
 from util import WORLD, ddp_model, ddp_run
 
-STEPS, RHO, ALPHA, GAMMA = 4, 0.1, 0.3, 0.8
+STEPS, RHO, ALPHA, GAMMA, SIGMA, LMBDA = 4, 0.1, 0.3, 0.8, 0.9, 0.6
 
 
 def data(step, n=8):
@@ -27,6 +28,8 @@ def _train(rank, kind):
         opt = GSAM(ddp.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=RHO, alpha=ALPHA)
     elif kind == "wsam":  # decoupled: its sharpness term is the update's direct row
         opt = WSAM(ddp.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=RHO, gamma=GAMMA)
+    elif kind == "fsam":
+        opt = FriendlySAM(ddp.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=RHO, sigma=SIGMA, lmbda=LMBDA)
     else:
         opt = LookSAM(ddp.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=RHO, alpha=ALPHA, k=2)
     for s in range(STEPS):
@@ -45,17 +48,21 @@ def single_process(kind):
     ps = list(model.parameters())
     base = torch.optim.SGD(ps, lr=0.1, momentum=0.9)
     dot = lambda a, b: sum((u * v).sum() for u, v in zip(a, b))  # noqa: E731
-    gv = None
+    gv = ema = None
     for s in range(STEPS):
         x, y = data(s)
-        g = torch.autograd.grad(F.cross_entropy(model(x), y), ps)
+        g = asc = torch.autograd.grad(F.cross_entropy(model(x), y), ps)
+        if kind == "fsam":  # ascend along g - sigma m, m the average before this step's update
+            if ema is not None:
+                asc = [t - SIGMA * m for t, m in zip(g, ema)]
+            ema = [t.clone() for t in g] if ema is None else [LMBDA * m + (1 - LMBDA) * t for m, t in zip(ema, g)]
         if kind == "looksam" and s % 2:
             d = [t + ALPHA * dot(g, g).sqrt() / dot(gv, gv).sqrt() * v for t, v in zip(g, gv)]
         else:
             old = [p.detach().clone() for p in ps]
             with torch.no_grad():
-                for p, t in zip(ps, g):
-                    p.add_(RHO * t / (dot(g, g).sqrt() + 1e-12))
+                for p, t in zip(ps, asc):
+                    p.add_(RHO * t / (dot(asc, asc).sqrt() + 1e-12))
             gp = torch.autograd.grad(F.cross_entropy(model(x), y), ps)
             with torch.no_grad():
                 for p, o in zip(ps, old):
@@ -72,6 +79,8 @@ def single_process(kind):
                     for p, t, u in zip(ps, g, gp):
                         p.sub_(0.1 * a * (u - t))
                 continue
+            elif kind == "fsam":
+                d = gp
             else:
                 d = gp
                 gv = [u - dot(g, gp) / dot(g, g) * t for t, u in zip(g, gp)]
@@ -81,7 +90,7 @@ def single_process(kind):
     return model.state_dict()
 
 
-@pytest.mark.parametrize("kind", ["gsam", "wsam", "looksam"])
+@pytest.mark.parametrize("kind", ["gsam", "wsam", "fsam", "looksam"])
 def test_ddp_two_processes_equal_the_global_batch_step(kind):
     state = ddp_run(_train, kind)
     for k, v in single_process(kind).items():
