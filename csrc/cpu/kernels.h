@@ -217,15 +217,31 @@ void combine(void* outv, const void* const* xs, const double* w_d, int k, int64_
   }
 }
 
-// g <- sum_a w[a] * xs[a] over one block (the fused updates' gradient)
+// g <- sum_a w[a] * xs[a] over one block (the fused updates' gradient); with d, also
+// d <- sum_a wd[a] * xs[a] (the direct row) from the same loads
 template <typename T>
 inline void combine_block(typename IO<T>::C* g, const void* const* xs, const double* w, int k, int64_t o, int64_t m,
-                          typename IO<T>::C* xb) {
+                          typename IO<T>::C* xb, typename IO<T>::C* d = nullptr, const double* wd = nullptr) {
   using C = typename IO<T>::C;
   for (int a = 0; a < k; ++a) {
     const C* xf = IO<T>::load(static_cast<const T*>(xs[a]) + o, xb, m);
     const C wa = static_cast<C>(w[a]);
-    if (a == 0) {
+    if (d) {
+      const C da = static_cast<C>(wd[a]);
+      if (a == 0) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) {
+          g[j] = wa * xf[j];
+          d[j] = da * xf[j];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) {
+          g[j] += wa * xf[j];
+          d[j] += da * xf[j];
+        }
+      }
+    } else if (a == 0) {
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) g[j] = wa * xf[j];
     } else {
@@ -233,13 +249,6 @@ inline void combine_block(typename IO<T>::C* g, const void* const* xs, const dou
       for (int64_t j = 0; j < m; ++j) g[j] += wa * xf[j];
     }
   }
-}
-
-// out -= lr * d: the direct row's term, after the update (common.h UpdateArgs)
-template <typename C>
-inline void subtract_direct(C* out, const C* d, C lr, int64_t m) {
-#pragma omp simd
-  for (int64_t j = 0; j < m; ++j) out[j] = out[j] - lr * d[j];
 }
 
 // torch.optim.SGD's update, computed in C and rounded once per stored value.
@@ -255,8 +264,7 @@ void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int
           wd = static_cast<C>(s.weight_decay);
   alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], bb[kBlock], ob[kBlock], d[kBlock];
   ROGA_BLOCKS(n) {
-    combine_block<T>(g, gs, w, k, o, m, xb);
-    if (s.direct) combine_block<T>(d, gs, w + k, k, o, m, xb);
+    combine_block<T>(g, gs, w, k, o, m, xb, s.direct ? d : nullptr, w + k);
     if (gout) IO<T>::store(gout + o, g, m);  // a separate buffer from g: store copies
     if (s.maximize) {
 #pragma omp simd
@@ -287,9 +295,13 @@ void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int
       }
     }
     C* out = IO<T>::dst_buf(p + o, ob);
+    if (s.direct) {  // the update, then the direct row's term: two roundings, one loop
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) out[j] = x[j] - lr * g[j];
-    if (s.direct) subtract_direct(out, d, lr, m);
+      for (int64_t j = 0; j < m; ++j) out[j] = (x[j] - lr * g[j]) - lr * d[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) out[j] = x[j] - lr * g[j];
+    }
     IO<T>::store(p + o, out, m);
   }
 }
@@ -309,8 +321,7 @@ void adam(void* pv, const void* srcv, const void* const* gs, const double* w, in
   alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], x2[kBlock], mb[kBlock], vb[kBlock], qb[kBlock], ob[kBlock],
       d[kBlock];
   ROGA_BLOCKS(n) {
-    combine_block<T>(g, gs, w, k, o, m, xb);
-    if (s.direct) combine_block<T>(d, gs, w + k, k, o, m, xb);
+    combine_block<T>(g, gs, w, k, o, m, xb, s.direct ? d : nullptr, w + k);
     if (gout) IO<T>::store(gout + o, g, m);
     if (s.maximize) {
 #pragma omp simd
@@ -347,9 +358,14 @@ void adam(void* pv, const void* srcv, const void* const* gs, const double* w, in
       q = qo;
     }
     C* out = IO<T>::dst_buf(p + o, ob);
+    if (s.direct) {  // the update, then the direct row's term: two roundings, one loop
+      const C lr = static_cast<C>(s.lr);
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) out[j] = x[j] - step * (mo[j] / (std::sqrt(q[j]) / bc2 + eps));
-    if (s.direct) subtract_direct(out, d, static_cast<C>(s.lr), m);
+      for (int64_t j = 0; j < m; ++j) out[j] = (x[j] - step * (mo[j] / (std::sqrt(q[j]) / bc2 + eps))) - lr * d[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) out[j] = x[j] - step * (mo[j] / (std::sqrt(q[j]) / bc2 + eps));
+    }
     IO<T>::store(p + o, out, m);
   }
 }
