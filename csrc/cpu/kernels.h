@@ -178,6 +178,21 @@ void gram(const void* const* xs, int k, int64_t n, double* out) {
   ROGA_BLOCKS(n) {
     for (int a = 0; a < k; ++a)
       v[a] = IO<T>::load(static_cast<const T*>(xs[a]) + o, bufs.data() + (bufs.empty() ? 0 : a * kBlock), m);
+    if (k == 2) {  // the SAM family's case: three independent sums in one loop (three chains, not one)
+      const C* x = v[0];
+      const C* y = v[1];
+      C s00 = 0, s10 = 0, s11 = 0;
+#pragma omp simd reduction(+ : s00, s10, s11)
+      for (int64_t j = 0; j < m; ++j) {
+        s00 += x[j] * x[j];
+        s10 += y[j] * x[j];
+        s11 += y[j] * y[j];
+      }
+      out[0] += static_cast<double>(s00);
+      out[1] += static_cast<double>(s10);
+      out[2] += static_cast<double>(s11);
+      continue;
+    }
     int idx = 0;
     for (int a = 0; a < k; ++a) {
       for (int b = 0; b <= a; ++b, ++idx) {
