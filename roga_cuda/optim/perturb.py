@@ -99,10 +99,11 @@ class Perturber:
     def perturb_mix(self, params, lists, along, out, out_weights, scale, strategy, skip, group=None):
         """Moves ``params`` to ``p + scale * sum_k along[k] lists[k]`` and writes
         ``out <- sum_k out_weights[k] lists[k]`` (``out`` may be one of ``lists``) in the same
-        pass; neither happens when the one-element device flag ``skip`` is nonzero. (Friendly-SAM:
-        the ascent along ``g - sigma m`` and the average's update read ``g`` and ``m`` once.)
-        Weights: floats or 0-d tensors on the lists' device. The pass is the fused SGD update with ``out_weights`` as
-        its gradient (``grad_out`` writes it), ``maximize`` and a direct row making up the rest."""
+        pass; neither happens when the one-element device flag ``skip`` is nonzero.
+        (Friendly-SAM: the ascent along ``g - sigma m`` and the average's update read ``g``
+        and ``m`` once.) Weights: floats or 0-d tensors on the lists' device. The pass is the
+        fused SGD update with ``out_weights`` as its gradient (``grad_out`` writes it), and
+        ``maximize`` and a direct row making up the rest."""
         direct = [b - a for a, b in zip(along, out_weights)]
         if all(isinstance(d, (int, float)) and d == 0 for d in direct):
             direct = None
@@ -131,4 +132,3 @@ class Perturber:
         the next spare."""
         perturbed = _utils.swap_data(m.params, m.saved)
         self._replace("spare", m.params, perturbed)
-

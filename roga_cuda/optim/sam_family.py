@@ -237,17 +237,20 @@ class FriendlySAM(_Variant):
     both the perturbed point :math:`w + e_t` and :math:`m_t` (the fused SGD update with
     :math:`m_t` as its gradient, written back over :math:`m`, and a direct row for the rest of
     :math:`e_t`). With the swap strategy that is 28 bytes per float32 parameter against the
-    40 of writing :math:`d` first (combine, norm, perturb, average). When :math:`d` is not
-    finite (an AMP overflow) neither happens and the average never sees the overflow: the
-    second gradient is taken at :math:`w`, where at the same scale it normally overflows too
-    (the scaler skips the step and backs off); if it does not (dropout), the step is a plain
-    base step. :math:`\|d\|^2` from the Gram matrix is a
-    difference of sums: the radius's relative error is within 16 roundings times
-    :math:`(\|g\| + \|m\|)^2 / \|d\|^2` (float32: :math:`10^{-5}` when :math:`d` is a tenth of
-    :math:`g`, :math:`10^{-3}` at a hundredth); where the average cancels the gradient beyond
-    what the Gram resolves, the square is floored and the radius shrinks below :math:`\rho`
-    instead of blowing up. ASAM (``adaptive``) writes :math:`d` over ``.grad`` first, then
-    perturbs and updates the average in SAM's passes.
+    40 of writing :math:`d` first (combine, norm, perturb, average).
+
+    When :math:`d` is not finite (an AMP overflow) neither happens and the average never sees
+    the overflow: the second gradient is taken at :math:`w`, where at the same scale it
+    normally overflows too (the scaler skips the step and backs off); if it does not
+    (dropout), the step is a plain base step.
+
+    :math:`\|d\|^2` from the Gram matrix is a difference of sums: the radius's relative error
+    is within 16 roundings times :math:`(\|g\| + \|m\|)^2 / \|d\|^2` (float32:
+    :math:`10^{-5}` when :math:`d` is a tenth of :math:`g`, :math:`10^{-3}` at a hundredth);
+    where the average cancels the gradient beyond what the Gram resolves, the square is
+    floored and the radius shrinks below :math:`\rho` instead of blowing up. ASAM
+    (``adaptive``) writes :math:`d` over ``.grad`` first, then perturbs and updates the
+    average in SAM's passes.
 
     AMP: pass the scaler, ``opt.first_step(zero_grad=True, scaler=scaler)``: the average is
     kept of unscaled gradients. Parameters that first get a gradient after the first step
