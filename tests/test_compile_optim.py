@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roga_cuda import SAM, WSAM, PCGrad, RoGA, freeze_bn_stats
+from roga_cuda import GSAM, SAM, WSAM, FriendlySAM, LookSAM, PCGrad, RoGA, freeze_bn_stats
 
 
 def model(bn=True):
@@ -58,6 +58,12 @@ def make(kind, params, strategy="copy"):
         return SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, strategy=strategy)
     if kind == "wsam":  # clipped: both weight rows are device tensors, the direct one included
         return WSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, strategy=strategy, max_grad_norm=0.5)
+    if kind == "fsam":  # its first step: a gram, the norm from it, one update that writes two lists
+        return FriendlySAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, strategy=strategy, sigma=0.8, lmbda=0.7)
+    if kind == "gsam":
+        return GSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, strategy=strategy, alpha=0.3)
+    if kind == "looksam":  # k=2: a SAM step, then a reuse step
+        return LookSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, strategy=strategy, k=2, alpha=0.5)
     if kind == "roga":
         return RoGA(params, torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.1, alpha=0.01, strategy=strategy,
                     num_domains=2)
@@ -85,11 +91,13 @@ def test_compiled_model_trains_like_eager(kind, strategy, backend):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("kind", ["sam", "wsam"])
+@pytest.mark.parametrize("kind", ["sam", "wsam", "fsam", "gsam", "looksam"])
 def test_optimizer_steps_compile_without_graph_breaks(kind):
-    """SAM's (and WSAM's, whose update carries a direct row) first and second steps trace as
-    single graphs (fullgraph: a graph break fails; the fused ops are operators Dynamo
-    records) and take the eager steps."""
+    """SAM's and its variants' first and second steps trace as single graphs (fullgraph: a
+    graph break fails; the fused ops are operators Dynamo records) and take the eager steps.
+    WSAM's update carries a direct row, Friendly-SAM's ascent writes its average in the same
+    call, LookSAM reuses on the second step, and the variants' state is created inside the
+    first traced step."""
     torch._dynamo.reset()
     net = model(bn=False)
     ref = copy.deepcopy(net)

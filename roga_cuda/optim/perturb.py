@@ -105,7 +105,7 @@ class Perturber:
         fused SGD update with ``out_weights`` as its gradient (``grad_out`` writes it), and
         ``maximize`` and a direct row making up the rest."""
         direct = [b - a for a, b in zip(along, out_weights)]
-        if all(isinstance(d, (int, float)) and d == 0 for d in direct):
+        if all([isinstance(d, (int, float)) and d == 0 for d in direct]):  # a list: Dynamo traces it
             direct = None
         kw = dict(lr=scale, maximize=True, grad_weights=out_weights, direct_weights=direct, grad_out=out,
                   found_inf=skip, backend=self.backend)

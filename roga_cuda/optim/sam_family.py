@@ -445,11 +445,14 @@ class StateBuffers:
 
     def __init__(self):
         self._by_param = {}  # id(p) -> (p, tensor); the entry keeps p, so its id is not reused
-        self._lists = {}  # id(list) -> (list, tensors)
+        # (id(first parameter), length) -> (list, tensors): keyed by a parameter's id, not the
+        # list's, because under torch.compile a list made inside the traced step has no real id
+        self._lists = {}
 
     def get(self, params):
         """(tensors like ``params``, whether every one of them was created by this call)."""
-        hit = self._lists.get(id(params))
+        key = (id(params[0]), len(params))
+        hit = self._lists.get(key)
         if hit is not None and hit[0] is params:
             return hit[1], False
         out, created = [], 0
@@ -461,7 +464,7 @@ class StateBuffers:
             out.append(e[1])
         if len(self._lists) > 64:  # parameter lists that come and go: keep the cache bounded
             self._lists.clear()
-        self._lists[id(params)] = (params, out)
+        self._lists[key] = (params, out)
         return out, created == len(params) and created > 0
 
     def export(self, params):
