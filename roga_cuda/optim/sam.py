@@ -212,10 +212,13 @@ class SAM(WrapperOptimizer):
         moves = []
         for part in parts:
             g = part.group
-            scale = (self._radius(g) / (norm + 1e-12)).to(part.params[0].device)
-            moves.append(self._perturber.perturb(part.params, part.grads, scale, strategy, g["adaptive"], g["eta"],
-                                                 group=g))
+            moves.append(self._perturber.perturb(part.params, part.grads, self._scale(part, norm), strategy,
+                                                 g["adaptive"], g["eta"], group=g))
         return moves
+
+    def _scale(self, part, norm):
+        """A part's step along the ascent direction: its radius over the global norm, on its device."""
+        return (self._radius(part.group) / (norm + 1e-12)).to(part.params[0].device)
 
     def _mix(self, parts, firsts, grad_scale):
         """Per part, a :class:`Mix`: the gradient lists the update combines and their weights

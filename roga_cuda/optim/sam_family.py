@@ -299,12 +299,11 @@ class FriendlySAM(_Variant):
         norm = _combo_norm(grams, [(ai, -sigma) for ai, (sigma, _) in zip(a, hyper)])
         strategy = self._perturber.strategy_for([p.params for p in parts])
         moves = []
+        skip = (~torch.isfinite(norm)).to(torch.float32).reshape(1)
         for p, (m, _), ai, (sigma, lam) in zip(parts, ema, a, hyper):
-            dev = p.params[0].device
-            scale = (self._radius(p.group) / (norm + 1e-12)).to(dev)
-            skip = (~torch.isfinite(norm)).to(dev, torch.float32).reshape(1)
             moves.append(self._perturber.perturb_mix(p.params, [p.grads, m], [ai, -sigma], m, [(1.0 - lam) * ai, lam],
-                                                     scale, strategy, skip, group=p.group))
+                                                     self._scale(p, norm), strategy, skip.to(p.params[0].device),
+                                                     group=p.group))
         return moves
 
     def _ascend_adaptive(self, parts, ema, hyper, a):
