@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from roga_cuda import GradientAggregator, PCGrad
-from roga_cuda.optim import weightings
+from roga_cuda.optim import aggregator, weightings
 
 from conftest import backend_cases
 
@@ -190,11 +190,11 @@ class Tasks(nn.Module):
         self.z = nn.Parameter(torch.randn(4))
         self.unused = nn.Parameter(torch.randn(3))
 
-    def losses(self, x, ys):
+    def losses(self, x, ys, skip_z=()):
         h = self.trunk(x)
         out = [F.mse_loss(head(h).squeeze(1), y) for head, y in zip(self.heads, ys)]
         zt = (self.z * torch.tensor([-0.0, 0.0, -0.0, 1.0])).sum()
-        return [l + zt for l in out]
+        return [l if i in skip_z else l + zt for i, l in enumerate(out)]
 
 
 def _bits(t):
@@ -226,9 +226,12 @@ def _run(persistent, scenario, steps=3):
         opt.zero_grad()
         if scenario == "closure":
             opt.step(lambda: net.losses(x, ys))
-        elif scenario == "accumulate":
-            for half in (slice(0, 8), slice(8, 16)):
-                opt.backward([l / 2 for l in net.losses(x[half], [y[half] for y in ys])], align=False)
+        elif scenario in ("accumulate", "accumulate_partial"):
+            for j, half in enumerate((slice(0, 8), slice(8, 16))):
+                # partial: task 2 reaches z in the second micro-batch only (its kept buffer
+                # holds the last step's gradient until then: copied over, not added to)
+                skip = (2,) if scenario == "accumulate_partial" and j == 0 else ()
+                opt.backward([l / 2 for l in net.losses(x[half], [y[half] for y in ys], skip)], align=False)
             opt.align()
             opt.step()
         else:
@@ -243,14 +246,26 @@ def _run(persistent, scenario, steps=3):
     return trace
 
 
-@pytest.mark.parametrize("scenario", ["plain", "shared", "groups", "clip", "accumulate", "closure", "amp",
-                                      "k_changes"])
-def test_kept_task_gradients_give_bit_identical_steps(scenario):
-    """persistent_grads (autograd adding into kept buffers) against autograd's own fresh
+@pytest.fixture(params=["fill", "hooks"])
+def kept_fill(request, monkeypatch):
+    """How the kept sets are filled: "fill" (reset to -0.0, autograd adds in place: these
+    small tensors) or "hooks" (copied in by post-accumulate hooks: tensors averaging >=
+    _MMAP_BYTES, here any tensor)."""
+    if request.param == "hooks":
+        monkeypatch.setattr(aggregator, "_MMAP_BYTES", 1)
+    return request.param
+
+
+@pytest.mark.parametrize("scenario", ["plain", "shared", "groups", "clip", "accumulate", "accumulate_partial",
+                                      "closure", "amp", "k_changes"])
+def test_kept_task_gradients_give_bit_identical_steps(scenario, kept_fill):
+    """persistent_grads (kept buffers, filled either way) against autograd's own fresh
     gradients: every .grad (None where it was None), parameter and weight bit for bit —
-    -0.0 gradient entries, tasks that miss a parameter, a parameter no loss reaches."""
+    -0.0 gradient entries, tasks that miss a parameter (in one micro-batch and not the
+    other: "accumulate"), a parameter no loss reaches."""
     fresh, kept = _run(False, scenario), _run(True, scenario)
-    assert _run(None, scenario)[-1][0][0].equal(kept[-1][0][0])  # the CPU default keeps them
+    if kept_fill == "hooks":
+        assert _run(None, scenario)[-1][0][0].equal(kept[-1][0][0])  # the CPU default keeps them
     names = [n for n, _ in Tasks(3).named_parameters()]
     for (g0, p0, w0), (g1, p1, w1) in zip(fresh, kept):
         assert [g is None for g in g0] == [g is None for g in g1]
@@ -310,12 +325,69 @@ def test_kept_gradients_by_default_only_for_large_cpu_tensors():
         assert (opt._t.kept is not None) == kept
 
 
+def test_copy_hooks_fill_the_kept_sets_only_inside_backward(monkeypatch):
+    """Kept sets filled by hooks: each pass's fresh gradient is copied into the same kept
+    buffers every step (a hook registered before ours sees the fresh tensor, freed by the
+    end of the pass; one registered after sees the kept buffer, holding the same values);
+    a plain backward outside the aggregator is untouched; the hooks go with the optimizer."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(aggregator, "_MMAP_BYTES", 1)
+    net = Net()
+    params = list(net.parameters())
+    seen = {"before": {}, "after": {}}
+
+    def recorder(where):
+        return lambda p: seen[where].setdefault(id(p), []).append((weakref.ref(p.grad), id(p.grad),
+                                                                   p.grad.clone()))
+
+    hooks = [p.register_post_accumulate_grad_hook(recorder("before")) for p in params]
+    opt = PCGrad(params, torch.optim.SGD, lr=0.1)
+    stash_ids = []
+    for s in range(3):
+        x, ys = data(60 + s)
+        opt.zero_grad()
+        for d in seen.values():
+            d.clear()
+        opt.backward(net.losses(x.float(), [y.float() for y in ys]), align=False)
+        # ids (holding the tensors would make them ours); None: a task that misses a head
+        stash_ids.append([None if g is None else id(g) for l in opt._t.stash for g in l])
+        if s == 0:  # our hooks exist now: these run after them
+            hooks += [p.register_post_accumulate_grad_hook(recorder("after")) for p in params]
+        opt.align()
+        opt.step()
+    kept_ids = [id(g) for s in opt._t.kept[1] for g in s.grads]
+    assert stash_ids[0] == stash_ids[1] == stash_ids[2]  # the same kept tensors every step
+    assert all(i is None or i == j for i, j in zip(stash_ids[0], kept_ids)) and None in stash_ids[0]
+    assert len(seen["after"]) == len(params)
+    for p in params:
+        before, after = seen["before"][id(p)], seen["after"][id(p)]
+        assert len(before) == len(after) in (1, 3)  # one per pass that reaches p (a head: its task)
+        for (ref, fid, fval), (_, kid, kval) in zip(before, after):
+            assert ref() is None and fid not in kept_ids  # a fresh gradient, freed
+            assert kid in kept_ids and torch.equal(fval, kval)
+    # outside the aggregator's backward a loss reaches .grad as with no hooks of ours
+    opt.zero_grad()
+    x, ys = data(70)
+    net.losses(x.float(), [y.float() for y in ys])[0].backward()
+    assert all(p.grad is None or id(p.grad) not in kept_ids for p in params)
+    assert any(p.grad is not None for p in params)
+    ref = weakref.ref(opt._t.copy_hooks)
+    del opt
+    gc.collect()
+    assert ref() is None  # the optimizer's hooks are removed with it; the user's stay
+    for h in hooks:
+        h.remove()
+    assert all(not p._post_accumulate_grad_hooks for p in params)
+
+
 @pytest.mark.parametrize("persistent", [True, False])
 def test_each_task_accumulates_into_the_same_buffers_every_step(persistent):
-    """Kept: in every step pass k hands autograd the same tensors as .grad (the same
-    objects, seen by weak references from a post-accumulate hook); fresh: new ones each
-    step (what page-faults when glibc has returned the old ones to the OS; the benchmark's
-    --faults-only counts it on ResNet-34)."""
+    """Kept (reset and added into, as for these small tensors): in every step pass k hands
+    autograd the same tensors as .grad (the same objects, seen by weak references from a
+    post-accumulate hook); fresh: new ones each step (what page-faults when glibc has
+    returned the old ones to the OS; the benchmark's --faults-only counts it on ResNet-34)."""
     import weakref
 
     net = Net()

@@ -26,11 +26,13 @@ the plain sum of the task gradients, i.e. their own task's gradient for an exclu
 whatever the reduction (torchjd's ``mtl_backward``).
 """
 import contextlib
+import functools
 import inspect
 import itertools
 import math
 import operator
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +94,11 @@ class _TaskGrads:
         into it gives autograd's own gradient exactly; +0.0 would turn -0.0 into +0.0)."""
         for f in self.flats:
             f.fill_(complex(-0.0, -0.0) if f.is_complex() else -0.0)
+        self.begin()
+
+    def begin(self):
+        """A new accumulation without the fill (the copy hooks write before they add): the
+        version each buffer has now tells later whether a pass reached it."""
         self.versions = list(map(_version, self.grads))
 
     def reached(self, params):
@@ -129,6 +136,48 @@ def _worth_keeping(params):
     if not params or any(p.device.type != "cpu" for p in params):
         return False
     return sum(p.numel() * p.element_size() for p in params) >= _MMAP_BYTES * len(params)
+
+
+class _CopyHooks:
+    """Kept sets filled by post-accumulate hooks instead of autograd's in-place add: while a
+    task's pass runs, each parameter's fresh gradient is copied into that task's buffer (added
+    when an earlier micro-batch already reached it), and ``.grad`` becomes the buffer, so the
+    fresh one is freed at once and the heap reuses it. 8 bytes per float32 element per pass,
+    against 4 for the fill plus 12 for the add; one Python call per parameter per pass,
+    which is why only tensors averaging _MMAP_BYTES get them (as the kept sets by default)."""
+
+    def __init__(self, params):
+        self.params = params
+        self.target = None  # the _TaskGrads of the pass in progress
+        ref = weakref.ref(self)
+        self._handles = [p.register_post_accumulate_grad_hook(functools.partial(_into_kept, ref, i))
+                         for i, p in enumerate(params)]
+        weakref.finalize(self, _remove_all, self._handles)  # the parameters may outlive the optimizer
+
+    def remove(self):
+        _remove_all(self._handles)
+
+
+def _remove_all(handles):
+    for h in handles:
+        h.remove()
+
+
+def _into_kept(ref, i, p):
+    hooks = ref()
+    kept = hooks.target if hooks is not None else None
+    if kept is None:
+        return
+    dst, g = kept.grads[i], p.grad
+    if g is dst or g is None:
+        return
+    if dst._version != kept.versions[i]:
+        dst.add_(g)
+    elif g.layout == torch.strided:
+        dst.copy_(g)
+    else:  # a sparse gradient (dense.copy_ refuses one)
+        dst.zero_().add_(g)
+    p.grad = dst
 
 
 _version = operator.attrgetter("_version")
@@ -174,14 +223,18 @@ class GradientAggregator(WrapperOptimizer):
             Never on sharded (FSDP2 ``fully_shard``) parameters: FSDP reduce-scatters each
             backward pass itself (ddp_sync=True there is an error).
         fused: run the base update (SGD, Adam, AdamW) as a fused primitive.
-        persistent_grads: keep the K task gradient sets from step to step, autograd adding
-            into them, instead of taking the K sets autograd allocates afresh every step.
-            None (default): when every parameter is on the CPU and the tensors average at
-            least 128 KiB, where the freed sets go back to the operating system and the next
-            step page-faults them in again (CUDA's caching allocator reuses its memory
-            anyway; small CPU tensors stay in the heap). Costs one fill pass per set; holds
-            the K sets between steps (what a step holds at its peak anyway). ``p.grad`` after
-            the step is then the first set: not reused while you hold it (or a view of it).
+        persistent_grads: keep the K task gradient sets from step to step instead of taking
+            the K sets autograd allocates afresh every step. None (default): when every
+            parameter is on the CPU and the tensors average at least 128 KiB, where the freed
+            sets go back to the operating system and the next step page-faults them in again
+            (CUDA's caching allocator reuses its memory anyway; small CPU tensors stay in the
+            heap). Such large tensors are filled by a post-accumulate-grad hook per parameter,
+            active only inside ``backward``: each fresh gradient is copied into its task's
+            set and freed at once, and ``p.grad`` is the kept tensor from then on (hooks you
+            registered earlier see the fresh one). Smaller ones (``persistent_grads=True``)
+            are reset to -0.0 and autograd adds into them. Holds the K sets between steps
+            (what a step holds at its peak anyway). ``p.grad`` after the step is then the
+            first set: not reused while you hold it (or a view of it).
 
     ``step(closure)`` with a closure that returns the K losses runs backward, the aggregation
     and the base update, the combination folded into the update (one pass over the K
@@ -228,7 +281,8 @@ class GradientAggregator(WrapperOptimizer):
         self._t.aligned = None  # _Aligned between a folding align() and step()
         self._t.flat = None
         self._t.kept = None  # (layout, [_TaskGrads]) with persistent_grads
-        self._t.keep_default = None  # (layout, _worth_keeping(its params)): persistent_grads=None
+        self._t.keep_default = None  # (layout, _worth_keeping(its params)): persistent_grads=None, copy hooks
+        self._t.copy_hooks = None  # _CopyHooks on the layout's params, when the kept sets are filled by copies
         self._t.spare = None  # per task, the kept buffers behind the stash (zeros for missing gradients)
         self._t.inv_scale = None
         self._t.k = None  # number of losses seen (fixed once aligned)
@@ -286,11 +340,13 @@ class GradientAggregator(WrapperOptimizer):
         Sets beyond K are dropped (never more memory than the K sets of a step); a set the
         user still holds part of is left to them and replaced."""
         lay = self._layout()
-        keep = self.persistent_grads
-        if keep is None:  # on the CPU, for large tensors (once per layout)
-            if self._t.keep_default is None or self._t.keep_default[0] is not lay:
-                self._t.keep_default = (lay, _worth_keeping(lay.params))
-            keep = self._t.keep_default[1]
+        if self._t.keep_default is None or self._t.keep_default[0] is not lay:  # once per layout
+            self._t.keep_default = (lay, _worth_keeping(lay.params))
+            if self._t.copy_hooks is not None:
+                self._t.copy_hooks.remove()
+            self._t.copy_hooks = None
+        worth = self._t.keep_default[1]  # on the CPU, for large tensors
+        keep = worth if self.persistent_grads is None else self.persistent_grads
         if not keep or lay.sharded:
             self._t.kept = None
             return None
@@ -299,8 +355,10 @@ class GradientAggregator(WrapperOptimizer):
         self._t.kept = None
         del old
         sets += [_TaskGrads(lay.params) for _ in range(k - len(sets))]
+        if worth and self._t.copy_hooks is None:
+            self._t.copy_hooks = _CopyHooks(lay.params)
         for s in sets:
-            s.reset()
+            s.begin() if worth else s.reset()
         self._t.kept = (lay, sets)
         return sets
 
@@ -334,6 +392,7 @@ class GradientAggregator(WrapperOptimizer):
                     b.zero_()
         elif flat is None:
             kept = self._kept(k) if self._t.stash is None else self._t.spare
+        hooks = self._t.copy_hooks if kept is not None and self._t.keep_default[1] else None
         ctx = model.no_sync() if model is not None and hasattr(model, "no_sync") else contextlib.nullcontext()
         keep_gathered = model is not None and hasattr(model, "set_reshard_after_backward")  # FSDP2
         stash, missing = [], 0
@@ -345,11 +404,11 @@ class GradientAggregator(WrapperOptimizer):
                 if flat is not None:
                     _utils.set_grads(params, flat[t][1])
                 elif kept is not None:
-                    _utils.set_grads(params, kept[t].grads)
+                    _utils.set_grads(params, None if hooks is not None else kept[t].grads)
                 else:
                     _utils.set_grads(params, self._t.stash[t] if self._t.stash is not None else None)
                 keep = retain_graph or t < k - 1
-                with _keep_graph_ok() if keep else contextlib.nullcontext():
+                with _keep_graph_ok() if keep else contextlib.nullcontext(), _filling(hooks, kept, t):
                     torch.autograd.backward(loss, retain_graph=keep)
                 gs, miss = kept[t].reached(params) if kept is not None else _utils.grads_of(params)
                 stash.append(gs)
@@ -642,6 +701,19 @@ def _scaled(w, coef, k, device):
         return w * coef.to(w.device)
     c = coef.to(device).float().reshape(1)
     return torch.cat([c * x for x in w]) if any(x != 1.0 for x in w) else c.repeat(k)
+
+
+@contextlib.contextmanager
+def _filling(hooks, kept, t):
+    """The copy hooks fill task t's kept set during its pass (and nothing outside it)."""
+    if hooks is None:
+        yield
+        return
+    hooks.target = kept[t]
+    try:
+        yield
+    finally:
+        hooks.target = None
 
 
 @contextlib.contextmanager
