@@ -175,6 +175,10 @@ void gram(const void* const* xs, int k, int64_t n, double* out) {
   using C = typename IO<T>::C;
   std::vector<C> bufs(std::is_same<T, C>::value ? 0 : static_cast<size_t>(k) * kBlock);
   std::vector<const C*> v(k);
+  const int tri = k * (k + 1) / 2;
+  std::vector<int> pair_a(tri), pair_b(tri);  // out[t] = <x_pair_a[t], x_pair_b[t]>, row by row
+  for (int a = 0, t = 0; a < k; ++a)
+    for (int b = 0; b <= a; ++b, ++t) pair_a[t] = a, pair_b[t] = b;
   ROGA_BLOCKS(n) {
     for (int a = 0; a < k; ++a)
       v[a] = IO<T>::load(static_cast<const T*>(xs[a]) + o, bufs.data() + (bufs.empty() ? 0 : a * kBlock), m);
@@ -193,16 +197,29 @@ void gram(const void* const* xs, int k, int64_t n, double* out) {
       out[2] += static_cast<double>(s11);
       continue;
     }
-    int idx = 0;
-    for (int a = 0; a < k; ++a) {
-      for (int b = 0; b <= a; ++b, ++idx) {
-        const C* x = v[a];
-        const C* y = v[b];
-        C s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < m; ++j) s += x[j] * y[j];
-        out[idx] += static_cast<double>(s);
+    // K > 2: the pairs four at a time, four independent sums per loop. One sum per loop is
+    // bound by the add's latency, not by memory (K = 8: 36 sums per block, ~4x slower than
+    // the reads); a group short of four repeats its first pair and drops the copies.
+    for (int t = 0; t < tri; t += 4) {
+      const C* x[4];
+      const C* y[4];
+      for (int i = 0; i < 4; ++i) {
+        const int u = t + i < tri ? t + i : t;
+        x[i] = v[pair_a[u]];
+        y[i] = v[pair_b[u]];
       }
+      const C *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+      const C *y0 = y[0], *y1 = y[1], *y2 = y[2], *y3 = y[3];
+      C s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t j = 0; j < m; ++j) {
+        s0 += x0[j] * y0[j];
+        s1 += x1[j] * y1[j];
+        s2 += x2[j] * y2[j];
+        s3 += x3[j] * y3[j];
+      }
+      const C s[4] = {s0, s1, s2, s3};
+      for (int i = 0; i < 4 && t + i < tri; ++i) out[t + i] += static_cast<double>(s[i]);
     }
   }
 }
