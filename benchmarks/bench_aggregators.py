@@ -37,6 +37,13 @@ Counts, not times: run anywhere (``roga-fresh|<method>``: the aggregator with
 ``persistent_grads=False``, autograd's fresh gradients; ``--faults-only`` also adds
 torchjd's and pytorch-optimizer's PCGrad when installed).
 
+Isolated timing (``--isolated ROUNDS``): every variant in its own fresh process, the
+processes alternating over ROUNDS rounds, "vs twin" the median of same-round ratios. On the
+CPU the variants interleaved in one process see each other's heap (the kept sets, the peers'
+page faults): the twin's own median moved by 35-75 ms between such runs on 2026-12-01.
+
+    python -m benchmarks.bench_aggregators --ks 2 4 8 --methods pcgrad --only twin roga --isolated 3
+
 Time only on a quiet machine (the report records the load average).
 """
 import argparse
@@ -246,15 +253,63 @@ def run(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHODS, reps=
     return res
 
 
+def _time_child(variant, list_name, k, device, reps, fresh_path):
+    """In a fresh process: the median step time of one variant (after 3 untimed steps)."""
+    prob = Problem(shapes_of(list_name), k, torch.device(device))
+    methods = [variant.split("|")[1]] if "|" in variant else []
+    v = variants(prob, methods, log=lambda *_: None, fresh_path=fresh_path)
+    t = interleaved({variant: v[variant]}, reps=reps, warmup=3, device=device)
+    print(json.dumps({"median_s": median(t[variant])}))
+
+
+def run_isolated(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHODS, reps=None, rounds=3, log=print,
+                 fresh_path=False, only=None):
+    """As run(), but every variant in its own fresh process, the processes alternating over
+    ``rounds`` rounds (the order rotating): no variant sees the heap another one left (the
+    kept sets, a peer's page faults). Per variant the median over rounds of its process's
+    median, and "vs twin" the median of the same-round ratios."""
+    res = {"machine": machine(torch.device(device)), "list": list_name, "isolated_rounds": rounds, "results": {}}
+    names = list(variants(Problem(QUICK_SHAPES, 2, "cpu"), methods, log=lambda *_: None, fresh_path=fresh_path))
+    if only:
+        names = [n for n in names if n.split("|")[0] in only]
+    if "twin" not in names:
+        names.insert(0, "twin")
+    for k in ks:
+        r = reps or 12
+        log(f"# K = {k}: {len(names)} variants, each in its own process, {rounds} rounds of {r} reps")
+        per_round = []
+        for i in range(rounds):
+            got = {}
+            for v in names[i % len(names):] + names[:i % len(names)]:
+                code = (f"from benchmarks.bench_aggregators import _time_child; "
+                        f"_time_child({v!r}, {list_name!r}, {k}, {str(device)!r}, {r}, {fresh_path})")
+                p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                if p.returncode != 0:
+                    log(f"  K={k} {v}: failed ({p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode})")
+                    continue
+                got[v] = json.loads(p.stdout.strip().splitlines()[-1])["median_s"]
+            per_round.append(got)
+        done = [n for n in names if all(n in g for g in per_round)]
+        res["results"][k] = {
+            "reps": r, "rounds": rounds,
+            "median_s": {n: median([g[n] for g in per_round]) for n in done},
+            "vs_twin": {n: median([g[n] / g["twin"] for g in per_round]) for n in done},
+            "per_round_s": per_round}
+        log(format_k(k, res["results"][k]))
+    return res
+
+
 def format_k(k, r):
     rows = r["median_s"]
     twin = rows["twin"]
-    lines = [f"\n### K = {k} ({r['reps']} reps)\n", "| variant | median | vs twin | torchjd autojac / this |",
+    ratio = r.get("vs_twin") or {n: s / twin for n, s in rows.items()}
+    how = f"{r['rounds']} processes x {r['reps']} reps" if "rounds" in r else f"{r['reps']} reps"
+    lines = [f"\n### K = {k} ({how})\n", "| variant | median | vs twin | torchjd autojac / this |",
              "|---|---:|---:|---:|"]
     for name, s in rows.items():
         method = name.split("|")[1] if "|" in name else None
         jd = rows.get(f"torchjd-autojac|{method}") if method else None
-        lines.append(f"| {name} | {s * 1e3:.2f} ms | {s / twin:.2f}x | " + (f"{jd / s:.2f}x |" if jd else " |"))
+        lines.append(f"| {name} | {s * 1e3:.2f} ms | {ratio[name]:.2f}x | " + (f"{jd / s:.2f}x |" if jd else " |"))
     return "\n".join(lines)
 
 
@@ -405,6 +460,8 @@ def main(argv=None):
                     "with persistent_grads=False (autograd's fresh gradients every step)")
     ap.add_argument("--only", nargs="+", default=None, help="time only these kinds (twin, sum, roga, roga-fresh, "
                     "torchjd-autojac, torchjd-autogram, pytorch-optimizer)")
+    ap.add_argument("--isolated", type=int, default=None, metavar="ROUNDS", help="time every variant in its own "
+                    "process, alternating over ROUNDS rounds (no variant sees the heap another left)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.quick:
@@ -417,7 +474,10 @@ def main(argv=None):
             with open(a.json, "w") as f:
                 json.dump(res, f, indent=1, default=str)
         return res
-    res = run(a.device, a.list, a.ks, a.methods, a.reps, fresh_path=a.fresh_path, only=a.only)
+    if a.isolated:
+        res = run_isolated(a.device, a.list, a.ks, a.methods, a.reps, a.isolated, fresh_path=a.fresh_path, only=a.only)
+    else:
+        res = run(a.device, a.list, a.ks, a.methods, a.reps, fresh_path=a.fresh_path, only=a.only)
     if a.faults:
         names = {k: [n for n in r["median_s"] if n.startswith(("twin", "sum", "roga"))] for k, r in res["results"].items()}
         res["faults"] = faults(names, a.list, a.ks, isolated=a.faults_isolated)

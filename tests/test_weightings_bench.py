@@ -44,3 +44,16 @@ def test_peers_agree_with_roga_on_pcgrad_for_two_tasks():
     ref = after["roga|pcgrad"]
     for name, v in after.items():
         assert torch.allclose(v, ref, rtol=1e-5, atol=1e-7), name
+
+
+def test_isolated_run_times_each_variant_in_its_own_process():
+    """--isolated: one process per variant and round; the ratio is the median of the
+    same-round ratios (the twin's is 1 exactly)."""
+    logs = []
+    res = B.run_isolated("cpu", "quick", ks=(2,), methods=("pcgrad",), reps=1, rounds=2, log=logs.append,
+                         only=("roga",))
+    r = res["results"][2]
+    assert set(r["median_s"]) == {"twin", "roga|pcgrad"} and len(r["per_round_s"]) == 2
+    assert r["vs_twin"]["twin"] == 1.0 and r["vs_twin"]["roga|pcgrad"] > 0
+    assert all(set(g) == {"twin", "roga|pcgrad"} for g in r["per_round_s"])
+    assert "2 processes x 1 reps" in "\n".join(logs)
