@@ -102,14 +102,16 @@ class _TaskGrads:
         self.versions = list(map(_version, self.grads))
 
     def reached(self, params):
-        """After a backward pass: per parameter its gradient (None where the loss did not
-        reach it), and how many are None."""
+        """After a backward pass: per parameter its gradient (None where no pass of this
+        accumulation reached it), and how many are None."""
         gs, _ = _utils.grads_of(params)
         if all(map(operator.is_, gs, self.grads)):  # (builtins only: no Python work per parameter)
             moved = map(operator.ne, map(_version, self.grads), self.versions)
             out = list(map(operator.getitem, zip(itertools.repeat(None), self.grads), moved))
-        else:  # a hook replaced some p.grad: take what autograd left
-            out = [g if g is not mine or g._version != v0 else None for g, mine, v0 in zip(gs, self.grads, self.versions)]
+        else:  # None: this pass did not reach p (copy hooks; an earlier micro-batch may have);
+            # another tensor: a hook replaced p.grad, take what autograd left
+            out = [(mine if mine._version != v0 else None) if g is None or g is mine else g
+                   for g, mine, v0 in zip(gs, self.grads, self.versions)]
         # by identity: list.count(None) would call Tensor.__eq__ on every gradient (~25 us each)
         return out, sum(map(operator.is_, out, itertools.repeat(None)))
 
