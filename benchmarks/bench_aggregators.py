@@ -40,7 +40,7 @@ torchjd's and pytorch-optimizer's PCGrad when installed).
 Isolated timing (``--isolated ROUNDS``): every variant in its own fresh process, the
 processes alternating over ROUNDS rounds, "vs twin" the median of same-round ratios. On the
 CPU the variants interleaved in one process see each other's heap (the kept sets, the peers'
-page faults): the twin's own median moved by 35-75 ms between such runs on 2026-12-01.
+page faults): the twin's own median moved between 35 and 78 ms across such runs on 2026-12-01.
 
     python -m benchmarks.bench_aggregators --ks 2 4 8 --methods pcgrad --only twin roga --isolated 3
 

@@ -57,3 +57,16 @@ def test_isolated_run_times_each_variant_in_its_own_process():
     assert r["vs_twin"]["twin"] == 1.0 and r["vs_twin"]["roga|pcgrad"] > 0
     assert all(set(g) == {"twin", "roga|pcgrad"} for g in r["per_round_s"])
     assert "2 processes x 1 reps" in "\n".join(logs)
+
+
+def test_training_loop_benchmark_runs_every_variant():
+    """benchmarks/bench_aggregator_loop.py --quick: the twin, kept and fresh variants each in
+    their own process; tiny tensors, so the default keeps no sets (the "kept" variant is the
+    default, whatever it chooses)."""
+    from benchmarks import bench_aggregator_loop as BL
+    logs = []
+    res = BL.run(ks=(2,), width=16, layers=1, batch=4, reps=1, rounds=1, log=logs.append)
+    r = res["results"][2]
+    assert set(r["median_s"]) == {"twin", "kept", "fresh"} and r["vs_twin"]["twin"] == 1.0
+    assert r["kept_used"] is False  # 16 x 16 weights average far below 128 KiB
+    assert all(t > 0 for t in r["median_s"].values()) and "| kept |" in "\n".join(logs)
