@@ -20,14 +20,12 @@ same-round ratios, and the minor page faults per step.
 import argparse
 import json
 import resource
-import subprocess
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .timing import machine, median
+from .timing import in_child, machine, median
 
 VARIANTS = ("twin", "kept", "fresh")
 
@@ -78,10 +76,7 @@ def run(ks=(2, 4), width=2048, layers=5, batch=256, reps=12, rounds=3, log=print
             for v in VARIANTS[i % 3:] + VARIANTS[:i % 3]:
                 code = (f"from benchmarks.bench_aggregator_loop import _child; "
                         f"_child({v!r}, {k}, {width}, {layers}, {batch}, {reps})")
-                p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-                if p.returncode != 0:
-                    raise RuntimeError(f"K={k} {v}: {p.stderr.strip()[-2000:]}")
-                got[v] = json.loads(p.stdout.strip().splitlines()[-1])
+                got[v] = in_child(code)
             per_round.append(got)
         r = {"per_round": per_round,
              "median_s": {v: median([g[v]["median_s"] for g in per_round]) for v in VARIANTS},

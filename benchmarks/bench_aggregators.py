@@ -48,13 +48,11 @@ Time only on a quiet machine (the report records the load average).
 """
 import argparse
 import json
-import subprocess
-import sys
 
 import torch
 
 from . import lists as L
-from .timing import interleaved, machine, median, sync
+from .timing import in_child, interleaved, machine, median, sync
 
 METHODS = ("sum", "pcgrad", "gradvac", "mgda", "cagrad", "upgrad", "dualproj", "imtl_g", "aligned_mtl",
            "nash_mtl", "random", "config")
@@ -283,11 +281,10 @@ def run_isolated(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHO
             for v in names[i % len(names):] + names[:i % len(names)]:
                 code = (f"from benchmarks.bench_aggregators import _time_child; "
                         f"_time_child({v!r}, {list_name!r}, {k}, {str(device)!r}, {r}, {fresh_path})")
-                p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-                if p.returncode != 0:
-                    log(f"  K={k} {v}: failed ({p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode})")
-                    continue
-                got[v] = json.loads(p.stdout.strip().splitlines()[-1])["median_s"]
+                try:
+                    got[v] = in_child(code)["median_s"]
+                except RuntimeError as e:
+                    log(f"  K={k} {v}: failed ({e})")
             per_round.append(got)
         done = [n for n in names if all(n in g for g in per_round)]
         res["results"][k] = {
@@ -360,11 +357,11 @@ def memory(names, device="cpu", list_name="resnet34", ks=(2, 4, 8), steps=2, log
         for v in names[k]:
             code = (f"from benchmarks.bench_aggregators import _peak_child; "
                     f"_peak_child({v!r}, {list_name!r}, {k}, {str(device)!r}, {steps})")
-            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            if r.returncode != 0:
-                log(f"  K={k} {v}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})")
+            try:
+                d = in_child(code)
+            except RuntimeError as e:
+                log(f"  K={k} {v}: failed ({e})")
                 continue
-            d = json.loads(r.stdout.strip().splitlines()[-1])
             out[k][v] = d["extra_bytes"] / d["param_bytes"]
             log(f"  K={k} {v:34s} peak extra memory {out[k][v]:.2f} P")
     return out
@@ -427,11 +424,11 @@ def faults(names, list_name="resnet34", ks=(2, 4, 8), warmup=3, steps=3, isolate
         for group in ([[v] for v in names[k]] if isolated else [names[k]]):
             code = (f"from benchmarks.bench_aggregators import _faults_child; "
                     f"_faults_child({group!r}, {list_name!r}, {k}, {warmup}, {steps})")
-            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            if r.returncode != 0:
-                log(f"  K={k} {group}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})")
+            try:
+                d = in_child(code)
+            except RuntimeError as e:
+                log(f"  K={k} {group}: failed ({e})")
                 continue
-            d = json.loads(r.stdout.strip().splitlines()[-1])
             for v, c in d["variants"].items():
                 row = {"faults_step": c["faults_step"], "faults_cycle": c["faults_cycle"],
                        "faulted_P": c["faults_step"] * d["page_bytes"] / d["param_bytes"],

@@ -13,15 +13,13 @@ max_memory_allocated on CUDA) above the model + its gradients.
 import argparse
 import json
 import random
-import subprocess
-import sys
 
 import torch
 
 from roga_cuda import PCGrad, RoGA, SAM
 
 from . import lists as L
-from .timing import interleaved, machine, median, sync
+from .timing import in_child, interleaved, machine, median, sync
 
 K_ROGA, RHO, ALPHA = 3, 0.1, 2e-4
 
@@ -323,12 +321,8 @@ def memory(device="cpu", list_name="resnet34", steps=3, log=print):
     names = list(variants(Model([(1,)], device)).keys())
     out = {}
     for v in names:
-        r = subprocess.run([sys.executable, "-c", f"from benchmarks.bench_optim import _peak_child; "
-                                                  f"_peak_child({v!r}, {list_name!r}, {str(device)!r}, {steps})"],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr)
-        d = json.loads(r.stdout.strip().splitlines()[-1])
+        d = in_child(f"from benchmarks.bench_optim import _peak_child; "
+                     f"_peak_child({v!r}, {list_name!r}, {str(device)!r}, {steps})")
         out[v] = d["extra_bytes"] / d["param_bytes"]
         log(f"  {v:16s} peak extra memory {out[v]:.2f} x parameter size")
     return out

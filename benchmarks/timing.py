@@ -1,8 +1,11 @@
 """Timing helpers: interleaved repetitions, medians, the machine's bandwidth ceiling, and
 the bytes each primitive must move (DESIGN.md "Performance method")."""
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -95,6 +98,17 @@ def interleaved(variants, reps=20, warmup=3, device="cpu"):
 
 def median(xs):
     return statistics.median(xs)
+
+
+def in_child(code):
+    """Run ``python -c code`` in a fresh process (its own heap and allocator state) and return
+    the JSON object its last stdout line prints; a failure raises with the child's last error
+    line."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        err = r.stderr.strip().splitlines()
+        raise RuntimeError(err[-1] if err else f"exit status {r.returncode}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def stream_bandwidth(device="cpu", numel=None, reps=15):
