@@ -149,7 +149,6 @@ class _CopyHooks:
     which is why only tensors averaging _MMAP_BYTES get them (as the kept sets by default)."""
 
     def __init__(self, params):
-        self.params = params
         self.target = None  # the _TaskGrads of the pass in progress
         ref = weakref.ref(self)
         self._handles = [p.register_post_accumulate_grad_hook(functools.partial(_into_kept, ref, i))
@@ -396,7 +395,7 @@ class GradientAggregator(WrapperOptimizer):
                     b.zero_()
         elif flat is None:
             kept = self._kept(k) if self._t.stash is None else self._t.spare
-        hooks = self._t.copy_hooks if kept is not None and self._t.keep_default[1] else None
+        hooks = self._t.copy_hooks if kept is not None else None  # (made only where worth_keeping holds)
         ctx = model.no_sync() if model is not None and hasattr(model, "no_sync") else contextlib.nullcontext()
         keep_gathered = model is not None and hasattr(model, "set_reshard_after_backward")  # FSDP2
         stash, missing = [], 0
