@@ -153,6 +153,68 @@ def test_overlap_across_positions(backend, device):
     ops.combine_([b1, b2], [[b1, b2], [g, g]], [1.0, 0.5], backend=backend)
 
 
+def _overlap_violation(named, alias_ok):
+    """Brute force of the rule: a written tensor may share no byte with any other tensor of
+    the call, except (alias_ok) a read tensor at its own position that is exactly it."""
+    def span(t):
+        lo = t.data_ptr()
+        return lo, lo + t.numel() * t.element_size()
+    flat = [(name, written, i, t) for name, written, ts in named for i, t in enumerate(ts) if t.numel() > 0]
+    for a, (na, wa, ia, ta) in enumerate(flat):
+        for b, (nb, wb, ib, tb) in enumerate(flat):
+            if a == b or not wa:
+                continue
+            (la, ha), (lb, hb) = span(ta), span(tb)
+            if la < hb and lb < ha:
+                exact = ta.data_ptr() == tb.data_ptr() and ta.shape == tb.shape and ta.stride() == tb.stride()
+                if not (alias_ok and not wb and ia == ib and exact):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_overlap_rule_on_random_views(backend, device):
+    """Views of one buffer at random offsets and lengths, sometimes the very same view twice:
+    perturb_ (no alias allowed), combine_ (out may be its own input) and sgd_ (grad_out,
+    listed after the gradients, may be the gradient) refuse exactly the calls the
+    brute-force rule refuses, in any address order of the lists."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(400, device=device)
+    pool = [base[o:o + n] for o, n in torch.randint(0, 200, (60, 2), generator=gen).tolist()]
+
+    def pick(n):
+        return [pool[i] for i in torch.randint(0, len(pool), (n,), generator=gen).tolist()]
+
+    refused = allowed = 0
+    for trial in range(300):
+        n = 1 + trial % 4
+        p, g = pick(n), pick(n)
+        g = [a if torch.rand((), generator=gen) < 0.5 else b[:a.numel()] if b.numel() >= a.numel()
+             else torch.randn(a.numel(), device=device) for a, b in zip(p, g)]
+        b = [torch.empty_like(a) if torch.rand((), generator=gen) < 0.7 else c[:a.numel()] if c.numel() >= a.numel()
+             else torch.empty_like(a) for a, c in zip(p, pick(n))]
+        for op, named, alias_ok, call in (
+                ("perturb_", [("params", True, p), ("grads", False, g), ("backup", True, b)], False,
+                 lambda: ops.perturb_(p, g, b, 0.0, backend=backend)),
+                ("combine_", [("out", True, p), ("l0", False, g), ("l1", False, b)], True,
+                 lambda: ops.combine_(p, [g, b], [1.0, 0.0], backend=backend)),
+                # a written list after the read ones (grad_out may be the gradient at its position)
+                ("sgd_", [("params", True, p), ("grads", False, g), ("grad_out", True, b)], True,
+                 lambda: ops.sgd_(p, [g], lr=0.0, grad_out=b, backend=backend))):
+            bad = _overlap_violation(named, alias_ok)
+            try:
+                call()
+                ok = True
+            except ValueError as e:
+                assert "shares memory" in str(e), str(e)
+                ok = False
+            assert ok != bad, f"trial {trial} {op}: {'refused' if not ok else 'accepted'} a call the rule " \
+                              f"{'allows' if not bad else 'refuses'}"
+            refused += bad
+            allowed += not bad
+    assert refused > 150 and allowed > 150  # both outcomes well covered
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_inference_tensors_refused_alike(backend, device):
     """Outside inference mode an inference tensor cannot be updated in place (as in torch):
