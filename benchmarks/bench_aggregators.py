@@ -20,9 +20,12 @@ Variants, interleaved in one process (medians):
   ``losses.backward(weights)`` (one module per parameter, so the Gramian is exact);
 * ``pytorch-optimizer|pcgrad``: ``pytorch_optimizer.PCGrad(..., reduction="sum").pc_backward``.
 
-Peak extra memory (``--memory``): each variant in a fresh process, the high-water mark of the
-resident set (CPU) or ``max_memory_allocated`` (CUDA) above the parameters, ``R`` and the
-momentum buffer, in units of one parameter set P. The K task gradients alone are K P.
+Peak extra memory (``--memory``, or ``--memory-only`` without the timing): each variant in a
+fresh process, the high-water mark of the resident set (CPU, with glibc told to map every
+allocation of 64 KiB or more on its own, so that the resident set follows the memory in use)
+or ``max_memory_allocated`` (CUDA) over its first steps, above what the process held before the first step (parameters,
+``R``, the graph) and less the momentum buffer, in units of one parameter set P. Memory kept
+between steps (the kept task-gradient sets) counts. The K task gradients alone are K P.
 
     python -m benchmarks.bench_aggregators --device cpu --ks 2 4 8 --memory --json out.json
     python -m benchmarks.bench_aggregators --quick      # tiny sizes: checks the machinery only
@@ -47,6 +50,7 @@ page faults): the twin's own median moved between 35 and 78 ms across such runs 
 Time only on a quiet machine (the report records the load average).
 """
 import argparse
+import ctypes
 import json
 
 import torch
@@ -260,6 +264,13 @@ def _time_child(variant, list_name, k, device, reps, fresh_path):
     print(json.dumps({"median_s": median(t[variant])}))
 
 
+def _variant_names(methods, fresh_path=False, only=None):
+    """The names variants() makes for these methods (those the installed peers accept),
+    keeping only the kinds in ``only``."""
+    names = list(variants(Problem(QUICK_SHAPES, 2, "cpu"), methods, log=lambda *_: None, fresh_path=fresh_path))
+    return [n for n in names if n.split("|")[0] in only] if only else names
+
+
 def run_isolated(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHODS, reps=None, rounds=3, log=print,
                  fresh_path=False, only=None):
     """As run(), but every variant in its own fresh process, the processes alternating over
@@ -267,9 +278,7 @@ def run_isolated(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHO
     kept sets, a peer's page faults). Per variant the median over rounds of its process's
     median, and "vs twin" the median of the same-round ratios."""
     res = {"machine": machine(torch.device(device)), "list": list_name, "isolated_rounds": rounds, "results": {}}
-    names = list(variants(Problem(QUICK_SHAPES, 2, "cpu"), methods, log=lambda *_: None, fresh_path=fresh_path))
-    if only:
-        names = [n for n in names if n.split("|")[0] in only]
+    names = _variant_names(methods, fresh_path, only)
     if "twin" not in names:
         names.insert(0, "twin")
     for k in ks:
@@ -320,19 +329,36 @@ def _proc_status_kb(field):
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def _rss_follows_use():
+    """glibc only: every allocation of 64 KiB or more gets its own mapping, returned to the OS
+    when freed (mallopt M_MMAP_THRESHOLD, which also stops glibc raising it), and the heap's
+    free memory goes back now (malloc_trim). The resident set then follows the memory in use,
+    not what the allocator keeps for reuse. A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _peak_child(variant, list_name, k, device, steps):
-    """In a fresh process: peak memory above parameters, R and the momentum buffer (one
-    untimed step first creates the momentum), for ``steps`` steps of one variant."""
+    """In a fresh process: peak memory of ``steps`` steps of one variant above what it held
+    before its first step (parameters, R, the forward's graph), less the base optimizer's
+    momentum buffer (one parameter set, created by the first step in every variant). Memory a
+    variant keeps between steps (our kept task-gradient sets) counts: it is taken after the
+    baseline."""
+    if not device.startswith("cuda"):
+        _rss_follows_use()
     prob = Problem(shapes_of(list_name), k, device)
     setup, fn = variants(prob, [variant.split("|")[1]] if "|" in variant else [], log=lambda *_: None)[variant]
-    setup()
-    fn()
     setup()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
+        _rss_follows_use()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         base = _proc_status_kb("VmRSS") * 1024
@@ -346,7 +372,7 @@ def _peak_child(variant, list_name, k, device, steps):
     else:
         peak = _proc_status_kb("VmHWM") * 1024
     param_bytes = sum(p.numel() * p.element_size() for p in prob.params)
-    print(json.dumps({"extra_bytes": peak - base, "param_bytes": param_bytes}))
+    print(json.dumps({"extra_bytes": peak - base - param_bytes, "param_bytes": param_bytes}))
 
 
 def memory(names, device="cpu", list_name="resnet34", ks=(2, 4, 8), steps=2, log=print):
@@ -447,6 +473,7 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (one process per variant)")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak extra memory (no timing)")
     ap.add_argument("--quick", action="store_true", help="a few small tensors, K=2 and 3, one rep: checks the machinery")
     ap.add_argument("--faults", action="store_true", help="also count page faults and bytes allocated per step "
                     "(CPU, one process per variant)")
@@ -463,6 +490,13 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.quick:
         a.list, a.ks, a.reps = "quick", [2, 3], 1
+    if a.memory_only:
+        res = {"list": a.list, "memory_x_params": memory({k: _variant_names(a.methods, a.fresh_path, a.only)
+                                                          for k in a.ks}, a.device, a.list, a.ks)}
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+        return res
     if a.faults_only:
         names = {k: ["twin", "sum"] + [f"{kind}|{m}" for m in a.methods for kind in ("roga", "roga-fresh")]
                  if a.faults_isolated else ["*"] + [f"roga|{m}" for m in a.methods] for k in a.ks}

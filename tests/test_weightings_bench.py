@@ -70,3 +70,13 @@ def test_training_loop_benchmark_runs_every_variant():
     assert set(r["median_s"]) == {"twin", "kept", "fresh"} and r["vs_twin"]["twin"] == 1.0
     assert r["kept_used"] is False  # 16 x 16 weights average far below 128 KiB
     assert all(t > 0 for t in r["median_s"].values()) and "| kept |" in "\n".join(logs)
+
+
+@pytest.mark.slow
+def test_peak_memory_counts_what_a_variant_keeps_between_steps():
+    """--memory on the ResNet-34 list (P = 85 MB): the baseline is taken before the first
+    step, so our kept task-gradient sets (K P, kept between steps) count, as does the twin's
+    one gradient set; memory the allocator keeps for reuse does not (it once hid a whole P)."""
+    out = B.memory({2: ["twin", "roga|pcgrad"]}, "cpu", "resnet34", ks=(2,), log=lambda *_: None)[2]
+    assert 0.9 < out["twin"] < 1.5, out
+    assert 1.95 < out["roga|pcgrad"] < 2.5, out
