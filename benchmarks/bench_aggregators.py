@@ -50,13 +50,12 @@ page faults): the twin's own median moved between 35 and 78 ms across such runs 
 Time only on a quiet machine (the report records the load average).
 """
 import argparse
-import ctypes
 import json
 
 import torch
 
 from . import lists as L
-from .timing import in_child, interleaved, machine, median, sync
+from .timing import in_child, interleaved, machine, median, proc_status_kb, reset_peak_rss, rss_follows_use, sync
 
 METHODS = ("sum", "pcgrad", "gradvac", "mgda", "cagrad", "upgrad", "dualproj", "imtl_g", "aligned_mtl",
            "nash_mtl", "random", "config")
@@ -321,27 +320,6 @@ def format_k(k, r):
 
 # ------------------------------------------------------------------------------- memory
 
-def _proc_status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _rss_follows_use():
-    """glibc only: every allocation of 64 KiB or more gets its own mapping, returned to the OS
-    when freed (mallopt M_MMAP_THRESHOLD, which also stops glibc raising it), and the heap's
-    free memory goes back now (malloc_trim). The resident set then follows the memory in use,
-    not what the allocator keeps for reuse. A no-op elsewhere."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _peak_child(variant, list_name, k, device, steps):
     """In a fresh process: peak memory of ``steps`` steps of one variant above what it held
     before its first step (parameters, R, the forward's graph), less the base optimizer's
@@ -349,7 +327,7 @@ def _peak_child(variant, list_name, k, device, steps):
     variant keeps between steps (our kept task-gradient sets) counts: it is taken after the
     baseline."""
     if not device.startswith("cuda"):
-        _rss_follows_use()
+        rss_follows_use()
     prob = Problem(shapes_of(list_name), k, device)
     setup, fn = variants(prob, [variant.split("|")[1]] if "|" in variant else [], log=lambda *_: None)[variant]
     setup()
@@ -358,10 +336,8 @@ def _peak_child(variant, list_name, k, device, steps):
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        _rss_follows_use()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        base = _proc_status_kb("VmRSS") * 1024
+        rss_follows_use()
+        base = reset_peak_rss()
     for i in range(steps):
         if i:
             setup()
@@ -370,7 +346,7 @@ def _peak_child(variant, list_name, k, device, steps):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _proc_status_kb("VmHWM") * 1024
+        peak = proc_status_kb("VmHWM") * 1024
     param_bytes = sum(p.numel() * p.element_size() for p in prob.params)
     print(json.dumps({"extra_bytes": peak - base - param_bytes, "param_bytes": param_bytes}))
 

@@ -19,7 +19,7 @@ import torch
 from roga_cuda import PCGrad, RoGA, SAM
 
 from . import lists as L
-from .timing import in_child, interleaved, machine, median, sync
+from .timing import in_child, interleaved, machine, median, proc_status_kb, reset_peak_rss, rss_follows_use, sync
 
 K_ROGA, RHO, ALPHA = 3, 0.1, 2e-4
 
@@ -275,20 +275,16 @@ def format_list(name, lst):
 
 # ------------------------------------------------------------------------------- memory
 
-def _proc_status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _peak_child(variant, list_name, device, steps):
     """Run in a fresh process: the peak memory above model + gradients for one variant.
 
     CPU: the resident-set high-water mark (VmHWM) is reset through /proc/self/clear_refs
     after the model and its gradients exist, so the peak counts only what the optimizer
-    steps add (its buffers, clones, temporaries). CUDA: max_memory_allocated."""
+    steps add (its buffers, clones, temporaries); glibc maps large allocations on their own
+    (timing.rss_follows_use), so reused heap memory cannot hide them. CUDA:
+    max_memory_allocated."""
+    if not device.startswith("cuda"):
+        rss_follows_use()
     m = Model(L.LISTS[list_name](), device)
     setup, fn = variants(m)[variant]
     setup()
@@ -297,9 +293,8 @@ def _peak_child(variant, list_name, device, steps):
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        base = _proc_status_kb("VmRSS") * 1024
+        rss_follows_use()
+        base = reset_peak_rss()
     for _ in range(steps):
         setup()
         fn()
@@ -307,7 +302,7 @@ def _peak_child(variant, list_name, device, steps):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _proc_status_kb("VmHWM") * 1024
+        peak = proc_status_kb("VmHWM") * 1024
     param_bytes = sum(p.numel() * p.element_size() for p in m.params)
     print(json.dumps({"extra_bytes": peak - base, "param_bytes": param_bytes}))
 

@@ -1,5 +1,7 @@
-"""Timing helpers: interleaved repetitions, medians, the machine's bandwidth ceiling, and
-the bytes each primitive must move (DESIGN.md "Performance method")."""
+"""Timing helpers: interleaved repetitions, medians, the machine's bandwidth ceiling, the
+bytes each primitive must move (DESIGN.md "Performance method"), and the resident-set
+readings of the peak-memory children."""
+import ctypes
 import json
 import os
 import platform
@@ -123,3 +125,32 @@ def stream_bandwidth(device="cpu", numel=None, reps=15):
     c = torch.empty_like(a)
     t = interleaved({"axpy": lambda: a.add_(b, alpha=1e-3), "copy": lambda: c.copy_(a)}, reps=reps, device=dev)
     return {"axpy": 12 * numel / median(t["axpy"]) / 1e9, "copy": 8 * numel / median(t["copy"]) / 1e9}
+
+
+def proc_status_kb(field):
+    """A field of /proc/self/status (VmRSS, VmHWM, ...) in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss_follows_use():
+    """glibc only: every allocation of 64 KiB or more gets its own mapping, returned to the OS
+    when freed (mallopt M_MMAP_THRESHOLD, which also stops glibc raising it), and the heap's
+    free memory goes back now (malloc_trim). The resident set then follows the memory in use,
+    not what the allocator keeps for reuse (which would hide new buffers). A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss():
+    """The resident set now; VmHWM restarts from it (/proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status_kb("VmRSS") * 1024
