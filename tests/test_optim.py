@@ -748,6 +748,21 @@ def test_state_dict_round_trip_takes_the_same_next_step(kind):
     assert o2.param_groups is o2.base_optimizer.param_groups
 
 
+@pytest.mark.parametrize("cls", ["SAM", "RoGA", "PCGrad", "FriendlySAM", "LookSAM"])
+def test_copy_and_pickle_say_to_use_state_dict(cls):
+    """torch's Optimizer pickles only defaults, state and param_groups: a deep copy of a
+    wrapper used to fail later with AttributeError '_t'. It is refused with the route that
+    works; state_dict() itself still deep-copies and pickles."""
+    import pickle
+
+    import roga_cuda
+    opt = getattr(roga_cuda, cls)(cnn().parameters(), torch.optim.SGD, lr=0.1)
+    for copier in (copy.deepcopy, copy.copy, pickle.dumps):
+        with pytest.raises(TypeError, match=rf"{cls} cannot be copied .* state_dict\(\)"):
+            copier(opt)
+    pickle.loads(pickle.dumps(copy.deepcopy(opt.state_dict())))
+
+
 @pytest.mark.parametrize("cls", ["SAM", "RoGA", "PCGrad", "GradientAggregator"])
 def test_parameter_listed_twice_is_refused(cls):
     """torch only warns; the fused passes would write one tensor from two positions (issue 15 bug 1)."""

@@ -179,6 +179,14 @@ class WrapperOptimizer(torch.optim.Optimizer):
     def __repr__(self):
         return f"{type(self).__name__}(base={self.base_optimizer!r}, fused={self.fused})"
 
+    def __getstate__(self):
+        # torch's Optimizer.__getstate__ keeps defaults, state and param_groups only: a copy
+        # or an unpickled wrapper would lack the base optimizer and fail later with an
+        # AttributeError. Its caches refer to parameters by identity, so say so now.
+        name = type(self).__name__
+        raise TypeError(f"{name} cannot be copied (copy.deepcopy) or pickled as an object; save its state with "
+                        f"state_dict() and load it into a {name} built on the copied parameters (load_state_dict())")
+
     # -- the parameters of a step ------------------------------------------------------
     def _layout(self):
         lay = self._t.layout_cache
