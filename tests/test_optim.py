@@ -748,19 +748,112 @@ def test_state_dict_round_trip_takes_the_same_next_step(kind):
     assert o2.param_groups is o2.base_optimizer.param_groups
 
 
-@pytest.mark.parametrize("cls", ["SAM", "RoGA", "PCGrad", "FriendlySAM", "LookSAM"])
-def test_copy_and_pickle_say_to_use_state_dict(cls):
-    """torch's Optimizer pickles only defaults, state and param_groups: a deep copy of a
-    wrapper used to fail later with AttributeError '_t'. It is refused with the route that
-    works; state_dict() itself still deep-copies and pickles."""
-    import pickle
-
+def _copy_case(kind, m):
+    """An optimizer of each kind whose state a copy must carry (momentum, step counts, the
+    SAM variants' per-parameter buffers, GradVac's targets and generator, shared=, kept sets)."""
     import roga_cuda
-    opt = getattr(roga_cuda, cls)(cnn().parameters(), torch.optim.SGD, lr=0.1)
-    for copier in (copy.deepcopy, copy.copy, pickle.dumps):
-        with pytest.raises(TypeError, match=rf"{cls} cannot be copied .* state_dict\(\)"):
-            copier(opt)
-    pickle.loads(pickle.dumps(copy.deepcopy(opt.state_dict())))
+    sgd = dict(lr=0.05, momentum=0.9)
+    if kind in ("sam", "asam", "gsam", "wsam", "fsam", "looksam"):
+        cls = {"sam": "SAM", "asam": "SAM", "gsam": "GSAM", "wsam": "WSAM", "fsam": "FriendlySAM",
+               "looksam": "LookSAM"}[kind]
+        extra = {"asam": dict(adaptive=True, rho=0.5), "looksam": dict(k=2)}.get(kind, {})
+        return getattr(roga_cuda, cls)(m.parameters(), torch.optim.SGD, **sgd, **extra)
+    if kind == "roga":
+        return RoGA(m.parameters(), torch.optim.AdamW, lr=0.01, num_domains=2, interval=2)
+    if kind == "gradvac_shared":
+        return PCGrad(m.parameters(), torch.optim.SGD, method="gradvac", seed=3, shared=m[:2], **sgd)
+    return PCGrad(m.parameters(), torch.optim.Adam, method="pcgrad", lr=0.01, seed=1, persistent_grads=True)
+
+
+def _copy_step(kind, m, opt, s):
+    x, y = batch(s)
+    if kind == "roga":
+        roga_manual(opt, m, [batch(s * 3 + d) for d in range(2)])
+    elif kind in ("gradvac_shared", "pcgrad_kept"):
+        out = m(x)
+        opt.zero_grad()
+        opt.backward([F.cross_entropy(out[:4], y[:4]), F.cross_entropy(out[4:], y[4:]), out.pow(2).mean()])
+        opt.step()
+    else:
+        loss_of(m, x, y).backward()
+        opt.first_step(zero_grad=True)
+        loss_of(m, x, y).backward()
+        opt.second_step(zero_grad=True)
+
+
+COPY_KINDS = ["sam", "asam", "gsam", "wsam", "fsam", "looksam", "roga", "gradvac_shared", "pcgrad_kept"]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("kind", COPY_KINDS)
+def test_a_copy_takes_the_same_steps(kind, how):
+    """copy.deepcopy / pickle of (model, optimizer) between steps, as for torch.optim: the copy
+    takes the original's next steps exactly, on its own tensors. (torch's Optimizer pickles
+    only defaults, state and param_groups: a copy of a wrapper used to fail with '_t'.)"""
+    import pickle
+    m = cnn(bn=False)
+    opt = _copy_case(kind, m)
+    for s in range(3):
+        _copy_step(kind, m, opt, s)
+    m2, opt2 = copy.deepcopy((m, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((m, opt)))
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    assert all(a is b for a, b in zip(opt2.param_groups[0]["params"], m2.parameters()))
+    for s in range(3, 6):
+        _copy_step(kind, m, opt, s)
+        _copy_step(kind, m2, opt2, s)
+    params_equal(m, m2, rtol=0, atol=0)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(m.parameters(), m2.parameters()))
+    sd, sd2 = opt.state_dict(), opt2.state_dict()
+    assert sd["wrapper"].keys() == sd2["wrapper"].keys()
+    for (k, a), b in zip(sd["base"]["state"].items(), sd2["base"]["state"].values()):
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=lambda e: f"state {k} {key}: {e}")
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_makes_its_own_copy_hooks(how):
+    """Large CPU tensors: the kept sets are filled by hooks on the parameters. The copy's
+    parameters get their own (torch copies no hooks), and both train alike."""
+    import pickle
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    opt = PCGrad(m.parameters(), torch.optim.SGD, lr=0.01, momentum=0.9)
+    x = torch.randn(8, 256)
+
+    def step(m, opt):
+        out = m(x)
+        opt.zero_grad()
+        opt.backward([out[:, :128].pow(2).mean(), out[:, 128:].mean()])
+        opt.step()
+    for _ in range(2):
+        step(m, opt)
+    assert opt._t.copy_hooks is not None
+    m2, opt2 = copy.deepcopy((m, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((m, opt)))
+    for _ in range(2):
+        step(m, opt)
+        step(m2, opt2)
+    assert opt2._t.copy_hooks is not None and opt2._t.copy_hooks is not opt._t.copy_hooks
+    params_equal(m, m2, rtol=0, atol=0)
+
+
+def test_a_copy_in_the_middle_of_a_step_is_refused():
+    m = cnn(bn=False)
+    x, y = batch(0)
+    sam = SAM(m.parameters(), torch.optim.SGD, lr=0.1)
+    loss_of(m, x, y).backward()
+    sam.first_step()
+    with pytest.raises(RuntimeError, match=r"SAM cannot be copied or pickled between first_step\(\) and second_step"):
+        copy.deepcopy(sam)
+    roga = RoGA(m.parameters(), torch.optim.SGD, lr=0.1)
+    loss_of(m, x, y).backward()
+    roga.perturb()
+    with pytest.raises(RuntimeError, match=r"RoGA cannot be copied or pickled in the middle of a step"):
+        copy.deepcopy(roga)
+    pc = PCGrad(m.parameters(), torch.optim.SGD, lr=0.1)
+    out = m(x)
+    pc.backward([F.cross_entropy(out, y), out.pow(2).mean()], align=False)  # a micro-batch: sums pending
+    with pytest.raises(RuntimeError, match=r"PCGrad cannot be copied or pickled between backward\(\) and step"):
+        copy.deepcopy(pc)
 
 
 @pytest.mark.parametrize("cls", ["SAM", "RoGA", "PCGrad", "GradientAggregator"])

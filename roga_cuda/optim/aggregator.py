@@ -627,6 +627,35 @@ class GradientAggregator(WrapperOptimizer):
                 "n_conflict": None if self._t.n_conflict is None else self._t.n_conflict.detach().cpu(),
                 "n_finite": None if self._t.n_finite is None else self._t.n_finite.detach().cpu()}
 
+    def _mid_step(self):
+        if self._t.stash is not None or self._t.aligned is not None:
+            return "between backward() and step()"
+        return None
+
+    def _transient_to_copy(self):
+        t = super()._transient_to_copy()
+        # made again for the copy's parameters: kept sets (and their hooks), flat views, units
+        t.units_cache = t.flat = t.kept = t.spare = t.keep_default = t.copy_hooks = None
+        return t
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        # shared= and groups= are sets of parameter ids: a copy's parameters are new objects,
+        # so they travel as positions in param-group order
+        pos = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        state["_shared"] = None if self._shared is None else _Positions(pos[i] for i in self._shared if i in pos)
+        state["_groups"] = None if self._groups is None else [_Positions(pos[i] for i in g if i in pos)
+                                                              for g in self._groups]
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self._shared is not None:
+            self._shared = {id(params[i]) for i in self._shared}
+        if self._groups is not None:
+            self._groups = [{id(params[i]) for i in g} for g in self._groups]
+
     def _check_extra_state(self, state):
         if state and state.get("method", self.method) != self.method:
             raise ValueError(f"{type(self).__name__}.load_state_dict: state is for method {state['method']!r}, "
@@ -681,6 +710,10 @@ def _weighting(who, method, options, seed, shortcuts):
 def _keeps_k(weighting):
     """Does the weighting keep state shaped by K (GradVac's targets, Nash-MTL's weights)?"""
     return any(isinstance(v, torch.Tensor) for k, v in weighting.state_dict().items() if k != "generator")
+
+
+class _Positions(tuple):
+    """Parameter positions (param-group order) standing in for a set of ids in a copy."""
 
 
 def _param_ids(spec, what):

@@ -9,6 +9,7 @@ parameter group and device. The base update itself is fused too (:mod:`.fused`) 
 base optimizer is SGD, Adam or AdamW (``fused=False``, or any other base optimizer: torch's
 ``step()``).
 """
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -179,13 +180,34 @@ class WrapperOptimizer(torch.optim.Optimizer):
     def __repr__(self):
         return f"{type(self).__name__}(base={self.base_optimizer!r}, fused={self.fused})"
 
+    # -- copies (copy.deepcopy, pickle) ------------------------------------------------------
+    # torch's Optimizer pickles only defaults, state and param_groups; a wrapper needs the rest
+    # of its attributes too. Helpers whose caches are keyed by a parameter's id re-key or drop
+    # them when copied (the copy's parameters are new objects), and caches of per-step work are
+    # dropped here, so they are rebuilt for the copy's parameters on first use. torch's
+    # optimizer hooks are not copied, as torch does not copy them either.
     def __getstate__(self):
-        # torch's Optimizer.__getstate__ keeps defaults, state and param_groups only: a copy
-        # or an unpickled wrapper would lack the base optimizer and fail later with an
-        # AttributeError. Its caches refer to parameters by identity, so say so now.
-        name = type(self).__name__
-        raise TypeError(f"{name} cannot be copied (copy.deepcopy) or pickled as an object; save its state with "
-                        f"state_dict() and load it into a {name} built on the copied parameters (load_state_dict())")
+        why = self._mid_step()
+        if why is not None:
+            raise RuntimeError(f"{type(self).__name__} cannot be copied or pickled {why}: finish the step first "
+                               "(or call abort(), where the optimizer has one)")
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        state["_t"] = self._transient_to_copy()
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.base_optimizer.register_state_dict_post_hook(export_state_dict)  # torch's copy drops hooks
+
+    def _mid_step(self):
+        """Why the optimizer is in the middle of a step (its state then lives only there), or None."""
+        return None
+
+    def _transient_to_copy(self):
+        """A shallow copy of the per-step state without the caches a copy must rebuild."""
+        t = copy.copy(self._t)
+        t.layout_cache = None
+        return t
 
     # -- the parameters of a step ------------------------------------------------------
     def _layout(self):

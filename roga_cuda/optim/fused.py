@@ -74,6 +74,12 @@ class FusedUpdate:
     def __bool__(self):
         return self.kind is not None
 
+    def __getstate__(self):  # the state lives in base.state; the cache is rebuilt for a copy's lists
+        return {"base": self.base, "backend": self.backend}
+
+    def __setstate__(self, state):
+        self.__init__(state["base"], state["backend"])
+
     def step(self, parts, found_inf=None):
         """Updates every part. found_inf: a one-element device tensor (nonzero: change nothing)."""
         if self._state_obj is not self.base.state:  # load_state_dict replaced it

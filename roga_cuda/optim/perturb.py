@@ -38,6 +38,12 @@ class Perturber:
         self._stale = set()  # kinds whose store lags behind a replaced list
         self._strategies = {}  # ids of the parts' lists -> (the lists, strategy)
 
+    def __getstate__(self):  # a copy keeps the settings; the scratch buffers are rebuilt for its parameters
+        return {"backend": self.backend, "strategy": self.strategy}
+
+    def __setstate__(self, state):
+        self.__init__(state["backend"], state["strategy"])
+
     def strategy_for(self, param_lists):
         """"copy" or "swap" for these parameter lists: choose_strategy, cached per layout (its
         checks walk every parameter); always "copy" while a CUDA graph is captured."""

@@ -438,6 +438,16 @@ class RoGA(WrapperOptimizer):
     def _load_extra_state(self, state):
         self._t.steps = state.get("steps", 0)
 
+    def _mid_step(self):
+        if self._t.pending is not None or self._t.count or self._t.final is not None:
+            return f"in the middle of a step ({self._t.count} domain(s) accumulated)"
+        return None
+
+    def _transient_to_copy(self):
+        t = super()._transient_to_copy()
+        t.flat, t.acc_zeroed = None, False  # the DDP flat accumulators: made again for the copy's parameters
+        return t
+
     def state_dict(self):
         if self._t.pending is not None or self._t.count or self._t.final is not None:
             raise RuntimeError(f"RoGA.state_dict() in the middle of a step ({self._t.count} domain(s) accumulated, "

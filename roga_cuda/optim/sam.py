@@ -287,6 +287,11 @@ class SAM(WrapperOptimizer):
     def _load_extra_state(self, state):
         self._t.steps = state.get("steps", 0)
 
+    def _mid_step(self):
+        if self._t.moves is not None or self._t.plain:
+            return "between first_step() and second_step()"
+        return None
+
 
 def _owned(part, perturber):
     """The part with gradients the next backward cannot overwrite: DDP's

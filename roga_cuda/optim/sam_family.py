@@ -448,6 +448,13 @@ class StateBuffers:
         # list's, because under torch.compile a list made inside the traced step has no real id
         self._lists = {}
 
+    def __getstate__(self):  # a copy's parameters are new objects: re-keyed by their ids on load
+        return {"entries": list(self._by_param.values())}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self._by_param = {id(p): (p, t) for p, t in state["entries"]}
+
     def get(self, params):
         """(tensors like ``params``, whether every one of them was created by this call)."""
         key = (id(params[0]), len(params))
