@@ -643,9 +643,8 @@ class GradientAggregator(WrapperOptimizer):
         # shared= and groups= are sets of parameter ids: a copy's parameters are new objects,
         # so they travel as positions in param-group order
         pos = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        state["_shared"] = None if self._shared is None else _Positions(pos[i] for i in self._shared if i in pos)
-        state["_groups"] = None if self._groups is None else [_Positions(pos[i] for i in g if i in pos)
-                                                              for g in self._groups]
+        state["_shared"] = None if self._shared is None else [pos[i] for i in self._shared if i in pos]
+        state["_groups"] = None if self._groups is None else [[pos[i] for i in g if i in pos] for g in self._groups]
         return state
 
     def __setstate__(self, state):
@@ -710,10 +709,6 @@ def _weighting(who, method, options, seed, shortcuts):
 def _keeps_k(weighting):
     """Does the weighting keep state shaped by K (GradVac's targets, Nash-MTL's weights)?"""
     return any(isinstance(v, torch.Tensor) for k, v in weighting.state_dict().items() if k != "generator")
-
-
-class _Positions(tuple):
-    """Parameter positions (param-group order) standing in for a set of ids in a copy."""
 
 
 def _param_ids(spec, what):

@@ -162,7 +162,7 @@ class RoGA(WrapperOptimizer):
         norm = _utils.global_norm([(p.params, p.grads) for p in parts], self.backend)
         strategy = self._perturber.strategy_for([p.params for p in parts])
         # A CPU norm is read on the host (nothing to wait for) and the scale is plain float
-        # math: on 0-d tensors its four ops were a fifth of a perturb() on small models.
+        # math: on 0-d tensors its four ops took ~35 of ~240 us of a perturb() (400 tensors).
         if inv is None and norm.device.type == "cpu" and not torch.compiler.is_compiling():
             norm = float(norm)
         moves = []
@@ -449,7 +449,7 @@ class RoGA(WrapperOptimizer):
         return t
 
     def state_dict(self):
-        if self._t.pending is not None or self._t.count or self._t.final is not None:
+        if self._mid_step() is not None:
             raise RuntimeError(f"RoGA.state_dict() in the middle of a step ({self._t.count} domain(s) accumulated, "
                                "their gradients live only in this step): save before the first domain or after "
                                "step() (or call abort())")
