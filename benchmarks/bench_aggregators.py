@@ -55,7 +55,7 @@ import json
 import torch
 
 from . import lists as L
-from .timing import in_child, interleaved, machine, median, proc_status_kb, reset_peak_rss, rss_follows_use, sync
+from .timing import in_child, interleaved, machine, median, peak_bytes_over, rss_follows_use, sync
 
 METHODS = ("sum", "pcgrad", "gradvac", "mgda", "cagrad", "upgrad", "dualproj", "imtl_g", "aligned_mtl",
            "nash_mtl", "random", "config")
@@ -331,24 +331,15 @@ def _peak_child(variant, list_name, k, device, steps):
     prob = Problem(shapes_of(list_name), k, device)
     setup, fn = variants(prob, [variant.split("|")[1]] if "|" in variant else [], log=lambda *_: None)[variant]
     setup()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        rss_follows_use()
-        base = reset_peak_rss()
-    for i in range(steps):
-        if i:
-            setup()
-        fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = proc_status_kb("VmHWM") * 1024
+
+    def run_steps():
+        for i in range(steps):
+            if i:
+                setup()
+            fn()
+    extra = peak_bytes_over(device, run_steps)
     param_bytes = sum(p.numel() * p.element_size() for p in prob.params)
-    print(json.dumps({"extra_bytes": peak - base - param_bytes, "param_bytes": param_bytes}))
+    print(json.dumps({"extra_bytes": extra - param_bytes, "param_bytes": param_bytes}))
 
 
 def memory(names, device="cpu", list_name="resnet34", ks=(2, 4, 8), steps=2, log=print):
@@ -466,21 +457,22 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.quick:
         a.list, a.ks, a.reps = "quick", [2, 3], 1
+    res = _main_results(a)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    return res
+
+
+def _main_results(a):
+    """What main() reports for the parsed arguments (written to --json by main)."""
     if a.memory_only:
-        res = {"list": a.list, "memory_x_params": memory({k: _variant_names(a.methods, a.fresh_path, a.only)
-                                                          for k in a.ks}, a.device, a.list, a.ks)}
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(res, f, indent=1, default=str)
-        return res
+        names = {k: _variant_names(a.methods, a.fresh_path, a.only) for k in a.ks}
+        return {"list": a.list, "memory_x_params": memory(names, a.device, a.list, a.ks)}
     if a.faults_only:
         names = {k: ["twin", "sum"] + [f"{kind}|{m}" for m in a.methods for kind in ("roga", "roga-fresh")]
                  if a.faults_isolated else ["*"] + [f"roga|{m}" for m in a.methods] for k in a.ks}
-        res = {"list": a.list, "faults": faults(names, a.list, a.ks, isolated=a.faults_isolated)}
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(res, f, indent=1, default=str)
-        return res
+        return {"list": a.list, "faults": faults(names, a.list, a.ks, isolated=a.faults_isolated)}
     if a.isolated:
         res = run_isolated(a.device, a.list, a.ks, a.methods, a.reps, a.isolated, fresh_path=a.fresh_path, only=a.only)
     else:
@@ -491,9 +483,6 @@ def main(argv=None):
     if a.memory:
         names = {k: list(r["median_s"]) for k, r in res["results"].items()}
         res["memory_x_params"] = memory(names, a.device, a.list, a.ks)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
     return res
 
 

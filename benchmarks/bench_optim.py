@@ -19,7 +19,7 @@ import torch
 from roga_cuda import PCGrad, RoGA, SAM
 
 from . import lists as L
-from .timing import in_child, interleaved, machine, median, proc_status_kb, reset_peak_rss, rss_follows_use, sync
+from .timing import in_child, interleaved, machine, median, peak_bytes_over, rss_follows_use, sync
 
 K_ROGA, RHO, ALPHA = 3, 0.1, 2e-4
 
@@ -278,33 +278,22 @@ def format_list(name, lst):
 def _peak_child(variant, list_name, device, steps):
     """Run in a fresh process: the peak memory above model + gradients for one variant.
 
-    CPU: the resident-set high-water mark (VmHWM) is reset through /proc/self/clear_refs
-    after the model and its gradients exist, so the peak counts only what the optimizer
-    steps add (its buffers, clones, temporaries); glibc maps large allocations on their own
-    (timing.rss_follows_use), so reused heap memory cannot hide them. CUDA:
-    max_memory_allocated."""
+    CPU: the resident-set high-water mark after the model and its gradients exist
+    (timing.peak_bytes_over), so the peak counts only what the optimizer steps add (its
+    buffers, clones, temporaries). CUDA: max_memory_allocated."""
     if not device.startswith("cuda"):
         rss_follows_use()
     m = Model(L.LISTS[list_name](), device)
     setup, fn = variants(m)[variant]
     setup()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        rss_follows_use()
-        base = reset_peak_rss()
-    for _ in range(steps):
-        setup()
-        fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = proc_status_kb("VmHWM") * 1024
+
+    def run_steps():
+        for _ in range(steps):
+            setup()
+            fn()
+    extra = peak_bytes_over(device, run_steps)
     param_bytes = sum(p.numel() * p.element_size() for p in m.params)
-    print(json.dumps({"extra_bytes": peak - base, "param_bytes": param_bytes}))
+    print(json.dumps({"extra_bytes": extra, "param_bytes": param_bytes}))
 
 
 def memory(device="cpu", list_name="resnet34", steps=3, log=print):

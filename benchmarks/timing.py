@@ -149,8 +149,22 @@ def rss_follows_use():
         pass
 
 
-def reset_peak_rss():
-    """The resident set now; VmHWM restarts from it (/proc/self/clear_refs)."""
+def peak_bytes_over(device, run):
+    """Peak memory while ``run()`` runs, above what is in use when it starts: CUDA's
+    max_memory_allocated; on the CPU the resident set's high-water mark (VmHWM, restarted
+    through /proc/self/clear_refs), with glibc's free memory returned first
+    (rss_follows_use; call it before building the inputs too, so their buffers are mapped
+    the same way)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    rss_follows_use()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    return proc_status_kb("VmRSS") * 1024
+    base = proc_status_kb("VmRSS") * 1024
+    run()
+    return proc_status_kb("VmHWM") * 1024 - base
