@@ -250,8 +250,8 @@ def _run(persistent, scenario, steps=3):
 @pytest.fixture(params=["fill", "hooks"])
 def kept_fill(request, monkeypatch):
     """How the kept sets are filled: "fill" (reset to -0.0, autograd adds in place: these
-    small tensors) or "hooks" (copied in by post-accumulate hooks: tensors averaging >=
-    _MMAP_BYTES, here any tensor)."""
+    small tensors) or "hooks" (autograd's fresh gradients taken by post-accumulate hooks:
+    tensors averaging >= _MMAP_BYTES, here any tensor)."""
     if request.param == "hooks":
         monkeypatch.setattr(aggregator, "_MMAP_BYTES", 1)
     return request.param
@@ -326,11 +326,12 @@ def test_kept_gradients_by_default_only_for_large_cpu_tensors():
         assert (opt._t.kept is not None) == kept
 
 
-def test_copy_hooks_fill_the_kept_sets_only_inside_backward(monkeypatch):
-    """Kept sets filled by hooks: each pass's fresh gradient is copied into the same kept
-    buffers every step (a hook registered before ours sees the fresh tensor, freed by the
-    end of the pass; one registered after sees the kept buffer, holding the same values);
-    a plain backward outside the aggregator is untouched; the hooks go with the optimizer."""
+def test_hooks_take_the_fresh_gradients_only_inside_backward(monkeypatch):
+    """Kept sets on large tensors are taken by hooks: each pass's fresh gradient itself goes
+    into its task's set, nothing copied (a hook registered before ours and one registered
+    after see the same tensor); the last step's tensors are dropped as their successors
+    arrive, never written (one the user holds keeps its values); a plain backward outside
+    the aggregator is untouched; the hooks go with the optimizer."""
     import gc
     import weakref
 
@@ -340,41 +341,48 @@ def test_copy_hooks_fill_the_kept_sets_only_inside_backward(monkeypatch):
     seen = {"before": {}, "after": {}}
 
     def recorder(where):
-        return lambda p: seen[where].setdefault(id(p), []).append((weakref.ref(p.grad), id(p.grad),
-                                                                   p.grad.clone()))
+        return lambda p: seen[where].setdefault(id(p), []).append((id(p.grad), p.grad.clone()))
 
     hooks = [p.register_post_accumulate_grad_hook(recorder("before")) for p in params]
     opt = PCGrad(params, torch.optim.SGD, lr=0.1)
-    stash_ids = []
+    last = []  # weak references to the last step's taken tensors
+    held = snap = None
     for s in range(3):
         x, ys = data(60 + s)
         opt.zero_grad()
         for d in seen.values():
             d.clear()
         opt.backward(net.losses(x.float(), [y.float() for y in ys]), align=False)
-        # ids (holding the tensors would make them ours); None: a task that misses a head
-        stash_ids.append([None if g is None else id(g) for l in opt._t.stash for g in l])
+        taken = [g for l in opt._t.stash for g in l if g is not None]
+        kept_ids = {id(g) for st in opt._t.kept[1] for g in st.grads if g is not None}
+        assert {id(g) for g in taken} <= kept_ids
+        assert any(g is None for l in opt._t.stash for g in l)  # a task that misses a head
+        assert all(r() is None for r in last)  # the last step's, dropped (none is held)
+        last = [weakref.ref(g) for g in taken]
         if s == 0:  # our hooks exist now: these run after them
             hooks += [p.register_post_accumulate_grad_hook(recorder("after")) for p in params]
+        else:
+            for p in params:
+                before, after = seen["before"][id(p)], seen["after"][id(p)]
+                assert len(before) == len(after) in (1, 3)  # one per pass that reaches p (a head: its task)
+                for (fid, fval), (kid, kval) in zip(before, after):
+                    assert fid == kid and fid in kept_ids and torch.equal(fval, kval)  # taken, not copied
+        del taken
         opt.align()
         opt.step()
-    kept_ids = [id(g) for s in opt._t.kept[1] for g in s.grads]
-    assert stash_ids[0] == stash_ids[1] == stash_ids[2]  # the same kept tensors every step
-    assert all(i is None or i == j for i, j in zip(stash_ids[0], kept_ids)) and None in stash_ids[0]
-    assert len(seen["after"]) == len(params)
-    for p in params:
-        before, after = seen["before"][id(p)], seen["after"][id(p)]
-        assert len(before) == len(after) in (1, 3)  # one per pass that reaches p (a head: its task)
-        for (ref, fid, fval), (_, kid, kval) in zip(before, after):
-            assert ref() is None and fid not in kept_ids  # a fresh gradient, freed
-            assert kid in kept_ids and torch.equal(fval, kval)
+        if s == 1:  # the user keeps the aggregated gradient: it stays theirs
+            held = [p.grad for p in params]
+            snap = [g.clone() for g in held]
+            last = [r for r in last if r() is None or all(r() is not g for g in held)]
+    assert all(torch.equal(a, b) for a, b in zip(held, snap))
     # outside the aggregator's backward a loss reaches .grad as with no hooks of ours
     opt.zero_grad()
     x, ys = data(70)
     net.losses(x.float(), [y.float() for y in ys])[0].backward()
+    kept_ids = {id(g) for st in opt._t.kept[1] for g in st.grads if g is not None}
     assert all(p.grad is None or id(p.grad) not in kept_ids for p in params)
     assert any(p.grad is not None for p in params)
-    ref = weakref.ref(opt._t.copy_hooks)
+    ref = weakref.ref(opt._t.take_hooks)
     del opt
     gc.collect()
     assert ref() is None  # the optimizer's hooks are removed with it; the user's stay

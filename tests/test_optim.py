@@ -811,7 +811,7 @@ def test_a_copy_takes_the_same_steps(kind, how):
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-def test_a_copy_makes_its_own_copy_hooks(how):
+def test_a_copy_makes_its_own_hooks(how):
     """Large CPU tensors: the kept sets are filled by hooks on the parameters. The copy's
     parameters get their own (torch copies no hooks), and both train alike."""
     import pickle
@@ -827,12 +827,12 @@ def test_a_copy_makes_its_own_copy_hooks(how):
         opt.step()
     for _ in range(2):
         step(m, opt)
-    assert opt._t.copy_hooks is not None
+    assert opt._t.take_hooks is not None
     m2, opt2 = copy.deepcopy((m, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((m, opt)))
     for _ in range(2):
         step(m, opt)
         step(m2, opt2)
-    assert opt2._t.copy_hooks is not None and opt2._t.copy_hooks is not opt._t.copy_hooks
+    assert opt2._t.take_hooks is not None and opt2._t.take_hooks is not opt._t.take_hooks
     params_equal(m, m2, rtol=0, atol=0)
 
 

@@ -62,12 +62,15 @@ class _Unit:
 
 
 class _TaskGrads:
-    """One task's gradient buffers, kept from step to step (``persistent_grads``).
+    """One task's gradient buffers, kept from step to step and reset before autograd adds
+    into them (``persistent_grads`` on small tensors, where a hook per parameter costs more).
 
     Per (dtype, device) one flat buffer, and per parameter a tensor on its storage with the
     parameter's strides (those autograd gives a gradient of its own). Not a view: each has its
     own version counter, which autograd's in-place accumulation bumps — that tells which
     parameters a loss reached, as ``p.grad is None`` does when autograd allocates."""
+
+    reusable = True  # a missing gradient is its buffer, zeroed (unless the user holds it: private())
 
     def __init__(self, params):
         groups = {}
@@ -97,8 +100,7 @@ class _TaskGrads:
         self.begin()
 
     def begin(self):
-        """A new accumulation without the fill (the copy hooks write before they add): the
-        version each buffer has now tells later whether a pass reached it."""
+        """The version each buffer has now tells later whether a pass reached it."""
         self.versions = list(map(_version, self.grads))
 
     def reached(self, params):
@@ -108,8 +110,7 @@ class _TaskGrads:
         if all(map(operator.is_, gs, self.grads)):  # (builtins only: no Python work per parameter)
             moved = map(operator.ne, map(_version, self.grads), self.versions)
             out = list(map(operator.getitem, zip(itertools.repeat(None), self.grads), moved))
-        else:  # None: this pass did not reach p (copy hooks; an earlier micro-batch may have);
-            # another tensor: a hook replaced p.grad, take what autograd left
+        else:  # another tensor: a hook replaced p.grad, take what autograd left
             out = [(mine if mine._version != v0 else None) if g is None or g is mine else g
                    for g, mine, v0 in zip(gs, self.grads, self.versions)]
         # by identity: list.count(None) would call Tensor.__eq__ on every gradient (~25 us each)
@@ -140,18 +141,48 @@ def _worth_keeping(params):
     return sum(p.numel() * p.element_size() for p in params) >= _MMAP_BYTES * len(params)
 
 
-class _CopyHooks:
-    """Kept sets filled by post-accumulate hooks instead of autograd's in-place add: while a
-    task's pass runs, each parameter's fresh gradient is copied into that task's buffer (added
-    when an earlier micro-batch already reached it), and ``.grad`` becomes the buffer, so the
-    fresh one is freed at once and the heap reuses it. 8 bytes per float32 element per pass,
-    against 4 for the fill plus 12 for the add; one Python call per parameter per pass,
-    which is why only tensors averaging _MMAP_BYTES get them (as the kept sets by default)."""
+class _TakenGrads:
+    """One task's gradients as autograd made them, taken by the hooks below and kept until
+    the next step's pass replaces them, one parameter at a time (``persistent_grads`` on
+    large CPU tensors). Replacing the last step's tensor just after autograd made its
+    successor frees memory the heap hands to the next fresh gradient, so no step grows the
+    heap (glibc would return a freed top to the OS, and the next step page-fault it in
+    again), and nothing is copied: the kept set costs autograd's own 8 bytes per float32
+    element per pass. Old tensors are only dropped, never written: one you hold stays yours."""
+
+    reusable = False  # a missing gradient is a fresh zero tensor, not an old one zeroed
+
+    def __init__(self, n):
+        self.grads = [None] * n
+        self.filled = None  # per parameter: did a pass of this accumulation reach it
+
+    def begin(self):
+        self.filled = [False] * len(self.grads)
+
+    def reached(self, params):
+        """As _TaskGrads.reached: per parameter its gradient (None where no pass of this
+        accumulation reached it), and how many are None."""
+        gs, _ = _utils.grads_of(params)
+        if all(map(operator.is_, gs, self.grads)):  # every parameter reached, no hook replaced one
+            out = list(self.grads)
+        else:  # None: this pass did not reach p (an earlier micro-batch may have);
+            # another tensor: a hook replaced p.grad, take what autograd left
+            out = [(mine if f else None) if g is None or g is mine else g
+                   for g, mine, f in zip(gs, self.grads, self.filled)]
+        return out, sum(map(operator.is_, out, itertools.repeat(None)))
+
+
+class _TakeHooks:
+    """Post-accumulate-grad hooks that take each fresh gradient into the task's
+    :class:`_TakenGrads` (added to it when an earlier micro-batch already reached the
+    parameter), active only while the aggregator's ``backward`` runs a pass. One Python call
+    per parameter per pass: only tensors averaging _MMAP_BYTES get them (as the kept sets by
+    default)."""
 
     def __init__(self, params):
-        self.target = None  # the _TaskGrads of the pass in progress
+        self.target = None  # the _TakenGrads of the pass in progress
         ref = weakref.ref(self)
-        self._handles = [p.register_post_accumulate_grad_hook(functools.partial(_into_kept, ref, i))
+        self._handles = [p.register_post_accumulate_grad_hook(functools.partial(_take, ref, i))
                          for i, p in enumerate(params)]
         weakref.finalize(self, _remove_all, self._handles)  # the parameters may outlive the optimizer
 
@@ -164,21 +195,24 @@ def _remove_all(handles):
         h.remove()
 
 
-def _into_kept(ref, i, p):
+def _take(ref, i, p):
     hooks = ref()
     kept = hooks.target if hooks is not None else None
     if kept is None:
         return
-    dst, g = kept.grads[i], p.grad
-    if g is dst or g is None:
+    g = p.grad
+    if g is None:
         return
-    if dst._version != kept.versions[i]:
-        dst.add_(g)
-    elif g.layout == torch.strided:
-        dst.copy_(g)
-    else:  # a sparse gradient (dense.copy_ refuses one)
-        dst.zero_().add_(g)
-    p.grad = dst
+    if kept.filled[i]:  # a later micro-batch
+        mine = kept.grads[i]
+        if g is not mine:
+            mine.add_(g)
+            p.grad = mine
+        return
+    if g.layout != torch.strided:  # a sparse gradient: the fused passes take dense ones
+        g = p.grad = g.to_dense()
+    kept.grads[i] = g  # the last step's tensor of this task is freed here
+    kept.filled[i] = True
 
 
 _version = operator.attrgetter("_version")
@@ -224,20 +258,18 @@ class GradientAggregator(WrapperOptimizer):
             Never on sharded (FSDP2 ``fully_shard``) parameters: FSDP reduce-scatters each
             backward pass itself (ddp_sync=True there is an error).
         fused: run the base update (SGD, Adam, AdamW) as a fused primitive.
-        persistent_grads: keep the K task gradient sets from step to step instead of taking
-            the K sets autograd allocates afresh every step. None (default): when every
-            parameter is on the CPU and the tensors average at least 128 KiB, where the freed
-            sets go back to the operating system and the next step page-faults them in again
-            (CUDA's caching allocator reuses its memory anyway; small CPU tensors stay in the
-            heap). Such large tensors are filled by a post-accumulate-grad hook per parameter,
-            active only inside ``backward``: each fresh gradient is copied into its task's
-            set and freed at once, and ``p.grad`` is the kept tensor from then on (hooks you
-            registered earlier see the fresh one). Smaller ones (``persistent_grads=True``)
-            are reset to -0.0 and autograd adds into them. Holds the K sets between steps
-            (what a step holds at its peak anyway). ``p.grad`` after the step is then the
-            first set: not reused while you hold it (or a view of it). With an allocator that
-            keeps freed memory (measured: glibc with raised thresholds) False is faster:
-            nothing faults, and nothing is copied (docs/optimizers.md).
+        persistent_grads: keep the K task gradient sets from step to step instead of freeing
+            them at its end. None (default): when every parameter is on the CPU and the
+            tensors average at least 128 KiB, where freed sets go back to the operating system
+            and the next step page-faults them in again (CUDA's caching allocator reuses its
+            memory anyway; small CPU tensors stay in the heap). Such large tensors are taken by
+            a post-accumulate-grad hook per parameter, active only inside ``backward``: each
+            fresh gradient becomes its task's kept tensor, and that task's tensor of the last
+            step is dropped at that moment, so the heap hands its memory to the next fresh
+            gradient (no page faults, nothing copied). Smaller ones (``persistent_grads=True``)
+            are reset to -0.0 and autograd adds into them, not reused while you hold one (or a
+            view of it). Holds the K sets between steps (what a step holds at its peak anyway);
+            ``p.grad`` after the step is the first set (docs/optimizers.md).
 
     ``step(closure)`` with a closure that returns the K losses runs backward, the aggregation
     and the base update, the combination folded into the update (one pass over the K
@@ -284,8 +316,8 @@ class GradientAggregator(WrapperOptimizer):
         self._t.aligned = None  # _Aligned between a folding align() and step()
         self._t.flat = None
         self._t.kept = None  # (layout, [_TaskGrads]) with persistent_grads
-        self._t.keep_default = None  # (layout, _worth_keeping(its params)): persistent_grads=None, copy hooks
-        self._t.copy_hooks = None  # _CopyHooks on the layout's params, when the kept sets are filled by copies
+        self._t.keep_default = None  # (layout, _worth_keeping(its params)): persistent_grads=None, the hooks
+        self._t.take_hooks = None  # _TakeHooks on the layout's params, when the kept sets are taken ones
         self._t.spare = None  # per task, the kept buffers behind the stash (zeros for missing gradients)
         self._t.inv_scale = None
         self._t.k = None  # number of losses seen (fixed once aligned)
@@ -345,21 +377,24 @@ class GradientAggregator(WrapperOptimizer):
         lay = self._layout()
         if self._t.keep_default is None or self._t.keep_default[0] is not lay:  # once per layout
             self._t.keep_default = (lay, _worth_keeping(lay.params))
-            if self._t.copy_hooks is not None:
-                self._t.copy_hooks.remove()
-            self._t.copy_hooks = None
+            if self._t.take_hooks is not None:
+                self._t.take_hooks.remove()
+            self._t.take_hooks = None
         worth = self._t.keep_default[1]  # on the CPU, for large tensors
         keep = worth if self.persistent_grads is None else self.persistent_grads
         if not keep or lay.sharded:
             self._t.kept = None
             return None
         old = self._t.kept[1] if self._t.kept is not None and self._t.kept[0] is lay else []
-        sets = [s if s.private() else _TaskGrads(lay.params) for s in old[:k]]
-        self._t.kept = None
-        del old
-        sets += [_TaskGrads(lay.params) for _ in range(k - len(sets))]
-        if worth and self._t.copy_hooks is None:
-            self._t.copy_hooks = _CopyHooks(lay.params)
+        if worth:  # taken by hooks: old tensors are only replaced, never written
+            sets = old[:k] + [_TakenGrads(len(lay.params)) for _ in range(k - len(old))]
+            if self._t.take_hooks is None:
+                self._t.take_hooks = _TakeHooks(lay.params)
+        else:
+            sets = [s if s.private() else _TaskGrads(lay.params) for s in old[:k]]
+            self._t.kept = None
+            del old
+            sets += [_TaskGrads(lay.params) for _ in range(k - len(sets))]
         for s in sets:
             s.begin() if worth else s.reset()
         self._t.kept = (lay, sets)
@@ -395,7 +430,7 @@ class GradientAggregator(WrapperOptimizer):
                     b.zero_()
         elif flat is None:
             kept = self._kept(k) if self._t.stash is None else self._t.spare
-        hooks = self._t.copy_hooks if kept is not None else None  # (made only where worth_keeping holds)
+        hooks = self._t.take_hooks if kept is not None else None  # (made only where worth_keeping holds)
         ctx = model.no_sync() if model is not None and hasattr(model, "no_sync") else contextlib.nullcontext()
         keep_gathered = model is not None and hasattr(model, "set_reshard_after_backward")  # FSDP2
         stash, missing = [], 0
@@ -473,7 +508,8 @@ class GradientAggregator(WrapperOptimizer):
                 if not present:
                     continue
                 # a task that did not reach a parameter contributes zeros (its kept buffer, zeroed)
-                zs = [u.take(s.grads) for s in spare] if spare is not None else [[None] * len(u.params)] * k
+                zs = ([u.take(s.grads) for s in spare] if spare is not None and spare[0].reusable
+                      else [[None] * len(u.params)] * k)
                 if len(present) < len(u.params):
                     u = _Unit(u.group, [u.params[i] for i in present], index=present, wgroup=u.wgroup)
                     ls = [[l[i] for i in present] for l in ls]
@@ -635,7 +671,7 @@ class GradientAggregator(WrapperOptimizer):
     def _transient_to_copy(self):
         t = super()._transient_to_copy()
         # made again for the copy's parameters: kept sets (and their hooks), flat views, units
-        t.units_cache = t.flat = t.kept = t.spare = t.keep_default = t.copy_hooks = None
+        t.units_cache = t.flat = t.kept = t.spare = t.keep_default = t.take_hooks = None
         return t
 
     def __getstate__(self):
@@ -736,7 +772,7 @@ def _scaled(w, coef, k, device):
 
 @contextlib.contextmanager
 def _filling(hooks, kept, t):
-    """The copy hooks fill task t's kept set during its pass (and nothing outside it)."""
+    """The hooks fill task t's kept set during its pass (and nothing outside it)."""
     if hooks is None:
         yield
         return
