@@ -228,8 +228,8 @@ def _run(persistent, scenario, steps=3):
             opt.step(lambda: net.losses(x, ys))
         elif scenario in ("accumulate", "accumulate_partial"):
             for j, half in enumerate((slice(0, 8), slice(8, 16))):
-                # partial: task 2 reaches z in the second micro-batch only (its kept buffer
-                # holds the last step's gradient until then: copied over, not added to),
+                # partial: task 2 reaches z in the second micro-batch only (its kept set
+                # holds the last step's gradient until then: replaced, not added to),
                 # task 1 in the first only (what it got there stays in the sum)
                 skip = ((2,) if j == 0 else (1,)) if scenario == "accumulate_partial" else ()
                 opt.backward([l / 2 for l in net.losses(x[half], [y[half] for y in ys], skip)], align=False)

@@ -318,7 +318,7 @@ class GradientAggregator(WrapperOptimizer):
         self._t.kept = None  # (layout, [_TaskGrads]) with persistent_grads
         self._t.keep_default = None  # (layout, _worth_keeping(its params)): persistent_grads=None, the hooks
         self._t.take_hooks = None  # _TakeHooks on the layout's params, when the kept sets are taken ones
-        self._t.spare = None  # per task, the kept buffers behind the stash (zeros for missing gradients)
+        self._t.spare = None  # per task, the kept set behind the stash (for the zeros of missing gradients)
         self._t.inv_scale = None
         self._t.k = None  # number of losses seen (fixed once aligned)
         self._t.n_steps = 0
@@ -507,7 +507,7 @@ class GradientAggregator(WrapperOptimizer):
                 present = [i for i in range(len(u.params)) if any(l[i] is not None for l in ls)]
                 if not present:
                     continue
-                # a task that did not reach a parameter contributes zeros (its kept buffer, zeroed)
+                # a task that did not reach a parameter contributes zeros (its kept buffer zeroed, or new)
                 zs = ([u.take(s.grads) for s in spare] if spare is not None and spare[0].reusable
                       else [[None] * len(u.params)] * k)
                 if len(present) < len(u.params):
