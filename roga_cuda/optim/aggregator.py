@@ -225,6 +225,25 @@ def _storage_uses(t):
 
 
 @dataclass
+class _Last:
+    """The last aggregation, as the statistics are made from it when read."""
+    G: torch.Tensor
+    w: torch.Tensor
+    counts: torch.Tensor  # the running counts after it
+    steps: int
+    info: dict  # the weighting's own statistics
+
+    def statistics(self):
+        G = self.G
+        d = G.diagonal().clamp_min(torch.finfo(G.dtype).tiny).sqrt()  # a zero gradient: cosine 0
+        conflict = (G < 0) & ~torch.eye(G.shape[0], dtype=torch.bool, device=G.device)
+        return {"gram": G, "cosine": G / (d[:, None] * d[None, :]), "conflict": conflict,
+                "any_conflict": conflict.any(), "finite": torch.isfinite(G).all(), "weights": self.w,
+                "conflict_rate": (self.counts[0] / self.counts[1].clamp_min(1)).float(), "steps": self.steps,
+                **self.info}
+
+
+@dataclass
 class _Aligned:
     """What align(fold=True) leaves for step(): per unit, its K gradient lists and weights."""
     units: list
@@ -322,8 +341,8 @@ class GradientAggregator(WrapperOptimizer):
         self._t.inv_scale = None
         self._t.k = None  # number of losses seen (fixed once aligned)
         self._t.n_steps = 0
-        self._t.n_conflict = None  # device tensors: steps with a conflicting pair, steps with a finite G
-        self._t.n_finite = None
+        self._t.counts = None  # (2,) device tensor: steps with a conflicting pair, steps with a finite G
+        self._t.last = None  # _Last: what the statistics of the last aggregation are made from
         self._t.stats = {}
 
     # -- the parameters, as aligned units ------------------------------------------------
@@ -583,41 +602,38 @@ class GradientAggregator(WrapperOptimizer):
         self.weighting.load_state_dict(state)
 
     def _record(self, G, w):
-        d = G.diagonal().clamp_min(torch.finfo(G.dtype).tiny).sqrt()  # a zero gradient: cosine 0
-        cos = G / (d[:, None] * d[None, :])
-        k = G.shape[0]
-        off = ~torch.eye(k, dtype=torch.bool, device=G.device)
-        conflict = (G < 0) & off
-        any_conflict = conflict.any()
+        """Per step only the running counts (four small ops); the other statistics are made
+        from G and w when read (``stats``), not paid for by every step."""
         # Steps whose Gram matrix is not finite (an AMP overflow the scaler will skip) count
         # neither as conflicts nor in the denominator: the rate stays unbiased under fp16.
         finite = torch.isfinite(G).all()
-        if self._t.n_conflict is None:
-            self._t.n_conflict = torch.zeros((), device=G.device)
-            self._t.n_finite = torch.zeros((), device=G.device)
-        self._t.n_conflict = self._t.n_conflict + (any_conflict & finite).float()
-        self._t.n_finite = self._t.n_finite + finite.float()
+        # G's diagonal (squared norms) is >= 0: a negative entry is a conflicting pair
+        hit = torch.stack(((G < 0).any() & finite, finite)).double()
+        self._t.counts = hit if self._t.counts is None else self._t.counts + hit
         self._t.n_steps += 1
-        self._t.stats = {"gram": G, "cosine": cos, "conflict": conflict, "any_conflict": any_conflict,
-                      "finite": finite, "weights": w, "conflict_rate": self._t.n_conflict / self._t.n_finite.clamp_min(1),
-                      "steps": self._t.n_steps, **{f"{self.method}_{key}": v for key, v in self.weighting.info.items()}}
+        self._t.last = _Last(G, w, self._t.counts, self._t.n_steps,
+                             {f"{self.method}_{key}": v for key, v in self.weighting.info.items()})
+        self._t.stats = None
 
     @property
     def stats(self):
         """The last aggregation's statistics (device tensors): gram, cosine, conflict,
         any_conflict, finite, weights, conflict_rate, steps, and the weighting's own."""
+        if self._t.stats is None:
+            self._t.stats = self._t.last.statistics()
         return self._t.stats
 
     @property
     def conflict_rate(self):
         """Fraction of aligned steps (with a finite Gram matrix) that had at least one
         conflicting pair; a Python float (synchronises with the device)."""
-        if self._t.n_conflict is None or float(self._t.n_finite) == 0:
+        if self._t.counts is None:
             return float("nan")
-        return float(self._t.n_conflict / self._t.n_finite)
+        n_conflict, n_finite = self._t.counts.tolist()
+        return n_conflict / n_finite if n_finite else float("nan")
 
     def reset_stats(self):
-        self._t.n_steps, self._t.n_conflict, self._t.n_finite, self._t.stats = 0, None, None, {}
+        self._t.n_steps, self._t.counts, self._t.last, self._t.stats = 0, None, None, {}
 
     # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -660,8 +676,8 @@ class GradientAggregator(WrapperOptimizer):
     def _extra_state(self):
         return {"method": self.method, "weighting": self.weighting.state_dict(), "k": self._t.k,
                 "n_steps": self._t.n_steps,
-                "n_conflict": None if self._t.n_conflict is None else self._t.n_conflict.detach().cpu(),
-                "n_finite": None if self._t.n_finite is None else self._t.n_finite.detach().cpu()}
+                "n_conflict": None if self._t.counts is None else self._t.counts[0].float().cpu(),
+                "n_finite": None if self._t.counts is None else self._t.counts[1].float().cpu()}
 
     def _mid_step(self):
         if self._t.stash is not None or self._t.aligned is not None:
@@ -709,8 +725,12 @@ class GradientAggregator(WrapperOptimizer):
         self._t.k = state.get("k")
         self._t.n_steps = state.get("n_steps", 0)
         n, f = state.get("n_conflict"), state.get("n_finite")
-        self._t.n_conflict = None if n is None else n.to(dev)
-        self._t.n_finite = None if n is None else (f if f is not None else torch.tensor(float(self._t.n_steps))).to(dev)
+        if n is None:
+            self._t.counts = None
+        else:
+            f = f if f is not None else torch.tensor(float(self._t.n_steps))
+            self._t.counts = torch.stack((n.reshape(()), f.reshape(()))).to(dev, torch.float64)
+        self._t.last, self._t.stats = None, {}
 
 
 class PCGrad(GradientAggregator):
