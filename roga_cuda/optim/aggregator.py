@@ -334,7 +334,7 @@ class GradientAggregator(WrapperOptimizer):
         self._t.stash = None  # per task: gradients aligned with the layout's params (None: no gradient)
         self._t.aligned = None  # _Aligned between a folding align() and step()
         self._t.flat = None
-        self._t.kept = None  # (layout, [_TaskGrads]) with persistent_grads
+        self._t.kept = None  # (layout, [_TaskGrads or _TakenGrads]) with persistent_grads
         self._t.keep_default = None  # (layout, _worth_keeping(its params)): persistent_grads=None, the hooks
         self._t.take_hooks = None  # _TakeHooks on the layout's params, when the kept sets are taken ones
         self._t.spare = None  # per task, the kept set behind the stash (for the zeros of missing gradients)
@@ -602,8 +602,8 @@ class GradientAggregator(WrapperOptimizer):
         self.weighting.load_state_dict(state)
 
     def _record(self, G, w):
-        """Per step only the running counts (four small ops); the other statistics are made
-        from G and w when read (``stats``), not paid for by every step."""
+        """Per step only the running counts (a few ops on G); the other statistics are made from
+        G and w when read (``stats``), not paid for by every step."""
         # Steps whose Gram matrix is not finite (an AMP overflow the scaler will skip) count
         # neither as conflicts nor in the denominator: the rate stays unbiased under fp16.
         finite = torch.isfinite(G).all()
