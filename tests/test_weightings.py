@@ -281,6 +281,18 @@ def test_pcgrad_projects_at_any_scale():
     assert not torch.equal(a, torch.ones(3, dtype=F64))
 
 
+def test_pcgrad_never_projects_on_a_zero_norm(monkeypatch):
+    """A G whose diagonal entry is 0 next to a negative entry (not a Gram matrix of real
+    vectors: rounding, or a user's G): no projection on that task, on the host path (CPU) and
+    the device path alike, instead of a division by zero."""
+    G = torch.tensor([[1.0, -0.5, 0.2], [-0.5, 0.0, -0.1], [0.2, -0.1, 2.0]], dtype=F64)
+    out = {}
+    for host in (True, False):
+        monkeypatch.setattr(wbase, "can_branch", lambda t, host=host: host)
+        out[host] = W.PCGradWeighting(seed=3)(G)
+    assert torch.isfinite(out[True]).all() and torch.allclose(out[True], out[False], rtol=1e-14, atol=0)
+
+
 @pytest.mark.parametrize("update", ["always", "violated"])
 @pytest.mark.parametrize("k", [2, 3, 5])
 def test_gradvac_matches_the_paper_over_steps_and_groups(k, update):
