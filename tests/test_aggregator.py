@@ -2,7 +2,6 @@
 backend), shared vs task-specific parameters, per-group GradVac, statistics, state_dict,
 the folded step(closure). The weightings' own math is tested in tests/test_weightings*.py."""
 import copy
-import sys
 
 import pytest
 import torch
