@@ -106,15 +106,7 @@ class _TaskGrads:
     def reached(self, params):
         """After a backward pass: per parameter its gradient (None where no pass of this
         accumulation reached it), and how many are None."""
-        gs, _ = _utils.grads_of(params)
-        if all(map(operator.is_, gs, self.grads)):  # (builtins only: no Python work per parameter)
-            moved = map(operator.ne, map(_version, self.grads), self.versions)
-            out = list(map(operator.getitem, zip(itertools.repeat(None), self.grads), moved))
-        else:  # another tensor: a hook replaced p.grad, take what autograd left
-            out = [(mine if mine._version != v0 else None) if g is None or g is mine else g
-                   for g, mine, v0 in zip(gs, self.grads, self.versions)]
-        # by identity: list.count(None) would call Tensor.__eq__ on every gradient (~25 us each)
-        return out, sum(map(operator.is_, out, itertools.repeat(None)))
+        return _reached(params, self.grads, list(map(operator.ne, map(_version, self.grads), self.versions)))
 
     def private(self):
         """Is nothing but this object holding the buffers? Not when the user kept a
@@ -123,6 +115,19 @@ class _TaskGrads:
             return False
         return (max(map(sys.getrefcount, self.grads)) <= self._refs
                 and all(_storage_uses(f) <= n for f, n in zip(self.flats, self._uses)))
+
+
+def _reached(params, grads, marks):
+    """After a backward pass into a kept set: per parameter its gradient (None where no pass
+    of this accumulation reached it, marks[i] False), and how many are None."""
+    gs, _ = _utils.grads_of(params)
+    if all(map(operator.is_, gs, grads)):  # (builtins only: no Python work per parameter)
+        out = list(map(operator.getitem, zip(itertools.repeat(None), grads), marks))
+    else:  # None: this pass did not reach p (an earlier micro-batch may have);
+        # another tensor: a hook replaced p.grad, take what autograd left
+        out = [(mine if mark else None) if g is None or g is mine else g for g, mine, mark in zip(gs, grads, marks)]
+    # by identity: list.count(None) would call Tensor.__eq__ on every gradient (~25 us each)
+    return out, sum(map(operator.is_, out, itertools.repeat(None)))
 
 
 # glibc's default mmap threshold: blocks this large come straight from the operating system
@@ -160,16 +165,8 @@ class _TakenGrads:
         self.filled = [False] * len(self.grads)
 
     def reached(self, params):
-        """As _TaskGrads.reached: per parameter its gradient (None where no pass of this
-        accumulation reached it), and how many are None."""
-        gs, _ = _utils.grads_of(params)
-        if all(map(operator.is_, gs, self.grads)):  # every parameter reached, no hook replaced one
-            out = list(self.grads)
-        else:  # None: this pass did not reach p (an earlier micro-batch may have);
-            # another tensor: a hook replaced p.grad, take what autograd left
-            out = [(mine if f else None) if g is None or g is mine else g
-                   for g, mine, f in zip(gs, self.grads, self.filled)]
-        return out, sum(map(operator.is_, out, itertools.repeat(None)))
+        """As _TaskGrads.reached."""
+        return _reached(params, self.grads, self.filled)
 
 
 class _TakeHooks:
@@ -229,6 +226,7 @@ class _Last:
     """The last aggregation, as the statistics are made from it when read."""
     G: torch.Tensor
     w: torch.Tensor
+    finite: torch.Tensor
     counts: torch.Tensor  # the running counts after it
     steps: int
     info: dict  # the weighting's own statistics
@@ -238,7 +236,7 @@ class _Last:
         d = G.diagonal().clamp_min(torch.finfo(G.dtype).tiny).sqrt()  # a zero gradient: cosine 0
         conflict = (G < 0) & ~torch.eye(G.shape[0], dtype=torch.bool, device=G.device)
         return {"gram": G, "cosine": G / (d[:, None] * d[None, :]), "conflict": conflict,
-                "any_conflict": conflict.any(), "finite": torch.isfinite(G).all(), "weights": self.w,
+                "any_conflict": conflict.any(), "finite": self.finite, "weights": self.w,
                 "conflict_rate": (self.counts[0] / self.counts[1].clamp_min(1)).float(), "steps": self.steps,
                 **self.info}
 
@@ -611,7 +609,7 @@ class GradientAggregator(WrapperOptimizer):
         hit = torch.stack(((G < 0).any() & finite, finite)).double()
         self._t.counts = hit if self._t.counts is None else self._t.counts + hit
         self._t.n_steps += 1
-        self._t.last = _Last(G, w, self._t.counts, self._t.n_steps,
+        self._t.last = _Last(G, w, finite, self._t.counts, self._t.n_steps,
                              {f"{self.method}_{key}": v for key, v in self.weighting.info.items()})
         self._t.stats = None
 
