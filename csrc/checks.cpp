@@ -5,6 +5,7 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <algorithm>
+#include <array>
 
 namespace roga {
 namespace {
@@ -43,8 +44,9 @@ Range range_of(const at::Tensor& t, int list, int64_t pos) {
   return {lo, lo + static_cast<uintptr_t>(span * t.element_size()), list, pos};
 }
 
+// The same elements in the same order (strides of length-1 dimensions address nothing).
 bool exact_alias(const at::Tensor& a, const at::Tensor& b) {
-  return a.const_data_ptr() == b.const_data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides();
+  return a.const_data_ptr() == b.const_data_ptr() && a.sizes() == b.sizes() && same_layout(a, b);
 }
 
 [[noreturn]] void overlap_error(const char* op, const std::vector<ListArg>& lists, const Range& w, const Range& r,
@@ -58,6 +60,46 @@ bool exact_alias(const at::Tensor& a, const at::Tensor& b) {
                                 "e.g. a parameter listed twice)"
                               : "");
 }
+
+// Calls whose overlap check passed, by what decides it: the op's rule and every tensor's
+// byte range, list by list. An optimizer passes the same lists step after step, and the
+// check (a sort of the written ranges, a search per read tensor) was a third of the host
+// cost of an update on small tensors; a call that repeats a passed one, range for range,
+// has the same verdict. Only for dense tensors (kMemory): there a range is exactly the
+// tensor's bytes, and check_lists has verified the shapes and layouts at each position,
+// which is all exact_alias adds to the ranges. Per thread, so no lock.
+class Passed {
+ public:
+  // The key of a call; a length/flag word opens each list, then (lo, hi) per tensor.
+  static std::vector<uintptr_t> key(const char* op, const std::vector<ListArg>& lists, bool alias_ok) {
+    size_t n = 2 + lists.size();
+    for (const auto& l : lists) n += 2 * l.ts.size();
+    std::vector<uintptr_t> k;
+    k.reserve(n);
+    k.push_back(reinterpret_cast<uintptr_t>(op));
+    k.push_back(alias_ok);
+    for (const auto& l : lists) {
+      k.push_back(l.ts.size() << 1 | l.written);
+      for (const auto& t : l.ts) {
+        const auto lo = t.numel() > 0 ? reinterpret_cast<uintptr_t>(t.const_data_ptr()) : 0;
+        k.push_back(lo);
+        k.push_back(lo + static_cast<uintptr_t>(t.numel() * t.element_size()));
+      }
+    }
+    return k;
+  }
+  bool has(const std::vector<uintptr_t>& k) const {
+    return std::find(seen_.begin(), seen_.end(), k) != seen_.end();
+  }
+  void add(std::vector<uintptr_t> k) {
+    seen_[next_] = std::move(k);
+    next_ = (next_ + 1) % seen_.size();
+  }
+
+ private:
+  std::array<std::vector<uintptr_t>, 16> seen_;  // a step's distinct calls (phases x groups)
+  size_t next_ = 0;
+};
 
 void check_overlaps(const char* op, const std::vector<ListArg>& lists, bool alias_ok) {
   std::vector<Range> w;
@@ -133,7 +175,7 @@ std::optional<at::Device> check_lists(const char* op, const std::vector<ListArg>
                           "] has elements that share memory (e.g. an expanded view); it cannot be written");
       }
       if (l.steps) {
-        TORCH_CHECK_VALUE(t.sym_numel() == 1 && t.scalar_type() == at::kFloat, op, ": ", l.name, "[", i,
+        TORCH_CHECK_VALUE((memory ? t.numel() == 1 : t.sym_numel() == 1) && t.scalar_type() == at::kFloat, op, ": ", l.name, "[", i,
                           "] must be a one-element float32 tensor (a step count), got shape ", t.sym_sizes(),
                           " and dtype ", t.scalar_type());
         continue;
@@ -152,7 +194,16 @@ std::optional<at::Device> check_lists(const char* op, const std::vector<ListArg>
                           "; tensors at one position must share a memory layout");
     }
   }
-  if (memory) check_overlaps(op, lists, alias_ok);
+  if (dense) {
+    thread_local Passed passed;
+    auto key = Passed::key(op, lists, alias_ok);
+    if (!passed.has(key)) {
+      check_overlaps(op, lists, alias_ok);
+      passed.add(std::move(key));
+    }
+  } else if (memory) {
+    check_overlaps(op, lists, alias_ok);
+  }
   return dev;
 }
 

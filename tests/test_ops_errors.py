@@ -153,9 +153,32 @@ def test_overlap_across_positions(backend, device):
     ops.combine_([b1, b2], [[b1, b2], [g, g]], [1.0, 0.5], backend=backend)
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+def test_overlap_verdicts_do_not_carry_over(backend, device):
+    """The compiled backends remember the calls whose overlap check passed (an optimizer
+    repeats them every step): a call that differs from a passed one only in one read list,
+    or only in one tensor's place, is checked again, and a refused call stays refused."""
+    base = torch.randn(12, device=device)
+    p = [base[0:4], base[4:8]]
+    b = [torch.randn(4, device=device) for _ in range(2)]
+    for _ in range(3):
+        ops.restore_(p, b, backend=backend)
+        with pytest.raises(ValueError, match=r"restore_: params\[\d\] shares memory with backup\[1\]"):
+            ops.restore_(p, [b[0], base[1:5]], backend=backend)  # reads across two written tensors
+        ops.combine_(p, [p, b], [1.0, 0.0], backend=backend)  # out may be its own input
+        with pytest.raises(ValueError, match=r"combine_: out\[\d\] shares memory with lists\[0\]"):
+            ops.combine_(p, [[p[1], p[0]], b], [1.0, 0.0], backend=backend)
+        with pytest.raises(ValueError, match=r"combine_: out\[0\] shares memory with lists\[0\]\[0\] without"):
+            ops.combine_(p, [[base[1:5], p[1]], b], [1.0, 0.0], backend=backend)
+        ops.sgd_(p, [b], lr=0.0, backend=backend)
+        with pytest.raises(ValueError, match=r"sgd_: params\[1\] shares memory with grads\[0\]\[0\]"):
+            ops.sgd_(p, [[base[4:8], b[1]]], lr=0.0, backend=backend)
+
+
 def _overlap_violation(named, alias_ok):
     """Brute force of the rule: a written tensor may share no byte with any other tensor of
-    the call, except (alias_ok) a read tensor at its own position that is exactly it."""
+    the call, except (alias_ok) a read tensor at its own position that is exactly it (the
+    same elements in the same order)."""
     def span(t):
         lo = t.data_ptr()
         return lo, lo + t.numel() * t.element_size()

@@ -338,7 +338,8 @@ UpdatePlan update_plan(const UpdateArgs& a) {
   for (const auto& l : a.grads) u.g.push_back(ptrs(l));
   u.direct = a.weights.size() == 2 * static_cast<int64_t>(a.grads.size());
   u.step.assign(a.params.size(), 0.0f);
-  for (size_t i = 0; i < a.steps.size(); ++i) u.step[i] = *a.steps[i].const_data_ptr<float>();
+  // (untyped pointers: check_update verified float32, and the typed accessors re-check per call)
+  for (size_t i = 0; i < a.steps.size(); ++i) u.step[i] = *static_cast<const float*>(a.steps[i].const_data_ptr());
   return u;
 }
 
@@ -361,7 +362,7 @@ void run_update(const UpdateArgs& a, const UpdatePlan& u, std::vector<const std:
     for (int j = 0; j < k; ++j) gp[j] = u.g[j][pc.tensor] + off;
     f(pc, off, gp);
   });
-  for (const auto& t : a.steps) *t.data_ptr<float>() += 1.0f;
+  for (const auto& t : a.steps) *static_cast<float*>(t.data_ptr()) += 1.0f;
 }
 
 char* at_off(const std::vector<char*>& v, int32_t i, int64_t off) { return v[i] ? v[i] + off : nullptr; }
