@@ -190,6 +190,22 @@ def test_norm_of_one_huge_tensor(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norm_counts_every_element_once(backend, device, dtype):
+    """Ones with one 2 at a position near a boundary of how the kernels split a tensor
+    (blocks, side-by-side quarters, the n % 4 tail, 32k-element pieces): the squares sum to
+    n + 3 exactly, and an element dropped or read twice moves the norm by ~3/(2n)."""
+    for n in (2047, 2048, 2049, 2051, 8195, 32771, 100003):
+        q = n // 4
+        for i in sorted({0, q - 1, q, 2 * q, 3 * q - 1, 4 * q - 1, min(4 * q, n - 1), n - 1}):
+            x = torch.ones(n, dtype=dtype, device=device)
+            x[i] = 2.0
+            total, per = ops.norm([x, x[:5]], per_tensor=True, backend=backend)
+            torch.testing.assert_close(per[0].double().cpu(), torch.tensor(math.sqrt(n + 3), dtype=torch.float64),
+                                       rtol=1e-7, atol=0, msg=f"n={n}, the 2 at {i}")
+
+
+@pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_nonfinite_propagates(backend, device, dtype, rng):
     L = Lists(SHAPES["mixed"], dtype, 3, rng, device)
