@@ -104,27 +104,6 @@ double sumsq(const void* xv, const void* pv, int64_t n, double eta_d) {
   const C eta = static_cast<C>(eta_d);
   alignas(64) C xb[kBlock], pb[kBlock];
   double total = 0;
-  if (!p && std::is_same<T, C>::value && n >= 4 * kBlock) {
-    // Four quarters of the segment read side by side: one sequential stream per core reads
-    // at ~15 GB/s here, four at ~20 (ResNet-34 list; two cores: 0.55 -> 0.45 of an add_'s
-    // time). Each block still sums in float and joins the double total, as below.
-    const C* xc = reinterpret_cast<const C*>(x);
-    const int64_t q = n / 4;
-    ROGA_BLOCKS(q) {
-      const C *x0 = xc + o, *x1 = x0 + q, *x2 = x1 + q, *x3 = x2 + q;
-      C s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t j = 0; j < m; ++j) {
-        s0 += x0[j] * x0[j];
-        s1 += x1[j] * x1[j];
-        s2 += x2[j] * x2[j];
-        s3 += x3[j] * x3[j];
-      }
-      total += static_cast<double>(s0) + static_cast<double>(s1) + static_cast<double>(s2) + static_cast<double>(s3);
-    }
-    x = reinterpret_cast<const T*>(xc + 4 * q);  // the last n % 4 elements
-    n -= 4 * q;
-  }
   ROGA_BLOCKS(n) {
     const C* xf = IO<T>::load(x + o, xb, m);
     C s = 0;
