@@ -84,6 +84,10 @@ Checked check_update(const char* op, TensorList params, TensorList source, Tenso
                      double lr, const std::optional<at::Tensor>& lr_t, const std::optional<at::Tensor>& found_inf,
                      CheckLevel level);
 
+// Whether check_lists may skip the overlap check of a call that repeats a passed one (on by
+// default); returns the previous setting. For benchmarks (same-run A/B) and tests.
+bool set_overlap_memo(bool on);
+
 // True if every tensor is a plain CPU/CUDA tensor that the kernels may touch through raw
 // pointers right now: no tensor subclass (DTensor, FakeTensor, ...), functional or
 // functorch wrapper, meta or other device, and no TorchDispatchMode active. The fast eager

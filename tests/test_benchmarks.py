@@ -67,3 +67,14 @@ def test_layout_benchmark_times_both_layouts_on_tiny_inputs():
     for c in res["cases"].values():
         assert c["row-major"] > 0 and c["channels-last"] > 0 and c["speedup"] == pytest.approx(
             c["row-major"] / c["channels-last"])
+
+
+def test_host_benchmark_runs_every_step_variant():
+    from benchmarks import bench_host
+    from roga_cuda.ops.native import _C
+    st = bench_host.steps(reps=3)
+    want = {"sgd_fused_step", "sam_step", "roga_k3_step", "pcgrad_k2_step", "twin_k2_step"}
+    if _C is not None:
+        want |= {"sam_step|always_checked", "roga_k3_step|always_checked"}
+        assert _C._remember_overlaps(True)  # the knob was put back on
+    assert want <= set(st) and all(st[k] > 0 for k in want)
