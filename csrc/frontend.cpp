@@ -241,14 +241,17 @@ Py_ssize_t seq_len(const py::handle& seq, const char* what) {
 }
 
 // [p.grad for p in params] (None where missing) and how many are missing.
-py::tuple grads_of(const py::handle& params) {
+// take: also p.grad = None (the grads_of, then set_grads(params, None), of one loop).
+py::tuple grads_of(const py::handle& params, bool take) {
   const Py_ssize_t n = seq_len(params, "params");
   py::list out(n);
   int64_t missing = 0;
   for (Py_ssize_t i = 0; i < n; ++i) {
-    const at::Tensor& g = tensor_at(params, i, "params").grad();
+    const at::Tensor& p = tensor_at(params, i, "params");
+    const at::Tensor& g = p.grad();
     if (g.defined()) {
       out[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(g));
+      if (take) p.mutable_grad().reset();
     } else {
       out[i] = py::none();
       ++missing;
@@ -324,7 +327,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_", &fast_sgd_);
   m.def("adam_", &fast_adam_);
 
-  m.def("grads_of", &grads_of, "([p.grad for p in params], number of None) in one C++ loop");
+  m.def("grads_of", &grads_of, py::arg("params"), py::arg("take") = false,
+        "([p.grad for p in params], number of None) in one C++ loop; take=True also sets every p.grad to None");
   m.def("set_grads", &set_grads, "p.grad = g for each pair, or p.grad = None for all (grads=None)");
   m.def("swap_data", &swap_data, "p.data = t for each pair; returns the old p.data tensors");
 

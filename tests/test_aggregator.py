@@ -325,6 +325,24 @@ def test_kept_gradients_by_default_only_for_large_cpu_tensors():
         assert (opt._t.kept is not None) == kept
 
 
+def test_backward_takes_the_task_gradients_and_puts_the_compile_config_back():
+    """Small parameters (no kept sets): each pass's gradients are taken from .grad (cleared
+    for the next pass, so nothing is summed across tasks); the passes that retain the graph
+    run with AOTAutograd's donated buffers off, and the setting is put back afterwards."""
+    fconfig = pytest.importorskip("torch._functorch.config")
+    before = fconfig.donated_buffer
+    w = nn.Parameter(torch.tensor([1.0, 2.0]))
+    seen = []
+    w.register_hook(lambda g: seen.append((fconfig.donated_buffer, w.grad)))
+    opt = PCGrad([w], torch.optim.SGD, lr=0.0)
+    x = w * 1.0
+    opt.backward([x[0] * 3.0, x[1] * 5.0], align=False)
+    assert [s[0] for s in seen] == [False, before] and fconfig.donated_buffer == before
+    assert all(s[1] is None for s in seen) and w.grad is None  # .grad empty before every pass, and after
+    (g0, g1), = zip(*opt._t.stash)
+    assert torch.equal(g0, torch.tensor([3.0, 0.0])) and torch.equal(g1, torch.tensor([0.0, 5.0]))
+
+
 def test_hooks_take_the_fresh_gradients_only_inside_backward(monkeypatch):
     """Kept sets on large tensors are taken by hooks: each pass's fresh gradient itself goes
     into its task's set, nothing copied (a hook registered before ours and one registered

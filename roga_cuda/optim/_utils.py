@@ -24,6 +24,15 @@ def grads_of(params):
     return gs, sum(g is None for g in gs)
 
 
+def take_grads(params):
+    """:func:`grads_of`, and ``p.grad = None`` for every p, in one loop."""
+    if _C is not None and not torch.compiler.is_compiling():
+        return _C.grads_of(params, True)
+    out = grads_of(params)
+    set_grads(params, None)
+    return out
+
+
 def set_grads(params, grads=None):
     """``p.grad = g`` for each pair (the caller's own buffers, shaped like p), or
     ``p.grad = None`` for every p when ``grads`` is None."""

@@ -460,15 +460,17 @@ class GradientAggregator(WrapperOptimizer):
                     _utils.set_grads(params, flat[t][1])
                 elif kept is not None:
                     _utils.set_grads(params, None if hooks is not None else kept[t].grads)
-                else:
-                    _utils.set_grads(params, self._t.stash[t] if self._t.stash is not None else None)
+                elif self._t.stash is not None:
+                    _utils.set_grads(params, self._t.stash[t])
+                # (else .grad is None: cleared above, and taken after each pass)
                 keep = retain_graph or t < k - 1
                 with _keep_graph_ok() if keep else contextlib.nullcontext(), _filling(hooks, kept, t):
                     torch.autograd.backward(loss, retain_graph=keep)
-                gs, miss = kept[t].reached(params) if kept is not None else _utils.grads_of(params)
+                gs, miss = kept[t].reached(params) if kept is not None else _utils.take_grads(params)
                 stash.append(gs)
                 missing += miss
-        _utils.set_grads(params, None)
+        if kept is not None or flat is not None:
+            _utils.set_grads(params, None)
         self._t.stash = stash
         self._t.spare = kept
         self._t.stash_complete = missing == 0
@@ -811,12 +813,21 @@ def _resharded_at_exit(model):
             model.set_reshard_after_backward(True)
 
 
+@contextlib.contextmanager
 def _keep_graph_ok():
     """A context in which a retained backward through a graph AOTAutograd compiled with donated
     buffers is allowed: it then compiles a backward that keeps its saved tensors (checked in
-    tests/test_compile_optim.py: the gradients equal the eager model's)."""
+    tests/test_compile_optim.py: the gradients equal the eager model's). Set and put back by
+    hand: the config's patch() builds a class per call (~30 us, a step's worth of PCGrad's
+    host work on a small model)."""
     try:
         import torch._functorch.config as fconfig
-    except ImportError:
-        return contextlib.nullcontext()
-    return fconfig.patch(donated_buffer=False)
+        prev = fconfig.donated_buffer
+    except (ImportError, AttributeError):
+        yield
+        return
+    fconfig.donated_buffer = False
+    try:
+        yield
+    finally:
+        fconfig.donated_buffer = prev
