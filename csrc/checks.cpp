@@ -55,11 +55,13 @@ bool exact_alias(const at::Tensor& a, const at::Tensor& b) {
   const std::string where = lists[w.list].name + "[" + std::to_string(w.pos) + "]";
   const std::string other = lists[r.list].name + "[" + std::to_string(r.pos) + "]";
   const bool same_pos = w.pos == r.pos;
+  const bool steps = lists[w.list].steps || lists[r.list].steps;
   TORCH_CHECK_VALUE(false, op, ": ", where, " shares memory with ", other,
-                    alias_ok && same_pos && !lists[r.list].written ? " without being the same tensor" : "",
-                    !same_pos ? " (a written tensor may not overlap any other tensor of the call, "
-                                "e.g. a parameter listed twice)"
-                              : "");
+                    steps ? " (a step count may share memory with no other tensor of the call)"
+                    : alias_ok && same_pos && !lists[r.list].written ? " without being the same tensor"
+                    : !same_pos ? " (a written tensor may not overlap any other tensor of the call, "
+                                  "e.g. a parameter listed twice)"
+                                : "");
 }
 
 // Calls whose overlap check passed, by what decides it: the op's rule and every tensor's
@@ -67,8 +69,9 @@ bool exact_alias(const at::Tensor& a, const at::Tensor& b) {
 // check (a sort of the written ranges, a search per read tensor) was a third of the host
 // cost of an update on small tensors; a call that repeats a passed one, range for range,
 // has the same verdict. Only for dense tensors (kMemory): there a range is exactly the
-// tensor's bytes, and check_lists has verified the shapes and layouts at each position,
-// which is all exact_alias adds to the ranges. Per thread, so no lock.
+// tensor's bytes, and check_lists has verified that the tensors at one position share shape
+// and layout, which is all exact_alias adds to the ranges (step counts, whose shapes are
+// free, may alias nothing). Per thread, so no lock.
 class Passed {
  public:
   // The key of a call; a length/flag word opens each list, then (lo, hi) per tensor.
@@ -80,7 +83,7 @@ class Passed {
     k.push_back(reinterpret_cast<uintptr_t>(op));
     k.push_back(alias_ok);
     for (const auto& l : lists) {
-      k.push_back(l.ts.size() << 1 | l.written);
+      k.push_back(l.ts.size() << 2 | static_cast<uintptr_t>(l.steps) << 1 | l.written);
       for (const auto& t : l.ts) {
         const auto lo = t.numel() > 0 ? reinterpret_cast<uintptr_t>(t.const_data_ptr()) : 0;
         k.push_back(lo);
@@ -129,7 +132,9 @@ void check_overlaps(const char* op, const std::vector<ListArg>& lists, bool alia
       const Range r = range_of(t, static_cast<int>(j), i);
       auto it = std::upper_bound(w.begin(), w.end(), r.lo, [](uintptr_t v, const Range& x) { return v < x.hi; });
       if (it == w.end() || it->lo >= r.hi) continue;
-      const bool allowed = alias_ok && it->pos == r.pos && exact_alias(lists[it->list].ts[it->pos], t);
+      // (a step count is the optimizer's own: nothing may alias it, not even at its position)
+      const bool allowed = alias_ok && it->pos == r.pos && !lists[it->list].steps && !lists[r.list].steps &&
+                           exact_alias(lists[it->list].ts[it->pos], t);
       if (!allowed) overlap_error(op, lists, *it, r, alias_ok);
     }
   }
