@@ -166,7 +166,7 @@ def main(argv=None):
         f, d, o = pr[f"{op}|fast"], pr[f"{op}|dispatcher"], pr[f"{op}|ops"]
         print(f"| {op} | {f * 1e6:.1f} | {d * 1e6:.1f} | {o * 1e6:.1f} | {d / f:.2f}x |")
     ref = st["sgd_fused_step"]
-    print(f"\n| step | ms | x torch SGD(fused=True).step() | goal |\n|---|---|---|---|")
+    print("\n| step | ms | x torch SGD(fused=True).step() | goal |\n|---|---|---|---|")
     goals = {"sam_step": "<= 1.0x", "roga_k3_step": "<= 2.0x", "pcgrad_k2_surgery": "<= 0.5x"}
     for k in ("sgd_fused_step", "sam_step", "roga_k3_step", "pcgrad_k2_step", "twin_k2_step", "pcgrad_k2_surgery",
               "sam_step|always_checked", "roga_k3_step|always_checked"):

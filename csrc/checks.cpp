@@ -183,7 +183,9 @@ std::optional<at::Device> check_lists(const char* op, const std::vector<ListArg>
                           "] has elements that share memory (e.g. an expanded view); it cannot be written");
       }
       if (l.steps) {
-        TORCH_CHECK_VALUE((memory ? t.numel() == 1 : t.sym_numel() == 1) && t.scalar_type() == at::kFloat, op, ": ", l.name, "[", i,
+        // (real tensors: plain numel; sym_numel would go through a SymInt comparison)
+        const bool one = memory ? t.numel() == 1 : t.sym_numel() == 1;
+        TORCH_CHECK_VALUE(one && t.scalar_type() == at::kFloat, op, ": ", l.name, "[", i,
                           "] must be a one-element float32 tensor (a step count), got shape ", t.sym_sizes(),
                           " and dtype ", t.scalar_type());
         continue;
