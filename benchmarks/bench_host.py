@@ -10,8 +10,10 @@ with a small model this is the step). Interleaved medians, in one run:
   (first_step + second_step, zero_grad=True), the RoGA step over K=3 domains, and the
   gradient surgery of PCGrad (K=2): its backward + step minus a twin that runs the same K
   backward passes into .grad and takes the fused SGD step;
-* SAM and RoGA again with every overlap check run (``_C._remember_overlaps(False)``): what
-  remembering the passed checks saves, in the same run.
+* SAM and RoGA again without reusing the written tensors' sorted ranges in the overlap
+  checks (``_C._remember_overlaps(False)``): what that memo saves, in the same run. (The
+  gradient lists here are the same tensors every step, unlike after a real backward; the
+  memo covers only written lists, so that does not favour it.)
 
     python -m benchmarks.bench_host            # prints a table; --json PATH writes the numbers
 """
@@ -127,7 +129,7 @@ def steps(reps=200):
         ls[1].backward()
         twin.step()
 
-    def always_checked(f):  # the same step with every overlap check run (none remembered)
+    def always_checked(f):  # the same step with the overlap checks' memo off
         def g():
             prev = C._remember_overlaps(False)
             try:

@@ -84,8 +84,8 @@ Checked check_update(const char* op, TensorList params, TensorList source, Tenso
                      double lr, const std::optional<at::Tensor>& lr_t, const std::optional<at::Tensor>& found_inf,
                      CheckLevel level);
 
-// Whether check_lists may skip the overlap check of a call that repeats a passed one (on by
-// default); returns the previous setting. For benchmarks (same-run A/B) and tests.
+// Whether check_lists may reuse the sorted written ranges of a recent call that wrote the
+// same tensors (on by default); returns the previous setting. For benchmarks and tests.
 bool set_overlap_memo(bool on);
 
 // True if every tensor is a plain CPU/CUDA tensor that the kernels may touch through raw

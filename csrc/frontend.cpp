@@ -303,8 +303,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("WITH_CUDA") = false;
 #endif
   m.def("_remember_overlaps", &set_overlap_memo, py::arg("on"),
-        "Whether repeated calls may skip the overlap check they passed (default True); returns the previous "
-        "setting. A benchmark and test knob.");
+        "Whether calls that write the same tensors as a recent call may reuse its sorted, checked written ranges "
+        "(default True); returns the previous setting. A benchmark and test knob.");
   m.def("_cpu_isa", &cpu::isa, "Which compiled variant of the CPU loops is active (avx2 or baseline).");
   m.def("_set_cpu_isa", &cpu::set_isa, py::arg("name"),
         "Switch the CPU loops to 'avx2' or 'baseline' (tests); False if this CPU cannot run it.");

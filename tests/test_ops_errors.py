@@ -155,9 +155,10 @@ def test_overlap_across_positions(backend, device):
 
 @pytest.mark.parametrize("backend,device", CASES)
 def test_overlap_verdicts_do_not_carry_over(backend, device):
-    """The compiled backends remember the calls whose overlap check passed (an optimizer
-    repeats them every step): a call that differs from a passed one only in one read list,
-    or only in one tensor's place, is checked again, and a refused call stays refused."""
+    """The compiled backends reuse the sorted written ranges of a recent call that wrote the
+    same tensors (an optimizer writes the same ones every step): a call that writes the same
+    tensors but reads others, or writes one of them at another place, is checked again, and
+    a refused call stays refused."""
     base = torch.randn(12, device=device)
     p = [base[0:4], base[4:8]]
     b = [torch.randn(4, device=device) for _ in range(2)]
@@ -177,8 +178,7 @@ def test_overlap_verdicts_do_not_carry_over(backend, device):
 
 def _overlap_violation(named, alias_ok):
     """Brute force of the rule: a written tensor may share no byte with any other tensor of
-    the call, except (alias_ok) a read tensor at its own position that is exactly it (the
-    same elements in the same order)."""
+    the call, except (alias_ok) a read tensor at its own position that is exactly it."""
     def span(t):
         lo = t.data_ptr()
         return lo, lo + t.numel() * t.element_size()
@@ -197,7 +197,7 @@ def _overlap_violation(named, alias_ok):
 
 @pytest.fixture(params=[True, False], ids=["remembered", "always-checked"])
 def overlap_memo(request):
-    """The compiled backends' memo of passed overlap checks, on (the default) and off."""
+    """The compiled backends' memo of checked written ranges, on (the default) and off."""
     from roga_cuda.ops import native
     if native._C is None:
         yield request.param
@@ -239,7 +239,7 @@ def test_overlap_rule_on_random_views(backend, device, overlap_memo):
                 ("sgd_", [("params", True, p), ("grads", False, g), ("grad_out", True, b)], True,
                  lambda: ops.sgd_(p, [g], lr=0.0, grad_out=b, backend=backend))):
             bad = _overlap_violation(named, alias_ok)
-            for attempt in range(2):  # the second time a passed call may be remembered
+            for attempt in range(2):  # the second time, its written ranges may be reused
                 try:
                     call()
                     ok = True

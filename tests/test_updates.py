@@ -326,11 +326,6 @@ def test_update_errors(backend, device):
     base = torch.randn(4, device=device)
     with pytest.raises(ValueError, match=r"sgd_: params\[0\] shares memory with source\[0\]"):
         ops.sgd_([base[:3]], g, lr=0.1, source=[base[1:]], backend=backend)
-    one, st = [torch.randn(1, device=device)], [torch.zeros(1, device=device)]
-    for _ in range(2):  # a step count aliases nothing, even as the same tensor at its position
-        with pytest.raises(ValueError, match=r"sgd_: steps\[0\] shares memory with grads\[0\]\[0\] \(a step count"):
-            ops.sgd_(one, [st], lr=0.1, momentum=0.9, momentum_buffers=[torch.zeros(1, device=device)], steps=st,
-                     backend=backend)
     with pytest.raises(ValueError, match="found_inf"):
         ops.sgd_(p, g, lr=0.1, found_inf=torch.zeros(2, device=device), backend=backend)
     with pytest.raises(ValueError, match="Nesterov"):
