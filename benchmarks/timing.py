@@ -5,6 +5,7 @@ import ctypes
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -63,8 +64,10 @@ def _cpu_name():
 
 
 def interleaved(variants, reps=20, warmup=3, device="cpu"):
-    """Run every variant once per round, ``reps`` rounds, in rotating order so that slow
-    drifts (thermal, other load) hit all variants alike. Returns {name: [seconds]}.
+    """Run every variant once per round, ``reps`` rounds, in a shuffled order (seeded) so that
+    slow drifts (thermal, other load) hit all variants alike and no variant always runs right
+    after the same other one (a rotation keeps the cyclic order: a variant that always
+    followed a cache-trashing one timed 1.5x its twin in bench_host). Returns {name: [seconds]}.
 
     A variant is a callable, or a (setup, callable) pair whose setup runs untimed first."""
     setups = {n: (v[0] if isinstance(v, tuple) else None) for n, v in variants.items()}
@@ -78,8 +81,10 @@ def interleaved(variants, reps=20, warmup=3, device="cpu"):
     sync(device)
     times = {n: [] for n in names}
     cuda = torch.device(device).type == "cuda"
+    shuffle = random.Random(0).shuffle
     for r in range(reps):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = list(names)
+        shuffle(order)
         for n in order:
             if setups[n]:
                 setups[n]()
