@@ -129,6 +129,8 @@ def steps(reps=200):
         ls[1].backward()
         twin.step()
 
+    from roga_cuda.ops.native import _C as C
+
     def always_checked(f):  # the same step with the overlap checks' memo off
         def g():
             prev = C._remember_overlaps(False)
@@ -138,7 +140,6 @@ def steps(reps=200):
                 C._remember_overlaps(prev)
         return g
 
-    from roga_cuda.ops.native import _C as C
     v = {"sgd_fused_step": base_step, "sam_step": sam_step, "roga_k3_step": roga_step,
          "pcgrad_k2_step": pc_step, "twin_k2_step": twin_step}
     if C is not None:

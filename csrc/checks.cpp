@@ -71,8 +71,14 @@ bool exact_alias(const at::Tensor& a, const at::Tensor& b) {
 // thread, so no lock.
 class WrittenRanges {
  public:
+  // The memo key: the op, every list's size and role, and every written tensor's byte range
+  // ({0, 0} for an empty one, so a range's position in its list is part of the key too).
   static std::vector<uintptr_t> key(const char* op, const std::vector<ListArg>& lists) {
-    std::vector<uintptr_t> k{reinterpret_cast<uintptr_t>(op)};
+    size_t nw = 0;
+    for (const auto& l : lists) nw += l.written ? l.ts.size() : 0;
+    std::vector<uintptr_t> k;
+    k.reserve(1 + lists.size() + 2 * nw);
+    k.push_back(reinterpret_cast<uintptr_t>(op));
     for (size_t j = 0; j < lists.size(); ++j) {
       const auto& l = lists[j];
       k.push_back(l.ts.size() << 1 | l.written);
@@ -84,6 +90,21 @@ class WrittenRanges {
       }
     }
     return k;
+  }
+  // The non-empty written ranges a key holds, in list order (a miss reads them from the key
+  // rather than from the tensors again).
+  static std::vector<Range> ranges(const std::vector<uintptr_t>& k) {
+    std::vector<Range> out;
+    out.reserve((k.size() - 1) / 2);
+    size_t at = 1;
+    for (int j = 0; at < k.size(); ++j) {
+      const size_t n = k[at] >> 1;
+      const bool written = k[at++] & 1;
+      if (!written) continue;
+      for (size_t i = 0; i < n; ++i, at += 2)
+        if (k[at + 1] > k[at]) out.push_back(Range{k[at], k[at + 1], j, static_cast<int64_t>(i)});
+    }
+    return out;
   }
   const std::vector<Range>* find(const std::vector<uintptr_t>& k) const {
     for (const auto& e : seen_)
@@ -112,22 +133,11 @@ void check_overlaps(const char* op, const std::vector<ListArg>& lists, bool alia
   const auto by_lo = [](const Range& a, const Range& b) { return a.lo < b.lo; };
   const bool memo = remember_written.load(std::memory_order_relaxed);
   thread_local WrittenRanges remembered;
-  std::vector<uintptr_t> key;
-  const std::vector<Range>* found = nullptr;
-  if (memo) {
-    key = WrittenRanges::key(op, lists);
-    found = remembered.find(key);
-  }
+  std::vector<uintptr_t> key = WrittenRanges::key(op, lists);
+  const std::vector<Range>* found = memo ? remembered.find(key) : nullptr;
   std::vector<Range> own;
   if (!found) {
-    size_t nw = 0;
-    for (const auto& l : lists) nw += l.written ? l.ts.size() : 0;
-    own.reserve(nw);
-    for (size_t j = 0; j < lists.size(); ++j) {
-      if (!lists[j].written) continue;
-      for (size_t i = 0; i < lists[j].ts.size(); ++i)
-        if (lists[j].ts[i].numel() > 0) own.push_back(range_of(lists[j].ts[i], static_cast<int>(j), i));
-    }
+    own = WrittenRanges::ranges(key);
     if (!std::is_sorted(own.begin(), own.end(), by_lo)) std::sort(own.begin(), own.end(), by_lo);
     for (size_t i = 1; i < own.size(); ++i)
       if (own[i].lo < own[i - 1].hi) overlap_error(op, lists, own[i - 1], own[i], alias_ok);

@@ -193,7 +193,8 @@ def test_norm_of_one_huge_tensor(backend, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_norm_counts_every_element_once(backend, device, dtype):
     """Ones with one 2 at a position near a boundary where a kernel could split a tensor
-    (512-element blocks, quarters, the n % 4 tail, 32k-element pieces): the squares sum to
+    (512-element blocks, the n % 4 tail, 32k-element pieces, and the quarters a four-stream
+    kernel would split at): the squares sum to
     n + 3 exactly, and an element dropped or read twice moves the norm by ~3/(2n)."""
     for n in (2047, 2048, 2049, 2051, 8195, 32771, 100003):
         q = n // 4

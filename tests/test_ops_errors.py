@@ -174,6 +174,11 @@ def test_overlap_verdicts_do_not_carry_over(backend, device):
         ops.sgd_(p, [b], lr=0.0, backend=backend)
         with pytest.raises(ValueError, match=r"sgd_: params\[1\] shares memory with grads\[0\]\[0\]"):
             ops.sgd_(p, [[base[4:8], b[1]]], lr=0.0, backend=backend)
+        # the same non-empty written range at another position (an empty tensor moved): the
+        # exact alias at its own position is allowed in both calls
+        e = base[:0]
+        ops.combine_([e, p[0]], [[e, p[0]], [e, b[0]]], [1.0, 0.0], backend=backend)
+        ops.combine_([p[0], e], [[p[0], e], [b[0], e]], [1.0, 0.0], backend=backend)
 
 
 def _overlap_violation(named, alias_ok):
