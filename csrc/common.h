@@ -88,6 +88,9 @@ namespace cpu {
 ROGA_DECLARE_OPS
 std::string isa();
 bool set_isa(const std::string& name);
+// Elements per block of the elementwise CPU kernels on float32/float64 (kernels.hpp); returns
+// the previous value. Tests and benchmarks.
+int64_t set_elementwise_block(int64_t n);
 }  // namespace cpu
 
 #ifdef ROGA_WITH_CUDA

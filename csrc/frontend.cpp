@@ -308,6 +308,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_cpu_isa", &cpu::isa, "Which compiled variant of the CPU loops is active (avx2 or baseline).");
   m.def("_set_cpu_isa", &cpu::set_isa, py::arg("name"),
         "Switch the CPU loops to 'avx2' or 'baseline' (tests); False if this CPU cannot run it.");
+  m.def("_cpu_block", &cpu::set_elementwise_block, py::arg("n"),
+        "Elements per block of the elementwise CPU loops on float32/float64 storage (default 128); returns the "
+        "previous value. A benchmark and test knob: results do not depend on it.");
 #ifdef ROGA_WITH_CUDA
   m.def("_cuda_launch_limits", &cuda::launch_limits, py::arg("chunk") = 0, py::arg("max_tensors") = 0,
         py::arg("max_blocks") = 0,

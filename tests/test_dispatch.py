@@ -137,3 +137,73 @@ def test_cpu_isa_variants_agree():
     assert torch.all((a[1] - b[1]).abs() <= 2e-6 * scale), (a[1], b[1])
     for x, y in zip(a[2] + a[3], b[2] + b[3]):
         torch.testing.assert_close(x, y, rtol=0, atol=0)  # element-wise math rounds identically
+
+
+def _cpu_module():
+    if not ops.backends()["cpu"]["available"]:
+        pytest.skip("compiled module not built")
+    from roga_cuda import _C
+    return _C
+
+
+def test_cpu_elementwise_results_do_not_depend_on_the_block():
+    """The elementwise CPU loops run float32/float64 in blocks of a settable length (short
+    blocks keep an update's streams in flight together); every element is computed alone, so
+    any length gives the same bits. Sizes straddle the block lengths."""
+    _C = _cpu_module()
+    g = torch.Generator().manual_seed(1)
+    shapes = [(1,), (7,), (127,), (129,), (33, 65), (5003,)]
+
+    def run(dtype):
+        def mk():
+            return [torch.randn(s, generator=g).to(dtype) for s in shapes]
+        torch.manual_seed(0)
+        xs = [mk() for _ in range(6)]
+        w, wd = [0.5, -1.25, 2.0, 0.125, -3.0, 0.75], [0.1, -0.2, 0.3, 0.0, 1.0, -1.0]
+        out = {}
+        c = mk()
+        ops.combine_(c, xs, w, backend="cpu")
+        p, src, buf, gout = mk(), mk(), mk(), mk()
+        steps = [torch.ones(()) for _ in shapes]
+        ops.sgd_(p, xs, lr=0.1, momentum_buffers=buf, steps=steps, momentum=0.9, nesterov=True, weight_decay=0.01,
+                 source=src, grad_weights=w, direct_weights=wd, grad_out=gout, backend="cpu")
+        q, m, v = mk(), mk(), [t.abs() for t in mk()]
+        ops.adam_(q, xs[:3], m, v, [torch.full((), 2.0) for _ in shapes], lr=0.01, weight_decay=0.1, decoupled=True,
+                  grad_weights=w[:3], backend="cpu")
+        r, b = mk(), mk()
+        ops.perturb_(r, xs[0], b, 0.3, adaptive=True, eta=0.01, backend="cpu")
+        return c + p + buf + gout + q + m + v + r + b
+
+    for dtype in (torch.float32, torch.float64):
+        results = []
+        for block in (512, 128, 7, 1):
+            prev = _C._cpu_block(block)
+            try:
+                g.manual_seed(1)
+                results.append(run(dtype))
+            finally:
+                _C._cpu_block(prev)
+        for other in results[1:]:
+            for x, y in zip(results[0], other):
+                assert torch.equal(x, y), dtype
+    with pytest.raises(ValueError, match="_cpu_block: a block of 1 to 512 elements, got 0"):
+        _C._cpu_block(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_combine_rounds_stream_by_stream(dtype):
+    """combine_ reads up to four streams per loop, but each element is still a product, then
+    one rounded add per further list in list order: the bits of torch's own ops in that order,
+    for every K (the grouping's full, short and single-stream remainders)."""
+    _cpu_module()
+    g = torch.Generator().manual_seed(2)
+    for k in range(1, 11):
+        xs = [[torch.randn(s, generator=g, dtype=dtype) for s in ((1,), (131,), (2049,))] for _ in range(k)]
+        w = (torch.rand(k, generator=g, dtype=torch.float64) * 4 - 2).tolist()
+        out = [torch.empty_like(x) for x in xs[0]]
+        ops.combine_(out, xs, w, backend="cpu")
+        for i, o in enumerate(out):
+            exp = xs[0][i] * torch.tensor(w[0], dtype=dtype)
+            for a in range(1, k):
+                exp = exp + xs[a][i] * torch.tensor(w[a], dtype=dtype)
+            assert torch.equal(o, exp), (k, i)

@@ -10,7 +10,7 @@
 // float32/float64 storage is used in place (no copy). Math is float32 (float64 for float64
 // storage); reductions use float32 SIMD lanes within a block and a double across blocks.
 
-constexpr int64_t kBlock = 512;
+constexpr int64_t kBlock = kBlockElements;
 
 inline float bits_to_float(uint32_t u) {
   float f;
@@ -95,6 +95,17 @@ struct IO<c10::BFloat16> {
 #define ROGA_BLOCKS(n) \
   for (int64_t o = 0, m = std::min(kBlock, (n)); o < (n); o += kBlock, m = std::min(kBlock, (n) - o))
 
+// The blocks of an elementwise kernel: elementwise_block elements on storage used in place,
+// kBlock where 16-bit storage is converted (the buffers are kBlock long).
+template <typename T>
+inline int64_t elementwise_block_of() {
+  if (!std::is_same<T, typename IO<T>::C>::value) return kBlock;
+  return std::clamp<int64_t>(elementwise_block.load(std::memory_order_relaxed), 1, kBlock);
+}
+#define ROGA_EW_BLOCKS(T, n)                                                                     \
+  for (int64_t bs_ = elementwise_block_of<T>(), o = 0, m = std::min(bs_, (n)); o < (n); o += bs_, \
+               m = std::min(bs_, (n) - o))
+
 // sum x^2, or with p: sum ((|p| + eta) x)^2 (the ASAM norm)
 template <typename T>
 double sumsq(const void* xv, const void* pv, int64_t n, double eta_d) {
@@ -132,7 +143,7 @@ void perturb(void* pv, const void* gv, void* bv, int64_t n, double s_d, bool ada
   T* b = static_cast<T*>(bv);
   const C s = static_cast<C>(s_d), eta = static_cast<C>(eta_d);
   alignas(64) C pb[kBlock], gb[kBlock], ob[kBlock];
-  ROGA_BLOCKS(n) {
+  ROGA_EW_BLOCKS(T, n) {
     copy_out(b + o, p + o, m * sizeof(T), stream);  // the backup is write-only
     const C* pf = IO<T>::load(p + o, pb, m);
     const C* gf = IO<T>::load(g + o, gb, m);
@@ -159,7 +170,7 @@ void accumulate(void* av, const void* gv, int64_t n, double w_d) {
   const T* g = static_cast<const T*>(gv);
   const C w = static_cast<C>(w_d);
   alignas(64) C ab[kBlock], gb[kBlock];
-  ROGA_BLOCKS(n) {
+  ROGA_EW_BLOCKS(T, n) {
     const C* af = IO<T>::load(a + o, ab, m);
     const C* gf = IO<T>::load(g + o, gb, m);
     C* of = IO<T>::dst_buf(a + o, ab);
@@ -167,6 +178,55 @@ void accumulate(void* av, const void* gv, int64_t n, double w_d) {
     for (int64_t j = 0; j < m; ++j) of[j] = af[j] + w * gf[j];
     IO<T>::store(a + o, of, m);
   }
+}
+
+// The Gram triangle's tiles (gram below); float sums within a block, added to double out.
+// tri_tile: the lower triangle of rows r0 .. r0 + rn - 1 (r[0..rn)) against themselves.
+template <typename C>
+inline void tri_tile(const C* const* r, int rn, int64_t m, double* out, int r0) {
+  const C *a0 = r[0], *a1 = r[1], *a2 = r[2], *a3 = r[3];
+  C s00 = 0, s10 = 0, s11 = 0, s20 = 0, s21 = 0, s22 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+#pragma omp simd reduction(+ : s00, s10, s11, s20, s21, s22, s30, s31, s32, s33)
+  for (int64_t j = 0; j < m; ++j) {
+    const C x0 = a0[j], x1 = a1[j], x2 = a2[j], x3 = a3[j];
+    s00 += x0 * x0;
+    s10 += x1 * x0;
+    s11 += x1 * x1;
+    s20 += x2 * x0;
+    s21 += x2 * x1;
+    s22 += x2 * x2;
+    s30 += x3 * x0;
+    s31 += x3 * x1;
+    s32 += x3 * x2;
+    s33 += x3 * x3;
+  }
+  const C s[4][4] = {{s00, 0, 0, 0}, {s10, s11, 0, 0}, {s20, s21, s22, 0}, {s30, s31, s32, s33}};
+  for (int i = 0; i < rn; ++i)
+    for (int c = 0; c <= i; ++c) out[(r0 + i) * (r0 + i + 1) / 2 + r0 + c] += static_cast<double>(s[i][c]);
+}
+
+// rect_tile: two rows against four columns (all below the diagonal); out[i][c] += sum.
+// A missing second row (rows[1] == rows[0], out[1] null) is computed and dropped.
+template <typename C>
+inline void rect_tile(const C* const* rows, const C* const* cols, int64_t m, double* const* out) {
+  const C *a0 = rows[0], *a1 = rows[1], *y0 = cols[0], *y1 = cols[1], *y2 = cols[2], *y3 = cols[3];
+  C s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)
+  for (int64_t j = 0; j < m; ++j) {
+    const C x0 = a0[j], x1 = a1[j], c0 = y0[j], c1 = y1[j], c2 = y2[j], c3 = y3[j];
+    s00 += x0 * c0;
+    s01 += x0 * c1;
+    s02 += x0 * c2;
+    s03 += x0 * c3;
+    s10 += x1 * c0;
+    s11 += x1 * c1;
+    s12 += x1 * c2;
+    s13 += x1 * c3;
+  }
+  const C s[2][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}};
+  for (int i = 0; i < 2; ++i)
+    if (out[i])
+      for (int c = 0; c < 4; ++c) out[i][c] += static_cast<double>(s[i][c]);
 }
 
 // out[a*(a+1)/2 + b] += <x_a, x_b> for b <= a; every x read once per block
@@ -193,70 +253,69 @@ void gram(const void* const* xs, int k, int64_t n, double* out) {
       out[2] += static_cast<double>(s11);
       continue;
     }
-    // K > 2: two rows of the triangle at a time against four columns, eight independent
-    // sums per loop: each loaded element feeds two (row) or four (column) products, where
-    // one pair per sum loads two per product. The loads from L1, not memory, bound a
-    // one-pair loop at K = 8 (40 ms against 26 for reading the 8 sets, ResNet-34 list).
-    // Slots past the triangle (column > row, a missing second row) repeat a valid operand
-    // and are dropped.
-    for (int r0 = 0; r0 < k; r0 += 2) {
-      const int r1 = r0 + 1 < k ? r0 + 1 : r0;
-      const C* a0 = v[r0];
-      const C* a1 = v[r1];
-      for (int c = 0; c <= r1; c += 4) {
-        const C* y[4];
-        for (int i = 0; i < 4; ++i) y[i] = v[c + i <= r1 ? c + i : c];
-        const C *y0 = y[0], *y1 = y[1], *y2 = y[2], *y3 = y[3];
-        C s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
-#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)
-        for (int64_t j = 0; j < m; ++j) {
-          const C x0 = a0[j], x1 = a1[j];
-          s00 += x0 * y0[j];
-          s01 += x0 * y1[j];
-          s02 += x0 * y2[j];
-          s03 += x0 * y3[j];
-          s10 += x1 * y0[j];
-          s11 += x1 * y1[j];
-          s12 += x1 * y2[j];
-          s13 += x1 * y3[j];
+    // K > 2: the triangle in 4 x 4 tiles of rows and columns. A tile on the diagonal is one
+    // loop of ten sums over four streams; one below it, two loops of eight sums (two rows
+    // against four columns). Each loaded element feeds several products: one pair per loop
+    // would load two per product, and the loads from L1 bound such a loop at K = 8 (40 ms
+    // against 26 for reading the 8 sets, ResNet-34 list). Operand slots past K repeat a valid
+    // operand, and their sums are dropped.
+    for (int r0 = 0; r0 < k; r0 += 4) {
+      const int rn = std::min(4, k - r0);
+      const C* r[4];
+      for (int i = 0; i < 4; ++i) r[i] = v[r0 + std::min(i, rn - 1)];
+      tri_tile(r, rn, m, out, r0);
+      for (int c0 = 0; c0 < r0; c0 += 4)
+        for (int i = 0; i < rn; i += 2) {
+          const C* rows[2] = {r[i], r[std::min(i + 1, rn - 1)]};
+          double* o2[2] = {&out[(r0 + i) * (r0 + i + 1) / 2 + c0],
+                           i + 1 < rn ? &out[(r0 + i + 1) * (r0 + i + 2) / 2 + c0] : nullptr};
+          rect_tile(rows, &v[c0], m, o2);
         }
-        const C s[2][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}};
-        for (int i = 0; i < 4 && c + i <= r1; ++i) {
-          if (c + i <= r0) out[r0 * (r0 + 1) / 2 + c + i] += static_cast<double>(s[0][i]);
-          if (r1 != r0) out[r1 * (r1 + 1) / 2 + c + i] += static_cast<double>(s[1][i]);
-        }
-      }
     }
   }
 }
 
-// out = sum_a w[a] * x_a; a block is fully read before it is written, so out may be an x_a
-template <typename T>
-void combine(void* outv, const void* const* xs, const double* w_d, int k, int64_t n, bool stream) {
-  using C = typename IO<T>::C;
-  T* out = static_cast<T*>(outv);
-  alignas(64) C acc[kBlock], xb[kBlock];
-  ROGA_BLOCKS(n) {
-    for (int a = 0; a < k; ++a) {
-      const C* xf = IO<T>::load(static_cast<const T*>(xs[a]) + o, xb, m);
-      const C w = static_cast<C>(w_d[a]);
-      if (a == 0) {
+// g[j] += w[0] x[0][j] + ... + w[R-1] x[R-1][j], added in that order (as R loops of one stream
+// would, one rounding each), in one loop: a core then has R streams in flight instead of one.
+// With d, also d += wd . x.
+template <typename C, int R>
+inline void add_streams(C* g, C* d, const C* const* x, const double* w, const double* wd, int64_t m) {
+  const C* x0 = x[0];
+  const C* x1 = x[R > 1 ? 1 : 0];
+  const C* x2 = x[R > 2 ? 2 : 0];
+  const C* x3 = x[R > 3 ? 3 : 0];
+  const C w0 = static_cast<C>(w[0]), w1 = static_cast<C>(w[R > 1 ? 1 : 0]), w2 = static_cast<C>(w[R > 2 ? 2 : 0]),
+          w3 = static_cast<C>(w[R > 3 ? 3 : 0]);
+  if (d) {
+    const C d0 = static_cast<C>(wd[0]), d1 = static_cast<C>(wd[R > 1 ? 1 : 0]),
+            d2 = static_cast<C>(wd[R > 2 ? 2 : 0]), d3 = static_cast<C>(wd[R > 3 ? 3 : 0]);
 #pragma omp simd
-        for (int64_t j = 0; j < m; ++j) acc[j] = w * xf[j];
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) acc[j] += w * xf[j];
-      }
+    for (int64_t j = 0; j < m; ++j) {
+      C t = g[j], u = d[j];
+      t += w0 * x0[j];
+      u += d0 * x0[j];
+      if (R > 1) t += w1 * x1[j], u += d1 * x1[j];
+      if (R > 2) t += w2 * x2[j], u += d2 * x2[j];
+      if (R > 3) t += w3 * x3[j], u += d3 * x3[j];
+      g[j] = t;
+      d[j] = u;
     }
-    if (std::is_same<T, C>::value)
-      copy_out(out + o, acc, m * sizeof(T), stream);  // stream only when out is none of the inputs
-    else
-      IO<T>::store(out + o, acc, m);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      C t = g[j];
+      t += w0 * x0[j];
+      if (R > 1) t += w1 * x1[j];
+      if (R > 2) t += w2 * x2[j];
+      if (R > 3) t += w3 * x3[j];
+      g[j] = t;
+    }
   }
 }
 
-// g <- sum_a w[a] * xs[a] over one block (the fused updates' gradient); with d, also
-// d <- sum_a wd[a] * xs[a] (the direct row) from the same loads
+// g <- sum_a w[a] * xs[a] over one block (the fused updates' gradient, combine); with d, also
+// d <- sum_a wd[a] * xs[a] (the direct row) from the same loads. Per element: a product, then
+// one add per further stream, in stream order, however the streams are grouped in loops.
 template <typename T>
 inline void combine_block(typename IO<T>::C* g, const void* const* xs, const double* w, int k, int64_t o, int64_t m,
                           typename IO<T>::C* xb, typename IO<T>::C* d = nullptr, const double* wd = nullptr) {
@@ -286,6 +345,54 @@ inline void combine_block(typename IO<T>::C* g, const void* const* xs, const dou
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) g[j] += wa * xf[j];
     }
+    if constexpr (std::is_same<T, C>::value) {
+      // Storage used in place: the other streams four at a time (16-bit storage is
+      // converted one stream at a time into xb, so it stays one loop per stream).
+      for (int i = 1; i < k; i += 4) {
+        const int r = std::min(4, k - i);
+        const C* x4[4];
+        for (int q = 0; q < r; ++q) x4[q] = static_cast<const T*>(xs[i + q]) + o;
+        const double* di = d ? wd + i : nullptr;
+        switch (r) {
+          case 1: add_streams<C, 1>(g, d, x4, w + i, di, m); break;
+          case 2: add_streams<C, 2>(g, d, x4, w + i, di, m); break;
+          case 3: add_streams<C, 3>(g, d, x4, w + i, di, m); break;
+          default: add_streams<C, 4>(g, d, x4, w + i, di, m); break;
+        }
+      }
+      return;
+    }
+  }
+}
+
+// out = sum_a w[a] * x_a; a block is fully read before it is written, so out may be an x_a
+template <typename T>
+void combine(void* outv, const void* const* xs, const double* w_d, int k, int64_t n, bool stream) {
+  using C = typename IO<T>::C;
+  T* out = static_cast<T*>(outv);
+  alignas(64) C acc[kBlock], xb[kBlock];
+  ROGA_EW_BLOCKS(T, n) {
+    combine_block<T>(acc, xs, w_d, k, o, m, xb);
+    if (std::is_same<T, C>::value)
+      copy_out(out + o, acc, m * sizeof(T), stream);  // stream only when out is none of the inputs
+    else
+      IO<T>::store(out + o, acc, m);
+  }
+}
+
+// Momentum SGD after the block's gradient g (in L1) is known, on storage used in place: weight
+// decay, the buffer, the step, in one loop over the source, buffer and parameter streams (as
+// the loops of sgd below compute them, one rounding per operation, so the same bits).
+template <typename C, bool Wd, bool Nesterov, bool Direct>
+inline void sgd_momentum_tail(C* p, const C* x, C* buf, const C* g, const C* d, int64_t m, C lr, C mom, C damp, C wd) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) {
+    C gj = g[j];
+    if (Wd) gj = gj + wd * x[j];
+    const C bj = mom * buf[j] + damp * gj;
+    buf[j] = bj;
+    const C u = Nesterov ? gj + mom * bj : bj;
+    p[j] = Direct ? (x[j] - lr * u) - lr * d[j] : x[j] - lr * u;
   }
 }
 
@@ -301,7 +408,7 @@ void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int
   const C lr = static_cast<C>(s.lr), mom = static_cast<C>(s.momentum), damp = static_cast<C>(1 - s.dampening),
           wd = static_cast<C>(s.weight_decay);
   alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], bb[kBlock], ob[kBlock], d[kBlock];
-  ROGA_BLOCKS(n) {
+  ROGA_EW_BLOCKS(T, n) {
     combine_block<T>(g, gs, w, k, o, m, xb, s.direct ? d : nullptr, w + k);
     if (gout) IO<T>::store(gout + o, g, m);  // a separate buffer from g: store copies
     if (s.maximize) {
@@ -309,6 +416,20 @@ void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int
       for (int64_t j = 0; j < m; ++j) g[j] = -g[j];
     }
     const C* x = IO<T>::load(src + o, sb, m);
+    if constexpr (std::is_same<T, C>::value) {
+      if (s.momentum != 0 && !s.first) {
+        const bool wdv = s.weight_decay != 0;
+        const int v = (wdv ? 4 : 0) | (s.nesterov ? 2 : 0) | (s.direct ? 1 : 0);
+        using F = void (*)(C*, const C*, C*, const C*, const C*, int64_t, C, C, C, C);
+        static constexpr F tails[8] = {
+            &sgd_momentum_tail<C, false, false, false>, &sgd_momentum_tail<C, false, false, true>,
+            &sgd_momentum_tail<C, false, true, false>,  &sgd_momentum_tail<C, false, true, true>,
+            &sgd_momentum_tail<C, true, false, false>,  &sgd_momentum_tail<C, true, false, true>,
+            &sgd_momentum_tail<C, true, true, false>,   &sgd_momentum_tail<C, true, true, true>};
+        tails[v](p + o, x, buf + o, g, d, m, lr, mom, damp, wd);
+        continue;
+      }
+    }
     if (s.weight_decay != 0) {
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) g[j] = g[j] + wd * x[j];
@@ -358,7 +479,7 @@ void adam(void* pv, const void* srcv, const void* const* gs, const double* w, in
           eps = static_cast<C>(s.eps), bc2 = static_cast<C>(s.bc2_sqrt), step = static_cast<C>(s.step_size);
   alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], x2[kBlock], mb[kBlock], vb[kBlock], qb[kBlock], ob[kBlock],
       d[kBlock];
-  ROGA_BLOCKS(n) {
+  ROGA_EW_BLOCKS(T, n) {
     combine_block<T>(g, gs, w, k, o, m, xb, s.direct ? d : nullptr, w + k);
     if (gout) IO<T>::store(gout + o, g, m);
     if (s.maximize) {
@@ -409,6 +530,7 @@ void adam(void* pv, const void* srcv, const void* const* gs, const double* w, in
 }
 
 #undef ROGA_BLOCKS
+#undef ROGA_EW_BLOCKS
 
 template <typename T>
 SegmentKernels make_kernels() {

@@ -186,6 +186,11 @@ bool set_isa(const std::string& name) {
   return false;
 }
 
+int64_t set_elementwise_block(int64_t n) {
+  TORCH_CHECK_VALUE(n >= 1 && n <= kBlockElements, "_cpu_block: a block of 1 to ", kBlockElements, " elements, got ", n);
+  return elementwise_block.exchange(n);
+}
+
 std::tuple<at::Tensor, at::Tensor> norm(const TensorList& ts, const TensorList* params, double eta,
                                         bool per_tensor) {
   const Plan plan = make_plan(ts);
