@@ -115,6 +115,43 @@ double sumsq(const void* xv, const void* pv, int64_t n, double eta_d) {
   const C eta = static_cast<C>(eta_d);
   alignas(64) C xb[kBlock], pb[kBlock];
   double total = 0;
+  int64_t done = 0;
+  if constexpr (std::is_same<T, C>::value) {
+    if (!p) {
+      // Windows of up to 64 whole blocks, block i read in one loop with block i + half: two
+      // streams in flight, where one core reading one stream gets ~2/3 of the bandwidth.
+      // Each block's float sum is the one the loop below computes (same lanes, same
+      // order), and the sums are added to the total in block order: the same bits.
+      constexpr int64_t kWindow = 64;
+      C part[kWindow];
+      while (n - done >= 2 * kBlock) {
+        const int64_t nb = std::min(kWindow, (n - done) / kBlock), half = nb / 2;
+        for (int64_t i = 0; i < half; ++i) {
+          const C* a = x + done + i * kBlock;
+          const C* b = x + done + (i + half) * kBlock;
+          C sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+          for (int64_t j = 0; j < kBlock; ++j) {
+            sa += a[j] * a[j];
+            sb += b[j] * b[j];
+          }
+          part[i] = sa;
+          part[i + half] = sb;
+        }
+        if (nb % 2) {
+          const C* a = x + done + (nb - 1) * kBlock;
+          C sa = 0;
+#pragma omp simd reduction(+ : sa)
+          for (int64_t j = 0; j < kBlock; ++j) sa += a[j] * a[j];
+          part[nb - 1] = sa;
+        }
+        for (int64_t i = 0; i < nb; ++i) total += static_cast<double>(part[i]);
+        done += nb * kBlock;
+      }
+      x += done;
+      n -= done;
+    }
+  }
   ROGA_BLOCKS(n) {
     const C* xf = IO<T>::load(x + o, xb, m);
     C s = 0;
