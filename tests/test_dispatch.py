@@ -167,12 +167,15 @@ def test_cpu_elementwise_results_do_not_depend_on_the_block():
         steps = [torch.ones(()) for _ in shapes]
         ops.sgd_(p, xs, lr=0.1, momentum_buffers=buf, steps=steps, momentum=0.9, nesterov=True, weight_decay=0.01,
                  source=src, grad_weights=w, direct_weights=wd, grad_out=gout, backend="cpu")
+        p1, buf1 = mk(), mk()  # one list, nothing else asked: the loop that reads the gradient itself
+        ops.sgd_(p1, xs[:1], lr=0.1, momentum_buffers=buf1, steps=[torch.ones(()) for _ in shapes], momentum=0.9,
+                 weight_decay=0.01, backend="cpu")
         q, m, v = mk(), mk(), [t.abs() for t in mk()]
         ops.adam_(q, xs[:3], m, v, [torch.full((), 2.0) for _ in shapes], lr=0.01, weight_decay=0.1, decoupled=True,
                   grad_weights=w[:3], backend="cpu")
         r, b = mk(), mk()
         ops.perturb_(r, xs[0], b, 0.3, adaptive=True, eta=0.01, backend="cpu")
-        return c + p + buf + gout + q + m + v + r + b
+        return c + p + buf + gout + p1 + buf1 + q + m + v + r + b
 
     for dtype in (torch.float32, torch.float64):
         results = []

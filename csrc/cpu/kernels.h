@@ -420,11 +420,14 @@ void combine(void* outv, const void* const* xs, const double* w_d, int k, int64_
 // Momentum SGD after the block's gradient g (in L1) is known, on storage used in place: weight
 // decay, the buffer, the step, in one loop over the source, buffer and parameter streams (as
 // the loops of sgd below compute them, one rounding per operation, so the same bits).
+// g is the block's gradient buffer (gw = 1, exact) or, for one gradient list, the gradient
+// itself (gw its weight: the product combine_block would have stored).
 template <typename C, bool Wd, bool Nesterov, bool Direct>
-inline void sgd_momentum_tail(C* p, const C* x, C* buf, const C* g, const C* d, int64_t m, C lr, C mom, C damp, C wd) {
+inline void sgd_momentum_tail(C* p, const C* x, C* buf, const C* g, C gw, const C* d, int64_t m, C lr, C mom, C damp,
+                              C wd) {
 #pragma omp simd
   for (int64_t j = 0; j < m; ++j) {
-    C gj = g[j];
+    C gj = gw * g[j];
     if (Wd) gj = gj + wd * x[j];
     const C bj = mom * buf[j] + damp * gj;
     buf[j] = bj;
@@ -446,6 +449,26 @@ void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int
           wd = static_cast<C>(s.weight_decay);
   alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], bb[kBlock], ob[kBlock], d[kBlock];
   ROGA_EW_BLOCKS(T, n) {
+    if constexpr (std::is_same<T, C>::value) {
+      // One gradient list, nothing else wanting the combined gradient: the tail reads it
+      // itself, so the gradient stream is in flight with the others (SAM's second step).
+      if (s.momentum != 0 && !s.first && k == 1 && !gout && !s.maximize && !s.direct) {
+        const C* x = src + o;
+        const C* g0 = static_cast<const T*>(gs[0]) + o;
+        const C w0 = static_cast<C>(w[0]);
+        if (s.weight_decay != 0) {
+          if (s.nesterov)
+            sgd_momentum_tail<C, true, true, false>(p + o, x, buf + o, g0, w0, nullptr, m, lr, mom, damp, wd);
+          else
+            sgd_momentum_tail<C, true, false, false>(p + o, x, buf + o, g0, w0, nullptr, m, lr, mom, damp, wd);
+        } else if (s.nesterov) {
+          sgd_momentum_tail<C, false, true, false>(p + o, x, buf + o, g0, w0, nullptr, m, lr, mom, damp, wd);
+        } else {
+          sgd_momentum_tail<C, false, false, false>(p + o, x, buf + o, g0, w0, nullptr, m, lr, mom, damp, wd);
+        }
+        continue;
+      }
+    }
     combine_block<T>(g, gs, w, k, o, m, xb, s.direct ? d : nullptr, w + k);
     if (gout) IO<T>::store(gout + o, g, m);  // a separate buffer from g: store copies
     if (s.maximize) {
@@ -457,13 +480,13 @@ void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int
       if (s.momentum != 0 && !s.first) {
         const bool wdv = s.weight_decay != 0;
         const int v = (wdv ? 4 : 0) | (s.nesterov ? 2 : 0) | (s.direct ? 1 : 0);
-        using F = void (*)(C*, const C*, C*, const C*, const C*, int64_t, C, C, C, C);
+        using F = void (*)(C*, const C*, C*, const C*, C, const C*, int64_t, C, C, C, C);
         static constexpr F tails[8] = {
             &sgd_momentum_tail<C, false, false, false>, &sgd_momentum_tail<C, false, false, true>,
             &sgd_momentum_tail<C, false, true, false>,  &sgd_momentum_tail<C, false, true, true>,
             &sgd_momentum_tail<C, true, false, false>,  &sgd_momentum_tail<C, true, false, true>,
             &sgd_momentum_tail<C, true, true, false>,   &sgd_momentum_tail<C, true, true, true>};
-        tails[v](p + o, x, buf + o, g, d, m, lr, mom, damp, wd);
+        tails[v](p + o, x, buf + o, g, C(1), d, m, lr, mom, damp, wd);
         continue;
       }
     }
