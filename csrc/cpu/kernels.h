@@ -312,10 +312,11 @@ void gram(const void* const* xs, int k, int64_t n, double* out) {
   }
 }
 
-// g[j] += w[0] x[0][j] + ... + w[R-1] x[R-1][j], added in that order (as R loops of one stream
-// would, one rounding each), in one loop: a core then has R streams in flight instead of one.
-// With d, also d += wd . x.
-template <typename C, int R>
+// g[j] (+)= w[0] x[0][j] + ... + w[R-1] x[R-1][j], added in that order (as R loops of one
+// stream would: a product, then one rounded add per stream; FMA contraction is off), in one
+// loop: a core then has R streams in flight instead of one. First: g is not read (the first
+// product starts the sum). With d, the same for d and wd.
+template <typename C, int R, bool First>
 inline void add_streams(C* g, C* d, const C* const* x, const double* w, const double* wd, int64_t m) {
   const C* x0 = x[0];
   const C* x1 = x[R > 1 ? 1 : 0];
@@ -328,9 +329,8 @@ inline void add_streams(C* g, C* d, const C* const* x, const double* w, const do
             d2 = static_cast<C>(wd[R > 2 ? 2 : 0]), d3 = static_cast<C>(wd[R > 3 ? 3 : 0]);
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
-      C t = g[j], u = d[j];
-      t += w0 * x0[j];
-      u += d0 * x0[j];
+      C t = First ? w0 * x0[j] : g[j] + w0 * x0[j];
+      C u = First ? d0 * x0[j] : d[j] + d0 * x0[j];
       if (R > 1) t += w1 * x1[j], u += d1 * x1[j];
       if (R > 2) t += w2 * x2[j], u += d2 * x2[j];
       if (R > 3) t += w3 * x3[j], u += d3 * x3[j];
@@ -340,13 +340,22 @@ inline void add_streams(C* g, C* d, const C* const* x, const double* w, const do
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
-      C t = g[j];
-      t += w0 * x0[j];
+      C t = First ? w0 * x0[j] : g[j] + w0 * x0[j];
       if (R > 1) t += w1 * x1[j];
       if (R > 2) t += w2 * x2[j];
       if (R > 3) t += w3 * x3[j];
       g[j] = t;
     }
+  }
+}
+
+template <typename C, bool First>
+inline void add_streams_n(int r, C* g, C* d, const C* const* x, const double* w, const double* wd, int64_t m) {
+  switch (r) {
+    case 1: add_streams<C, 1, First>(g, d, x, w, wd, m); break;
+    case 2: add_streams<C, 2, First>(g, d, x, w, wd, m); break;
+    case 3: add_streams<C, 3, First>(g, d, x, w, wd, m); break;
+    default: add_streams<C, 4, First>(g, d, x, w, wd, m); break;
   }
 }
 
@@ -357,6 +366,21 @@ template <typename T>
 inline void combine_block(typename IO<T>::C* g, const void* const* xs, const double* w, int k, int64_t o, int64_t m,
                           typename IO<T>::C* xb, typename IO<T>::C* d = nullptr, const double* wd = nullptr) {
   using C = typename IO<T>::C;
+  if constexpr (std::is_same<T, C>::value) {
+    // Storage used in place: four streams per loop. (16-bit storage is converted one stream
+    // at a time into xb below, so it stays one loop per stream.)
+    for (int i = 0; i < k; i += 4) {
+      const int r = std::min(4, k - i);
+      const C* x4[4];
+      for (int q = 0; q < r; ++q) x4[q] = static_cast<const T*>(xs[i + q]) + o;
+      const double* di = d ? wd + i : nullptr;
+      if (i == 0)
+        add_streams_n<C, true>(r, g, d, x4, w, di, m);
+      else
+        add_streams_n<C, false>(r, g, d, x4, w + i, di, m);
+    }
+    return;
+  }
   for (int a = 0; a < k; ++a) {
     const C* xf = IO<T>::load(static_cast<const T*>(xs[a]) + o, xb, m);
     const C wa = static_cast<C>(w[a]);
@@ -381,23 +405,6 @@ inline void combine_block(typename IO<T>::C* g, const void* const* xs, const dou
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) g[j] += wa * xf[j];
-    }
-    if constexpr (std::is_same<T, C>::value) {
-      // Storage used in place: the other streams four at a time (16-bit storage is
-      // converted one stream at a time into xb, so it stays one loop per stream).
-      for (int i = 1; i < k; i += 4) {
-        const int r = std::min(4, k - i);
-        const C* x4[4];
-        for (int q = 0; q < r; ++q) x4[q] = static_cast<const T*>(xs[i + q]) + o;
-        const double* di = d ? wd + i : nullptr;
-        switch (r) {
-          case 1: add_streams<C, 1>(g, d, x4, w + i, di, m); break;
-          case 2: add_streams<C, 2>(g, d, x4, w + i, di, m); break;
-          case 3: add_streams<C, 3>(g, d, x4, w + i, di, m); break;
-          default: add_streams<C, 4>(g, d, x4, w + i, di, m); break;
-        }
-      }
-      return;
     }
   }
 }
