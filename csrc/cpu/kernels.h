@@ -5,12 +5,10 @@
 // and the fastest table the CPU supports is chosen at load time. It includes nothing:
 // every header it needs is included by the two translation units before the pragma.
 //
-// Storage types float16/bfloat16 are converted in blocks of kBlock elements to float32
+// Storage types float16/bfloat16 are converted in blocks of kBlock (kernels.hpp) elements to float32
 // buffers that stay in L1, so every loop below runs on plain float arrays and vectorizes;
 // float32/float64 storage is used in place (no copy). Math is float32 (float64 for float64
 // storage); reductions use float32 SIMD lanes within a block and a double across blocks.
-
-constexpr int64_t kBlock = kBlockElements;
 
 inline float bits_to_float(uint32_t u) {
   float f;
@@ -125,7 +123,8 @@ double sumsq(const void* xv, const void* pv, int64_t n, double eta_d) {
       constexpr int64_t kWindow = 64;
       C part[kWindow];
       while (n - done >= 2 * kBlock) {
-        const int64_t nb = std::min(kWindow, (n - done) / kBlock), half = nb / 2;
+        // an even number of whole blocks; a last odd one is left to the loop below
+        const int64_t nb = std::min(kWindow, (n - done) / kBlock) & ~int64_t(1), half = nb / 2;
         for (int64_t i = 0; i < half; ++i) {
           const C* a = x + done + i * kBlock;
           const C* b = x + done + (i + half) * kBlock;
@@ -137,13 +136,6 @@ double sumsq(const void* xv, const void* pv, int64_t n, double eta_d) {
           }
           part[i] = sa;
           part[i + half] = sb;
-        }
-        if (nb % 2) {
-          const C* a = x + done + (nb - 1) * kBlock;
-          C sa = 0;
-#pragma omp simd reduction(+ : sa)
-          for (int64_t j = 0; j < kBlock; ++j) sa += a[j] * a[j];
-          part[nb - 1] = sa;
         }
         for (int64_t i = 0; i < nb; ++i) total += static_cast<double>(part[i]);
         done += nb * kBlock;
@@ -368,7 +360,7 @@ inline void combine_block(typename IO<T>::C* g, const void* const* xs, const dou
   using C = typename IO<T>::C;
   if constexpr (std::is_same<T, C>::value) {
     // Storage used in place: four streams per loop. (16-bit storage is converted one stream
-    // at a time into xb below, so it stays one loop per stream.)
+    // at a time into xb, so it stays one loop per stream.)
     for (int i = 0; i < k; i += 4) {
       const int r = std::min(4, k - i);
       const C* x4[4];
@@ -379,32 +371,32 @@ inline void combine_block(typename IO<T>::C* g, const void* const* xs, const dou
       else
         add_streams_n<C, false>(r, g, d, x4, w + i, di, m);
     }
-    return;
-  }
-  for (int a = 0; a < k; ++a) {
-    const C* xf = IO<T>::load(static_cast<const T*>(xs[a]) + o, xb, m);
-    const C wa = static_cast<C>(w[a]);
-    if (d) {
-      const C da = static_cast<C>(wd[a]);
-      if (a == 0) {
+  } else {
+    for (int a = 0; a < k; ++a) {
+      const C* xf = IO<T>::load(static_cast<const T*>(xs[a]) + o, xb, m);
+      const C wa = static_cast<C>(w[a]);
+      if (d) {
+        const C da = static_cast<C>(wd[a]);
+        if (a == 0) {
 #pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-          g[j] = wa * xf[j];
-          d[j] = da * xf[j];
+          for (int64_t j = 0; j < m; ++j) {
+            g[j] = wa * xf[j];
+            d[j] = da * xf[j];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < m; ++j) {
+            g[j] += wa * xf[j];
+            d[j] += da * xf[j];
+          }
         }
+      } else if (a == 0) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) g[j] = wa * xf[j];
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-          g[j] += wa * xf[j];
-          d[j] += da * xf[j];
-        }
+        for (int64_t j = 0; j < m; ++j) g[j] += wa * xf[j];
       }
-    } else if (a == 0) {
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) g[j] = wa * xf[j];
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) g[j] += wa * xf[j];
     }
   }
 }
@@ -455,45 +447,39 @@ void sgd(void* pv, const void* srcv, const void* const* gs, const double* w, int
   const C lr = static_cast<C>(s.lr), mom = static_cast<C>(s.momentum), damp = static_cast<C>(1 - s.dampening),
           wd = static_cast<C>(s.weight_decay);
   alignas(64) C g[kBlock], xb[kBlock], sb[kBlock], bb[kBlock], ob[kBlock], d[kBlock];
-  ROGA_EW_BLOCKS(T, n) {
-    if constexpr (std::is_same<T, C>::value) {
-      // One gradient list, nothing else wanting the combined gradient: the tail reads it
-      // itself, so the gradient stream is in flight with the others (SAM's second step).
-      if (s.momentum != 0 && !s.first && k == 1 && !gout && !s.maximize && !s.direct) {
-        const C* x = src + o;
-        const C* g0 = static_cast<const T*>(gs[0]) + o;
-        const C w0 = static_cast<C>(w[0]);
-        if (s.weight_decay != 0) {
-          if (s.nesterov)
-            sgd_momentum_tail<C, true, true, false>(p + o, x, buf + o, g0, w0, nullptr, m, lr, mom, damp, wd);
-          else
-            sgd_momentum_tail<C, true, false, false>(p + o, x, buf + o, g0, w0, nullptr, m, lr, mom, damp, wd);
-        } else if (s.nesterov) {
-          sgd_momentum_tail<C, false, true, false>(p + o, x, buf + o, g0, w0, nullptr, m, lr, mom, damp, wd);
-        } else {
-          sgd_momentum_tail<C, false, false, false>(p + o, x, buf + o, g0, w0, nullptr, m, lr, mom, damp, wd);
-        }
-        continue;
-      }
+  // Storage used in place, momentum past its first step: the rest of the update is one loop
+  // (sgd_momentum_tail). With one gradient list and nothing else asked of the combined
+  // gradient (SAM's second step), that loop reads the gradient itself.
+  using Tail = void (*)(C*, const C*, C*, const C*, C, const C*, int64_t, C, C, C, C);
+  Tail tail = nullptr;
+  bool tail_reads_grad = false;
+  if constexpr (std::is_same<T, C>::value) {
+    if (s.momentum != 0 && !s.first) {
+      static constexpr Tail tails[8] = {
+          &sgd_momentum_tail<C, false, false, false>, &sgd_momentum_tail<C, false, false, true>,
+          &sgd_momentum_tail<C, false, true, false>,  &sgd_momentum_tail<C, false, true, true>,
+          &sgd_momentum_tail<C, true, false, false>,  &sgd_momentum_tail<C, true, false, true>,
+          &sgd_momentum_tail<C, true, true, false>,   &sgd_momentum_tail<C, true, true, true>};
+      tail = tails[(s.weight_decay != 0 ? 4 : 0) | (s.nesterov ? 2 : 0) | (s.direct ? 1 : 0)];
+      tail_reads_grad = k == 1 && !gout && !s.maximize && !s.direct;
     }
-    combine_block<T>(g, gs, w, k, o, m, xb, s.direct ? d : nullptr, w + k);
-    if (gout) IO<T>::store(gout + o, g, m);  // a separate buffer from g: store copies
-    if (s.maximize) {
+  }
+  ROGA_EW_BLOCKS(T, n) {
+    if (!tail_reads_grad) {
+      combine_block<T>(g, gs, w, k, o, m, xb, s.direct ? d : nullptr, w + k);
+      if (gout) IO<T>::store(gout + o, g, m);  // a separate buffer from g: store copies
+      if (s.maximize) {
 #pragma omp simd
-      for (int64_t j = 0; j < m; ++j) g[j] = -g[j];
+        for (int64_t j = 0; j < m; ++j) g[j] = -g[j];
+      }
     }
     const C* x = IO<T>::load(src + o, sb, m);
     if constexpr (std::is_same<T, C>::value) {
-      if (s.momentum != 0 && !s.first) {
-        const bool wdv = s.weight_decay != 0;
-        const int v = (wdv ? 4 : 0) | (s.nesterov ? 2 : 0) | (s.direct ? 1 : 0);
-        using F = void (*)(C*, const C*, C*, const C*, C, const C*, int64_t, C, C, C, C);
-        static constexpr F tails[8] = {
-            &sgd_momentum_tail<C, false, false, false>, &sgd_momentum_tail<C, false, false, true>,
-            &sgd_momentum_tail<C, false, true, false>,  &sgd_momentum_tail<C, false, true, true>,
-            &sgd_momentum_tail<C, true, false, false>,  &sgd_momentum_tail<C, true, false, true>,
-            &sgd_momentum_tail<C, true, true, false>,   &sgd_momentum_tail<C, true, true, true>};
-        tails[v](p + o, x, buf + o, g, C(1), d, m, lr, mom, damp, wd);
+      if (tail) {
+        if (tail_reads_grad)
+          tail(p + o, x, buf + o, static_cast<const T*>(gs[0]) + o, static_cast<C>(w[0]), d, m, lr, mom, damp, wd);
+        else
+          tail(p + o, x, buf + o, g, C(1), d, m, lr, mom, damp, wd);
         continue;
       }
     }

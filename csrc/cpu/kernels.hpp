@@ -28,7 +28,7 @@ namespace cpu {
 // per-block overhead wins. Results do not depend on it (every element is computed alone); the
 // reductions (sumsq, gram) keep kBlock, whose float partial sums set their rounding. A knob
 // for tests and benchmarks (_C._cpu_block).
-constexpr int64_t kBlockElements = 512;  // kernels.h kBlock: the longest block, and the buffers' length
+constexpr int64_t kBlock = 512;  // the longest block of kernels.h, and its buffers' length
 inline std::atomic<int64_t> elementwise_block{128};
 
 // Copies an output the op does not read. stream=true uses non-temporal stores: the

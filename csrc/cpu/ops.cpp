@@ -187,7 +187,7 @@ bool set_isa(const std::string& name) {
 }
 
 int64_t set_elementwise_block(int64_t n) {
-  TORCH_CHECK_VALUE(n >= 1 && n <= kBlockElements, "_cpu_block: a block of 1 to ", kBlockElements, " elements, got ", n);
+  TORCH_CHECK_VALUE(n >= 1 && n <= kBlock, "_cpu_block: a block of 1 to ", kBlock, " elements, got ", n);
   return elementwise_block.exchange(n);
 }
 
