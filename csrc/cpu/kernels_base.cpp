@@ -1,6 +1,10 @@
 // The CPU kernels compiled for the baseline ISA (portable; the fallback on any CPU).
 #include "kernels.hpp"
 
+// kernels.h's 32-byte vectors (Vec) are two 16-byte registers here. They never cross a call
+// boundary (inline helpers only), so GCC's note that passing them changes the ABI is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace roga {
 namespace cpu {
 namespace base {
