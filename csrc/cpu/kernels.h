@@ -233,7 +233,7 @@ struct Vec {
 // eight streams read alone ~28 (2 threads; in a stand-alone test the prefetch took the tiles
 // from ~23 to ~26 GB/s, and prefetching a whole block at once, or further ahead, was slower).
 struct Ahead {
-  const char* s[4];
+  const char* s[4];   // a loop gets ceil(K / loops) <= 4 streams (K = 3, 4: one loop)
   int n = 0;          // streams
   int64_t bytes = 0;  // per stream
   inline void line(int64_t at) const {
@@ -243,26 +243,24 @@ struct Ahead {
 };
 
 // The Gram triangle's tiles: float sums in vector lanes within a block, added to double out.
-// tri_tile: the lower triangle of rows r0 .. r0 + rn - 1 (r[0..rn)) against themselves.
-template <typename C>
-inline void tri_tile(const C* const* r, int rn, int64_t m, double* out, int r0, const Ahead& ah) {
+// tri_tile: the lower triangle of rows r0 .. r0 + RN - 1 (r[0..RN)) against themselves, its
+// RN (RN + 1) / 2 sums row by row.
+template <typename C, int RN>
+inline void tri_tile(const C* const* r, int64_t m, double* out, int r0, const Ahead& ah) {
   using W = Vec<C>;
   using V = typename W::V;
-  constexpr int L = W::kLanes;
-  const C *a0 = r[0], *a1 = r[1], *a2 = r[2], *a3 = r[3];
-  V v00{}, v10{}, v11{}, v20{}, v21{}, v22{}, v30{}, v31{}, v32{}, v33{};
+  constexpr int L = W::kLanes, S = RN * (RN + 1) / 2;
+  const C* a[RN];
+  for (int i = 0; i < RN; ++i) a[i] = r[i];
+  V acc[S] = {};
   auto step = [&](int64_t j) {
-    const V x0 = W::load(a0 + j), x1 = W::load(a1 + j), x2 = W::load(a2 + j), x3 = W::load(a3 + j);
-    v00 += x0 * x0;
-    v10 += x1 * x0;
-    v11 += x1 * x1;
-    v20 += x2 * x0;
-    v21 += x2 * x1;
-    v22 += x2 * x2;
-    v30 += x3 * x0;
-    v31 += x3 * x1;
-    v32 += x3 * x2;
-    v33 += x3 * x3;
+    V x[RN];
+#pragma GCC unroll 4
+    for (int i = 0; i < RN; ++i) x[i] = W::load(a[i] + j);
+#pragma GCC unroll 4
+    for (int i = 0; i < RN; ++i)
+#pragma GCC unroll 4
+      for (int c = 0; c <= i; ++c) acc[i * (i + 1) / 2 + c] += x[i] * x[c];
   };
   int64_t j = 0;
   for (int64_t at = 0; j + 2 * L <= m; j += 2 * L, at += 64) {  // 2 L elements of C: 64 bytes
@@ -271,37 +269,33 @@ inline void tri_tile(const C* const* r, int rn, int64_t m, double* out, int r0, 
     step(j + L);
   }
   for (; j + L <= m; j += L) step(j);
-  C s[4][4] = {{W::sum(v00)}, {W::sum(v10), W::sum(v11)}, {W::sum(v20), W::sum(v21), W::sum(v22)},
-               {W::sum(v30), W::sum(v31), W::sum(v32), W::sum(v33)}};
-  for (; j < m; ++j) {
-    const C x[4] = {a0[j], a1[j], a2[j], a3[j]};
-    for (int i = 0; i < 4; ++i)
-      for (int c = 0; c <= i; ++c) s[i][c] += x[i] * x[c];
-  }
-  for (int i = 0; i < rn; ++i)
-    for (int c = 0; c <= i; ++c) out[(r0 + i) * (r0 + i + 1) / 2 + r0 + c] += static_cast<double>(s[i][c]);
+  C s[S];
+  for (int t = 0; t < S; ++t) s[t] = W::sum(acc[t]);
+  for (; j < m; ++j)
+    for (int i = 0; i < RN; ++i)
+      for (int c = 0; c <= i; ++c) s[i * (i + 1) / 2 + c] += a[i][j] * a[c][j];
+  for (int i = 0; i < RN; ++i)
+    for (int c = 0; c <= i; ++c) out[(r0 + i) * (r0 + i + 1) / 2 + r0 + c] += static_cast<double>(s[i * (i + 1) / 2 + c]);
 }
 
-// rect_tile: two rows against four columns (all below the diagonal); out[i][c] += sum.
-// A missing second row (rows[1] == rows[0], out[1] null) is computed and dropped.
-template <typename C>
+// rect_tile: ROWS rows (1 or 2) against four columns, all below the diagonal; out[i][c] += sum.
+template <typename C, int ROWS>
 inline void rect_tile(const C* const* rows, const C* const* cols, int64_t m, double* const* out, const Ahead& ah) {
   using W = Vec<C>;
   using V = typename W::V;
   constexpr int L = W::kLanes;
-  const C *a0 = rows[0], *a1 = rows[1], *y0 = cols[0], *y1 = cols[1], *y2 = cols[2], *y3 = cols[3];
-  V v00{}, v01{}, v02{}, v03{}, v10{}, v11{}, v12{}, v13{};
+  const C* a[ROWS];
+  for (int i = 0; i < ROWS; ++i) a[i] = rows[i];
+  const C *y0 = cols[0], *y1 = cols[1], *y2 = cols[2], *y3 = cols[3];
+  V acc[ROWS][4] = {};
   auto step = [&](int64_t j) {
-    const V x0 = W::load(a0 + j), x1 = W::load(a1 + j), c0 = W::load(y0 + j), c1 = W::load(y1 + j),
-            c2 = W::load(y2 + j), c3 = W::load(y3 + j);
-    v00 += x0 * c0;
-    v01 += x0 * c1;
-    v02 += x0 * c2;
-    v03 += x0 * c3;
-    v10 += x1 * c0;
-    v11 += x1 * c1;
-    v12 += x1 * c2;
-    v13 += x1 * c3;
+    const V c[4] = {W::load(y0 + j), W::load(y1 + j), W::load(y2 + j), W::load(y3 + j)};
+#pragma GCC unroll 2
+    for (int i = 0; i < ROWS; ++i) {
+      const V x = W::load(a[i] + j);
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) acc[i][q] += x * c[q];
+    }
   };
   int64_t j = 0;
   for (int64_t at = 0; j + 2 * L <= m; j += 2 * L, at += 64) {
@@ -310,16 +304,14 @@ inline void rect_tile(const C* const* rows, const C* const* cols, int64_t m, dou
     step(j + L);
   }
   for (; j + L <= m; j += L) step(j);
-  C s[2][4] = {{W::sum(v00), W::sum(v01), W::sum(v02), W::sum(v03)},
-               {W::sum(v10), W::sum(v11), W::sum(v12), W::sum(v13)}};
-  for (; j < m; ++j) {
-    const C x[2] = {a0[j], a1[j]}, y[4] = {y0[j], y1[j], y2[j], y3[j]};
-    for (int i = 0; i < 2; ++i)
-      for (int c = 0; c < 4; ++c) s[i][c] += x[i] * y[c];
-  }
-  for (int i = 0; i < 2; ++i)
-    if (out[i])
-      for (int c = 0; c < 4; ++c) out[i][c] += static_cast<double>(s[i][c]);
+  C s[ROWS][4];
+  for (int i = 0; i < ROWS; ++i)
+    for (int q = 0; q < 4; ++q) s[i][q] = W::sum(acc[i][q]);
+  for (; j < m; ++j)
+    for (int i = 0; i < ROWS; ++i)
+      for (int q = 0; q < 4; ++q) s[i][q] += a[i][j] * cols[q][j];
+  for (int i = 0; i < ROWS; ++i)
+    for (int q = 0; q < 4; ++q) out[i][q] += static_cast<double>(s[i][q]);
 }
 
 // out[a*(a+1)/2 + b] += <x_a, x_b> for b <= a; every x read once per block
@@ -359,23 +351,30 @@ void gram(const void* const* xs, int k, int64_t n, double* out) {
       ah.bytes = next;
     }
     // K > 2: the triangle in 4 x 4 tiles of rows and columns. A tile on the diagonal is one
-    // loop of ten sums over four streams; one below it, two loops of eight sums (two rows
-    // against four columns). Each loaded element feeds several products: one pair per loop
-    // would load two per product, and the loads from L1 bound such a loop at K = 8 (40 ms
-    // against 26 for reading the 8 sets, ResNet-34 list). Operand slots past K repeat a valid
-    // operand, and their sums are dropped.
+    // loop of (up to) ten sums over four streams; one below it, two loops of eight sums (two
+    // rows against four columns). Each loaded element feeds several products: one pair per
+    // loop would load two per product, and the loads from L1 bound such a loop at K = 8 (40
+    // ms against 26 for reading the 8 sets, ResNet-34 list). A last group of fewer than four
+    // rows gets tiles of its own size (K = 5 computed 28 products per element for 15 before).
     int loop = 0;
     for (int r0 = 0; r0 < k; r0 += 4) {
       const int rn = std::min(4, k - r0);
-      const C* r[4];
-      for (int i = 0; i < 4; ++i) r[i] = v[r0 + std::min(i, rn - 1)];
-      tri_tile(r, rn, m, out, r0, ahead[loop++]);
+      const C* const* r = &v[r0];
+      const Ahead& ah = ahead[loop++];
+      switch (rn) {
+        case 1: tri_tile<C, 1>(r, m, out, r0, ah); break;
+        case 2: tri_tile<C, 2>(r, m, out, r0, ah); break;
+        case 3: tri_tile<C, 3>(r, m, out, r0, ah); break;
+        default: tri_tile<C, 4>(r, m, out, r0, ah); break;
+      }
       for (int c0 = 0; c0 < r0; c0 += 4)
         for (int i = 0; i < rn; i += 2) {
-          const C* rows[2] = {r[i], r[std::min(i + 1, rn - 1)]};
           double* o2[2] = {&out[(r0 + i) * (r0 + i + 1) / 2 + c0],
                            i + 1 < rn ? &out[(r0 + i + 1) * (r0 + i + 2) / 2 + c0] : nullptr};
-          rect_tile(rows, &v[c0], m, o2, ahead[loop++]);
+          if (i + 1 < rn)
+            rect_tile<C, 2>(&r[i], &v[c0], m, o2, ahead[loop++]);
+          else
+            rect_tile<C, 1>(&r[i], &v[c0], m, o2, ahead[loop++]);
         }
     }
   }
