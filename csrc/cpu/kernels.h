@@ -242,6 +242,20 @@ struct Ahead {
   }
 };
 
+// step(j) for j = 0, L, 2 L, ... while a whole vector of L elements fits in m, with one
+// ah.line per two steps (2 L elements of C are 64 bytes); returns where the scalar tail starts.
+template <int L, class Step>
+inline int64_t vector_steps(int64_t m, const Ahead& ah, const Step& step) {
+  int64_t j = 0;
+  for (int64_t at = 0; j + 2 * L <= m; j += 2 * L, at += 64) {
+    ah.line(at);
+    step(j);
+    step(j + L);
+  }
+  for (; j + L <= m; j += L) step(j);
+  return j;
+}
+
 // The Gram triangle's tiles: float sums in vector lanes within a block, added to double out.
 // tri_tile: the lower triangle of rows r0 .. r0 + RN - 1 (r[0..RN)) against themselves, its
 // RN (RN + 1) / 2 sums row by row.
@@ -262,13 +276,7 @@ inline void tri_tile(const C* const* r, int64_t m, double* out, int r0, const Ah
 #pragma GCC unroll 4
       for (int c = 0; c <= i; ++c) acc[i * (i + 1) / 2 + c] += x[i] * x[c];
   };
-  int64_t j = 0;
-  for (int64_t at = 0; j + 2 * L <= m; j += 2 * L, at += 64) {  // 2 L elements of C: 64 bytes
-    ah.line(at);
-    step(j);
-    step(j + L);
-  }
-  for (; j + L <= m; j += L) step(j);
+  int64_t j = vector_steps<L>(m, ah, step);
   C s[S];
   for (int t = 0; t < S; ++t) s[t] = W::sum(acc[t]);
   for (; j < m; ++j)
@@ -297,13 +305,7 @@ inline void rect_tile(const C* const* rows, const C* const* cols, int64_t m, dou
       for (int q = 0; q < 4; ++q) acc[i][q] += x * c[q];
     }
   };
-  int64_t j = 0;
-  for (int64_t at = 0; j + 2 * L <= m; j += 2 * L, at += 64) {
-    ah.line(at);
-    step(j);
-    step(j + L);
-  }
-  for (; j + L <= m; j += L) step(j);
+  int64_t j = vector_steps<L>(m, ah, step);
   C s[ROWS][4];
   for (int i = 0; i < ROWS; ++i)
     for (int q = 0; q < 4; ++q) s[i][q] = W::sum(acc[i][q]);
