@@ -220,7 +220,7 @@ struct Vec {
     std::memcpy(&v, p, sizeof v);
     return v;
   }
-  static inline C sum(V v) {
+  static inline C sum(const V& v) {
     C s = 0;
     for (int i = 0; i < kLanes; ++i) s += v[i];
     return s;

@@ -2,7 +2,8 @@
 #include "kernels.hpp"
 
 // kernels.h's 32-byte vectors (Vec) are two 16-byte registers here. They never cross a call
-// boundary (inline helpers only), so GCC's note that passing them changes the ABI is moot.
+// boundary (inline helpers only), so GCC's warning that returning them changes the ABI is
+// moot. (Vec::sum takes its vector by reference: the note for passing one escapes this pragma.)
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace roga {
