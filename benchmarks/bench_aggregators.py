@@ -15,6 +15,9 @@ Variants, interleaved in one process (medians):
 * ``roga|<method>``: ``roga_cuda.optim.PCGrad(method=...)``: ``backward(losses)`` + ``step()``;
   methods the installed optimizer does not accept are listed as skipped, so the script
   picks up new method names as soon as the optimizer accepts them;
+* ``roga-fold|<method>`` (``--fold-path``): the same optimizer's ``step(closure)`` with a
+  closure returning the K losses: the combination runs inside the base update (one pass
+  fewer over the combined gradient);
 * ``torchjd-autojac|<method>``: ``torchjd.autojac.backward`` + ``jac_to_grad(aggregator)``;
 * ``torchjd-autogram|<method>``: ``autogram.Engine.compute_gramian`` + weighting +
   ``losses.backward(weights)`` (one module per parameter, so the Gramian is exact);
@@ -121,7 +124,7 @@ class _Dot(torch.nn.Module):
         return (r * self.weight).sum()
 
 
-def variants(prob, methods, log=print, fresh_path=False):
+def variants(prob, methods, log=print, paths=()):
     """{name: (setup, step)}: setup (untimed) zeroes the gradients and runs the forward."""
     out, skipped = {}, {}
     params = prob.params
@@ -149,8 +152,10 @@ def variants(prob, methods, log=print, fresh_path=False):
 
     from roga_cuda.optim import PCGrad
     kinds = {"roga": {}}
-    if fresh_path and "persistent_grads" in inspect.signature(PCGrad.__init__).parameters:
+    if "roga-fresh" in paths and "persistent_grads" in inspect.signature(PCGrad.__init__).parameters:
         kinds["roga-fresh"] = {"persistent_grads": False}
+    if "roga-fold" in paths:
+        kinds["roga-fold"] = {}
     for m in methods:
         for kind, extra in kinds.items():
             try:
@@ -163,7 +168,10 @@ def variants(prob, methods, log=print, fresh_path=False):
             def roga_step(opt=opt):
                 opt.backward(prob.losses)
                 opt.step()
-            out[f"{kind}|{m}"] = (fresh, roga_step)
+
+            def roga_fold(opt=opt):  # a closure returning the K losses (here already built)
+                opt.step(lambda: prob.losses)
+            out[f"{kind}|{m}"] = (fresh, roga_fold if kind == "roga-fold" else roga_step)
 
     try:
         import torchjd.aggregation as A
@@ -233,7 +241,7 @@ def variants(prob, methods, log=print, fresh_path=False):
     return out
 
 
-def run(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHODS, reps=None, log=print, fresh_path=False,
+def run(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHODS, reps=None, log=print, paths=(),
         only=None):
     device = torch.device(device)
     res = {"machine": machine(device), "list": list_name, "results": {}}
@@ -243,7 +251,7 @@ def run(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHODS, reps=
         numel = sum(p.numel() for p in prob.params)
         r = reps or (10 if numel > 5e6 else 40)
         log(f"# K = {k}: {len(shapes)} tensors, {numel / 1e6:.2f}M parameters, {r} reps")
-        v = variants(prob, methods, log, fresh_path=fresh_path)
+        v = variants(prob, methods, log, paths=paths)
         if only:  # e.g. without the peers, whose page faults disturb the heap the others see
             v = {n: x for n, x in v.items() if n.split("|")[0] in only}
         t = interleaved(v, reps=r, warmup=1 if reps == 1 else 3, device=device)
@@ -254,30 +262,30 @@ def run(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHODS, reps=
     return res
 
 
-def _time_child(variant, list_name, k, device, reps, fresh_path):
+def _time_child(variant, list_name, k, device, reps, paths):
     """In a fresh process: the median step time of one variant (after 3 untimed steps)."""
     prob = Problem(shapes_of(list_name), k, torch.device(device))
     methods = [variant.split("|")[1]] if "|" in variant else []
-    v = variants(prob, methods, log=lambda *_: None, fresh_path=fresh_path)
+    v = variants(prob, methods, log=lambda *_: None, paths=paths)
     t = interleaved({variant: v[variant]}, reps=reps, warmup=3, device=device)
     print(json.dumps({"median_s": median(t[variant])}))
 
 
-def _variant_names(methods, fresh_path=False, only=None):
+def _variant_names(methods, paths=(), only=None):
     """The names variants() makes for these methods (those the installed peers accept),
     keeping only the kinds in ``only``."""
-    names = list(variants(Problem(QUICK_SHAPES, 2, "cpu"), methods, log=lambda *_: None, fresh_path=fresh_path))
+    names = list(variants(Problem(QUICK_SHAPES, 2, "cpu"), methods, log=lambda *_: None, paths=paths))
     return [n for n in names if n.split("|")[0] in only] if only else names
 
 
 def run_isolated(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHODS, reps=None, rounds=3, log=print,
-                 fresh_path=False, only=None):
+                 paths=(), only=None):
     """As run(), but every variant in its own fresh process, the processes alternating over
     ``rounds`` rounds (the order rotating): no variant sees the heap another one left (the
     kept sets, a peer's page faults). Per variant the median over rounds of its process's
     median, and "vs twin" the median of the same-round ratios."""
     res = {"machine": machine(torch.device(device)), "list": list_name, "isolated_rounds": rounds, "results": {}}
-    names = _variant_names(methods, fresh_path, only)
+    names = _variant_names(methods, paths, only)
     if "twin" not in names:
         names.insert(0, "twin")
     for k in ks:
@@ -288,7 +296,7 @@ def run_isolated(device="cpu", list_name="resnet34", ks=(2, 4, 8), methods=METHO
             got = {}
             for v in names[i % len(names):] + names[:i % len(names)]:
                 code = (f"from benchmarks.bench_aggregators import _time_child; "
-                        f"_time_child({v!r}, {list_name!r}, {k}, {str(device)!r}, {r}, {fresh_path})")
+                        f"_time_child({v!r}, {list_name!r}, {k}, {str(device)!r}, {r}, {tuple(paths)!r})")
                 try:
                     got[v] = in_child(code)["median_s"]
                 except RuntimeError as e:
@@ -374,7 +382,7 @@ def _faults_child(names, list_name, k, warmup, steps):
 
     prob = Problem(shapes_of(list_name), k, torch.device("cpu"))
     methods = sorted({n.split("|")[1] for n in names if "|" in n})
-    every = variants(prob, methods, log=lambda *_: None, fresh_path=True)
+    every = variants(prob, methods, log=lambda *_: None, paths=("roga-fresh",))
     run = {n: every[n] for n in names if n in every}
     if "*" in names:  # every variant of these methods
         run = every
@@ -449,7 +457,9 @@ def main(argv=None):
                     "(default: interleaved in one process per K, as timed)")
     ap.add_argument("--fresh-path", action="store_true", help="also time roga-fresh|<method>: the aggregator "
                     "with persistent_grads=False (autograd's fresh gradients every step)")
-    ap.add_argument("--only", nargs="+", default=None, help="time only these kinds (twin, sum, roga, roga-fresh, "
+    ap.add_argument("--fold-path", action="store_true", help="also time roga-fold|<method>: step(closure) with a "
+                    "closure returning the K losses, the combination folded into the base update")
+    ap.add_argument("--only", nargs="+", default=None, help="time only these kinds (twin, sum, roga, roga-fresh, roga-fold, "
                     "torchjd-autojac, torchjd-autogram, pytorch-optimizer)")
     ap.add_argument("--isolated", type=int, default=None, metavar="ROUNDS", help="time every variant in its own "
                     "process, alternating over ROUNDS rounds (no variant sees the heap another left)")
@@ -464,19 +474,23 @@ def main(argv=None):
     return res
 
 
+def _paths(a):
+    return tuple(kind for kind, on in (("roga-fresh", a.fresh_path), ("roga-fold", a.fold_path)) if on)
+
+
 def _main_results(a):
     """What main() reports for the parsed arguments (written to --json by main)."""
     if a.memory_only:
-        names = {k: _variant_names(a.methods, a.fresh_path, a.only) for k in a.ks}
+        names = {k: _variant_names(a.methods, _paths(a), a.only) for k in a.ks}
         return {"list": a.list, "memory_x_params": memory(names, a.device, a.list, a.ks)}
     if a.faults_only:
         names = {k: ["twin", "sum"] + [f"{kind}|{m}" for m in a.methods for kind in ("roga", "roga-fresh")]
                  if a.faults_isolated else ["*"] + [f"roga|{m}" for m in a.methods] for k in a.ks}
         return {"list": a.list, "faults": faults(names, a.list, a.ks, isolated=a.faults_isolated)}
     if a.isolated:
-        res = run_isolated(a.device, a.list, a.ks, a.methods, a.reps, a.isolated, fresh_path=a.fresh_path, only=a.only)
+        res = run_isolated(a.device, a.list, a.ks, a.methods, a.reps, a.isolated, paths=_paths(a), only=a.only)
     else:
-        res = run(a.device, a.list, a.ks, a.methods, a.reps, fresh_path=a.fresh_path, only=a.only)
+        res = run(a.device, a.list, a.ks, a.methods, a.reps, paths=_paths(a), only=a.only)
     if a.faults:
         names = {k: [n for n in r["median_s"] if n.startswith(("twin", "sum", "roga"))] for k, r in res["results"].items()}
         res["faults"] = faults(names, a.list, a.ks, isolated=a.faults_isolated)

@@ -46,16 +46,34 @@ def test_peers_agree_with_roga_on_pcgrad_for_two_tasks():
         assert torch.allclose(v, ref, rtol=1e-5, atol=1e-7), name
 
 
+@pytest.mark.parametrize("method", ["pcgrad", "mgda"])
+def test_fold_path_takes_the_step_backward_and_step_take(method):
+    """roga-fold|<method> (--fold-path): step(closure) folds the combination into the update;
+    the parameters after two steps are those of backward(losses) + step()."""
+    after = {}
+    for name in (f"roga|{method}", f"roga-fold|{method}"):
+        prob = B.Problem(B.QUICK_SHAPES, 2, "cpu")
+        setup, step = B.variants(prob, [method], log=lambda *_: None, paths=("roga-fold",))[name]
+        for _ in range(2):
+            setup()
+            step()
+        after[name] = torch.cat([p.detach().flatten() for p in prob.params])
+    assert not torch.equal(after[f"roga|{method}"], torch.cat([p.flatten() for p in B.Problem(B.QUICK_SHAPES, 2,
+                                                                                               "cpu").params]))
+    torch.testing.assert_close(after[f"roga-fold|{method}"], after[f"roga|{method}"], rtol=1e-6, atol=1e-7)
+
+
 def test_isolated_run_times_each_variant_in_its_own_process():
     """--isolated: one process per variant and round; the ratio is the median of the
     same-round ratios (the twin's is 1 exactly)."""
     logs = []
     res = B.run_isolated("cpu", "quick", ks=(2,), methods=("pcgrad",), reps=1, rounds=2, log=logs.append,
-                         only=("roga",))
+                         only=("roga", "roga-fold"), paths=("roga-fold",))
     r = res["results"][2]
-    assert set(r["median_s"]) == {"twin", "roga|pcgrad"} and len(r["per_round_s"]) == 2
+    names = {"twin", "roga|pcgrad", "roga-fold|pcgrad"}  # (the fold kind reaches the child processes)
+    assert set(r["median_s"]) == names and len(r["per_round_s"]) == 2
     assert r["vs_twin"]["twin"] == 1.0 and r["vs_twin"]["roga|pcgrad"] > 0
-    assert all(set(g) == {"twin", "roga|pcgrad"} for g in r["per_round_s"])
+    assert all(set(g) == names for g in r["per_round_s"])
     assert "2 processes x 1 reps" in "\n".join(logs)
 
 
