@@ -316,6 +316,24 @@ inline void rect_tile(const C* const* rows, const C* const* cols, int64_t m, dou
     for (int q = 0; q < 4; ++q) out[i][q] += static_cast<double>(s[i][q]);
 }
 
+// The K x K triangle (K > 2) in 4 x 4 tiles of rows and columns, in the order their loops
+// run: f(r0, rn, c0, i). c0 < 0: the tile on the diagonal, rows r0 .. r0 + rn - 1 (rn <= 4)
+// against themselves, one loop of (up to) ten sums over four streams. Else one loop below it:
+// row r0 + i, and r0 + i + 1 when i + 1 < rn, against columns c0 .. c0 + 3 (eight sums). Each
+// loaded element feeds several products: one pair per loop would load two per product, and
+// the loads from L1 bound such a loop at K = 8 (40 ms against 26 for reading the 8 sets,
+// ResNet-34 list). A last group of fewer than four rows gets tiles of its own size (K = 5
+// computed 28 products per element for 15 before). gram counts its loops with this too.
+template <class F>
+inline void for_each_tile(int k, const F& f) {
+  for (int r0 = 0; r0 < k; r0 += 4) {
+    const int rn = std::min(4, k - r0);
+    f(r0, rn, -1, 0);
+    for (int c0 = 0; c0 < r0; c0 += 4)
+      for (int i = 0; i < rn; i += 2) f(r0, rn, c0, i);
+  }
+}
+
 // out[a*(a+1)/2 + b] += <x_a, x_b> for b <= a; every x read once per block
 template <typename T>
 void gram(const void* const* xs, int k, int64_t n, double* out) {
@@ -324,7 +342,7 @@ void gram(const void* const* xs, int k, int64_t n, double* out) {
   std::vector<const C*> v(k);
   // K != 2: the tile loops per block (each prefetches part of the next block)
   int loops = 0;
-  for (int r0 = 0; r0 < k; r0 += 4) loops += 1 + (r0 / 4) * ((std::min(4, k - r0) + 1) / 2);
+  for_each_tile(k, [&](int, int, int, int) { ++loops; });
   std::vector<Ahead> ahead(loops);
   ROGA_BLOCKS(n) {
     for (int a = 0; a < k; ++a)
@@ -352,33 +370,27 @@ void gram(const void* const* xs, int k, int64_t n, double* out) {
       ah.s[ah.n++] = reinterpret_cast<const char*>(static_cast<const T*>(xs[a]) + o + m);
       ah.bytes = next;
     }
-    // K > 2: the triangle in 4 x 4 tiles of rows and columns. A tile on the diagonal is one
-    // loop of (up to) ten sums over four streams; one below it, two loops of eight sums (two
-    // rows against four columns). Each loaded element feeds several products: one pair per
-    // loop would load two per product, and the loads from L1 bound such a loop at K = 8 (40
-    // ms against 26 for reading the 8 sets, ResNet-34 list). A last group of fewer than four
-    // rows gets tiles of its own size (K = 5 computed 28 products per element for 15 before).
     int loop = 0;
-    for (int r0 = 0; r0 < k; r0 += 4) {
-      const int rn = std::min(4, k - r0);
+    for_each_tile(k, [&](int r0, int rn, int c0, int i) {
       const C* const* r = &v[r0];
       const Ahead& ah = ahead[loop++];
-      switch (rn) {
-        case 1: tri_tile<C, 1>(r, m, out, r0, ah); break;
-        case 2: tri_tile<C, 2>(r, m, out, r0, ah); break;
-        case 3: tri_tile<C, 3>(r, m, out, r0, ah); break;
-        default: tri_tile<C, 4>(r, m, out, r0, ah); break;
-      }
-      for (int c0 = 0; c0 < r0; c0 += 4)
-        for (int i = 0; i < rn; i += 2) {
-          double* o2[2] = {&out[(r0 + i) * (r0 + i + 1) / 2 + c0],
-                           i + 1 < rn ? &out[(r0 + i + 1) * (r0 + i + 2) / 2 + c0] : nullptr};
-          if (i + 1 < rn)
-            rect_tile<C, 2>(&r[i], &v[c0], m, o2, ahead[loop++]);
-          else
-            rect_tile<C, 1>(&r[i], &v[c0], m, o2, ahead[loop++]);
+      if (c0 < 0) {
+        switch (rn) {
+          case 1: tri_tile<C, 1>(r, m, out, r0, ah); break;
+          case 2: tri_tile<C, 2>(r, m, out, r0, ah); break;
+          case 3: tri_tile<C, 3>(r, m, out, r0, ah); break;
+          default: tri_tile<C, 4>(r, m, out, r0, ah); break;
         }
-    }
+        return;
+      }
+      const bool two = i + 1 < rn;
+      double* o2[2] = {&out[(r0 + i) * (r0 + i + 1) / 2 + c0],
+                       two ? &out[(r0 + i + 1) * (r0 + i + 2) / 2 + c0] : nullptr};
+      if (two)
+        rect_tile<C, 2>(&r[i], &v[c0], m, o2, ah);
+      else
+        rect_tile<C, 1>(&r[i], &v[c0], m, o2, ah);
+    });
   }
 }
 
