@@ -66,6 +66,53 @@ def test_every_method_is_its_weighting_on_a_real_model(backend, method):
     opt.step()
 
 
+def _amp_steps(method, scale, steps=3, big=1.0, **extra):
+    """Parameters after `steps` AMP steps (scale None: no scaler), float32, momentum SGD."""
+    net = Net().float()
+    opt = GradientAggregator(net.parameters(), torch.optim.SGD, method=method, lr=0.1, momentum=0.9, seed=5,
+                             **extra)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    for s in range(steps):
+        x, ys = data(40 + s)
+        losses = net.losses(x.float(), [y.float() for y in ys])
+        opt.zero_grad()
+        opt.backward([losses[0] * big] + losses[1:], scaler=scaler)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+    return net, opt, scaler
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_under_amp_takes_the_unscaled_step(method):
+    """backward(scaler=...): the weights are those of the true gradients, so the step is the
+    unscaled run's for every method: Nash-MTL's weights go as 1 / |g| (its step came out
+    1 / scale too small when weighed on the scaled Gram matrix), and max_grad_norm clips the
+    unscaled norm."""
+    for extra in ({}, {"max_grad_norm": 0.05}):
+        ref, opt_ref, _ = _amp_steps(method, None, **extra)
+        got, opt, _ = _amp_steps(method, 2.0 ** 10, **extra)
+        for p, q in zip(got.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.stats["weights"], opt_ref.stats["weights"], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(opt.stats["gram"].double(), opt_ref.stats["gram"].double(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_skips_an_amp_overflow(method):
+    """One task's scaled loss overflows float32: G is not finite, the weights are NaN, the
+    scaler skips the step and backs off; parameters and momentum stay untouched."""
+    net0 = Net().float()
+    net, opt, scaler = _amp_steps(method, 2.0 ** 100, steps=1, big=1e30)
+    assert scaler.get_scale() < 2.0 ** 100
+    for p, q in zip(net.parameters(), net0.parameters()):
+        assert torch.equal(p, q)
+    assert all(st.get("momentum_buffer") is None for st in opt.base_optimizer.state_dict()["state"].values())
+    assert not bool(opt.stats["finite"]) and torch.isnan(opt.stats["weights"]).all()
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_shared_parameters_leave_heads_their_task_gradient(reduction):
     """With shared=trunk only the trunk is aligned; each head keeps its own task's gradient

@@ -561,6 +561,13 @@ class GradientAggregator(WrapperOptimizer):
         dev = next(g.device for g in grams if g is not None)
         grams = [g.to(dev) if g is not None else torch.zeros(k, k, device=dev) for g in grams]
         G = torch.stack(grams) if self._groups is not None else grams[0]
+        inv2 = None
+        if self._t.inv_scale is not None:
+            # backward(scaler=...): weigh the true gradients' Gram matrix. Most weightings are
+            # scale-invariant, but Nash-MTL's weights go as 1 / |g| (and its max_norm is absolute),
+            # so on the scaled G its step would come out 1 / scale too small.
+            inv2 = self._t.inv_scale.to(G.device, torch.float64).square()
+            G = G.double() * inv2
         if not self._t.draws_shared:
             self._share_draws(G.device)
         w = self.weighting(G).to(G.dtype if G.dtype == torch.float64 else torch.float64)
@@ -571,10 +578,9 @@ class GradientAggregator(WrapperOptimizer):
             sq = (w.unsqueeze(-2) @ G.double() @ w.unsqueeze(-1)).sum()
             heads = [ls for u, ls in zip(units, lists) if u.wgroup is None]
             for ls in heads:
-                sq = sq + _utils.local_value(ops.gram(ls, backend=self.backend)).double().sum().to(sq.device)
-            dnorm = sq.clamp_min(0).sqrt()
-            if self._t.inv_scale is not None:
-                dnorm = dnorm * self._t.inv_scale.to(dnorm.device, torch.float64)
+                h = _utils.local_value(ops.gram(ls, backend=self.backend)).double().sum().to(sq.device)
+                sq = sq + (h if inv2 is None else h * inv2.to(sq.device))
+            dnorm = sq.clamp_min(0).sqrt()  # (of the unscaled gradient)
             clip = (self.max_grad_norm / (dnorm + 1e-6)).clamp(max=1.0)
             w = w * clip
             head = clip
