@@ -172,6 +172,29 @@ def test_non_finite_gram_keeps_state():
     assert torch.equal(nash(G), good)
 
 
+@pytest.mark.parametrize("host", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nash_overflow_before_any_good_step_is_not_kept(monkeypatch, host, bad):
+    """update_weights_every=3 and the first G overflows (AMP): that call gives NaN, and the
+    next finite G gets fresh weights although they are not due (they used to be the NaN
+    call's: zeros, no update, until the next due call). Then the schedule holds them.
+    host=False: the CUDA path (no host branching), run on the CPU."""
+    monkeypatch.setattr(W.base, "can_branch", lambda t: host)
+    G = gram(case(4, "conflict", seed=4))
+    G2 = gram(case(4, "random", seed=5))
+    bad_G = G.clone()
+    bad_G[1, 2] = bad_G[2, 1] = bad
+    nash = W.NashMTLWeighting(max_norm=0, update_weights_every=3)
+    assert torch.isnan(nash(bad_G)).all()
+    assert torch.isnan(nash(bad_G)).all()  # still none good
+    want = W.NashMTLWeighting(max_norm=0)(G)
+    torch.testing.assert_close(nash(G), want, rtol=1e-12, atol=0)  # call 3: not due, none good: fresh
+    assert torch.isnan(nash(bad_G)).all()  # call 4: due, but not finite: kept
+    torch.testing.assert_close(nash(G2), want, rtol=1e-12, atol=0)  # call 5: not due: the kept ones
+    torch.testing.assert_close(nash(G2), want, rtol=1e-12, atol=0)  # call 6
+    torch.testing.assert_close(nash(G2), W.NashMTLWeighting(max_norm=0)(G2), rtol=1e-12, atol=0)  # 7: due
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_all_zero_gradients(name, k):

@@ -57,6 +57,12 @@ class NashMTLWeighting(Weighting):
     the weights are 0 (no update), as no direction improves every task. Zero-gradient tasks are left out of the
     bargaining (weight 0).
 
+    A non-finite G (an AMP overflow: NaN weights, the step is skipped) leaves the kept weights
+    as they were; with none yet (an overflow on the first calls), the next finite G gets
+    fresh ones whether or not they are due. The schedule counts calls, skipped ones included.
+    On CUDA (no host sync) the solve runs on every call and the result is kept only when
+    that rule says so, so ``update_weights_every`` there changes the weights, not the cost.
+
     Args:
         max_norm: clip ``|d|`` to this (0 disables; the reference's default is 1.0).
         update_weights_every: recompute the weights every this many calls (>= 1).
@@ -92,25 +98,41 @@ class NashMTLWeighting(Weighting):
         self.step = int(state.get("step", 0))
         self.alpha = state.get("alpha")
 
+    def _solve(self, G, host):
+        """The bargaining weights of G and the solver's diagnostics."""
+        C, _, zero = scaled(G)
+        gamma, residual = nash_newton(with_unit_diagonal(C, zero), self.max_iter if host else self.device_iter, host)
+        norms = G.diagonal().clamp_min(0).sqrt()
+        alpha = torch.where(zero, torch.zeros_like(gamma), gamma / torch.where(zero, torch.ones_like(norms), norms))
+        ok = residual <= 1e-9
+        return torch.where(ok, alpha, torch.zeros_like(alpha)), {"residual": residual, "converged": ok}
+
     def weights(self, G):
         k = G.shape[0]
         if self.alpha is not None and self.alpha.shape != (k,):
             raise ValueError(f"NashMTLWeighting: got {k} tasks, but the saved weights are for {self.alpha.shape[0]}")
-        if self.alpha is None or self.step % self.update_weights_every == 0:
-            C, sigma, zero = scaled(G)
-            host = base.can_branch(G)
-            gamma, residual = nash_newton(with_unit_diagonal(C, zero), self.max_iter if host else self.device_iter, host)
-            norms = G.diagonal().clamp_min(0).sqrt()
-            alpha = torch.where(zero, torch.zeros_like(gamma), gamma / torch.where(zero, torch.ones_like(norms), norms))
-            ok = residual <= 1e-9
-            alpha = torch.where(ok, alpha, torch.zeros_like(alpha))
-            if self.alpha is not None:  # a non-finite G keeps the last good weights for reuse
-                alpha = torch.where(finite(G), alpha, self.alpha.to(G.device, torch.float64))
-            self.alpha = alpha
-            self.info = {"residual": residual, "converged": ok}
-        self.step += 1
+        due = self.alpha is None or self.step % self.update_weights_every == 0
+        self.step += 1  # (calls: an overflow the scaler skips counts too, on every device alike)
+        fin = finite(G)
+        old = None if self.alpha is None else self.alpha.to(G.device, torch.float64)
+        if base.can_branch(G):
+            # A non-finite G (the step is skipped) leaves the weights as they were; with none
+            # good yet, the next call solves again.
+            if bool(fin) and (due or not bool(torch.isfinite(old).all())):
+                self.alpha, self.info = self._solve(G, True)
+        else:
+            # No host sync: solve on every call, and take the new weights where G is finite and
+            # they are due, or the kept ones are not finite (an overflow before any good step).
+            new, self.info = self._solve(G, False)
+            if old is None:
+                self.alpha = torch.where(fin, new, torch.full_like(new, float("nan")))
+            else:
+                take = fin if due else fin & ~torch.isfinite(old).all()
+                self.alpha = torch.where(take, new, old)
+        if self.alpha is None:
+            return torch.full((k,), float("nan"), dtype=torch.float64, device=G.device)
         alpha = self.alpha.to(G.device, torch.float64)
         if self.max_norm > 0:
             dnorm = (alpha @ G @ alpha).clamp_min(0).sqrt()
             alpha = alpha * torch.where(dnorm > self.max_norm, self.max_norm / dnorm, torch.ones_like(dnorm))
-        return nan_unless(finite(G), alpha)
+        return nan_unless(fin, alpha)
