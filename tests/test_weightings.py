@@ -488,7 +488,7 @@ def test_nash_mtl_without_a_solution_does_not_move():
     assert a[0] == 0 and ((a[1:] * (J[1:] @ combine(a, J)) - 1).abs().max() < 1e-12)
 
 
-@pytest.mark.parametrize("dist", ["normal", "uniform", "dirichlet", "bernoulli"])
+@pytest.mark.parametrize("dist", ["normal", "uniform", "dirichlet", "bernoulli", "constrained_bernoulli"])
 def test_random_weighting_draws(dist):
     k = 5
     rw = W.RandomWeighting(distribution=dist, seed=21)
@@ -502,13 +502,29 @@ def test_random_weighting_draws(dist):
         elif dist == "dirichlet":
             e = -torch.log(1 - torch.rand(k, generator=gen, dtype=F64))
             ref = e / e.sum()
-        else:
-            b = torch.rand(k, generator=gen, dtype=F64) < 0.5
-            if not b.any():
-                b[int(torch.randint(k, (1,), generator=gen))] = True
+        elif dist == "bernoulli":
+            b = torch.zeros(k, dtype=torch.bool)
+            while not b.any():
+                b = torch.rand(k, generator=gen, dtype=F64) < 0.5
             ref = b.to(F64) / b.sum()
+        else:
+            ref = torch.zeros(k, dtype=F64)
+            ref[int(torch.randint(k, (1,), generator=gen))] = 1.0
         assert torch.allclose(w, k * ref, rtol=1e-14)
         assert (w >= 0).all() and abs(float(w.sum()) - k) < 1e-12
+
+
+@pytest.mark.parametrize("dist", ["bernoulli", "constrained_bernoulli"])
+def test_random_subsets_are_equally_likely(dist):
+    """K = 2: "bernoulli" gives each of the three non-empty subsets 1/3 of the draws (filling
+    an empty draw with one task instead made singletons 3/8 each); "constrained_bernoulli"
+    one task, each 1/2. 6000 draws: a frequency's standard error is about 0.006."""
+    rw = W.RandomWeighting(distribution=dist, seed=3)
+    draws = [tuple((rw(torch.eye(2)) > 0).tolist()) for _ in range(6000)]
+    subsets = [(True, False), (False, True)] + ([(True, True)] if dist == "bernoulli" else [])
+    assert set(draws) == set(subsets)
+    for sub in subsets:
+        assert abs(draws.count(sub) / len(draws) - 1 / len(subsets)) < 0.03, (sub, draws.count(sub))
 
 
 def test_sum_weighting():

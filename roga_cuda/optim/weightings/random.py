@@ -4,7 +4,7 @@ import torch
 from .base import Weighting, finite, nan_unless, register
 from .pcgrad import new_generator
 
-DISTRIBUTIONS = ("normal", "uniform", "dirichlet", "bernoulli")
+DISTRIBUTIONS = ("normal", "uniform", "dirichlet", "bernoulli", "constrained_bernoulli")
 
 
 @register("random", "rlw")
@@ -15,8 +15,9 @@ class RandomWeighting(Weighting):
     Each call draws ``lambda`` on the simplex: ``"normal"`` softmax of N(0, 1) draws (the
     paper's main choice, LibMTL's and torchjd's ``Random``), ``"uniform"`` softmax of
     U(0, 1) draws, ``"dirichlet"`` Dir(1, ..., 1) (normalised exponentials),
-    ``"bernoulli"`` a random non-empty subset with equal weights (the paper's constrained
-    Bernoulli). The draws come from a host ``torch.Generator`` (float64; saved in
+    ``"bernoulli"`` Bernoulli(1/2) per task, normalised (an empty draw is drawn again: every
+    non-empty subset equally likely), ``"constrained_bernoulli"`` one task drawn uniformly,
+    weight 1 (one task per step). The draws come from a host ``torch.Generator`` (float64; saved in
     ``state_dict``) and reach the device with a non-blocking copy: no host sync.
 
     Convention: returns ``K lambda`` (sum form); LibMTL and torchjd use ``lambda`` (ours / K;
@@ -24,7 +25,8 @@ class RandomWeighting(Weighting):
     same draws).
 
     Args:
-        distribution: one of "normal", "uniform", "dirichlet", "bernoulli".
+        distribution: one of "normal", "uniform", "dirichlet", "bernoulli",
+            "constrained_bernoulli".
         seed: seeds the generator.
     """
 
@@ -55,10 +57,12 @@ class RandomWeighting(Weighting):
         if self.distribution == "dirichlet":
             e = -torch.log1p(-torch.rand(k, generator=g, dtype=torch.float64))  # Exp(1), never log(0)
             return e / e.sum()
-        b = torch.rand(k, generator=g, dtype=torch.float64) < 0.5
-        if not bool(b.any()):
-            b[int(torch.randint(k, (1,), generator=g))] = True
-        return b.double() / b.sum()
+        if self.distribution == "constrained_bernoulli":
+            return torch.zeros(k, dtype=torch.float64).index_fill_(0, torch.randint(k, (1,), generator=g), 1.0)
+        while True:  # (host tensors: no device sync; an empty draw has probability 2^-K)
+            b = torch.rand(k, generator=g, dtype=torch.float64) < 0.5
+            if bool(b.any()):
+                return b.double() / b.sum()
 
     def weights(self, G):
         k = G.shape[0]
