@@ -18,9 +18,10 @@ per-parameter loops; the cosines, conflicts and weights come with the statistics
     opt.stats["weights"], opt.stats["cosine"][0, 1], opt.conflict_rate
 
 Reductions: ``"sum"`` (default) applies the weighting's sum-form weights (K equal gradients
-``g`` give ``K g`` for every method: the DPDA paper's PCGrad sum, and each weighting's
-docstring relates its paper's and torchjd's convention to it); ``"mean"`` divides them by K
-(torchjd's mean-form aggregators, e.g. UPGrad's ``mean`` of projections). Task-specific
+``g`` give ``K g``, the DPDA paper's PCGrad sum, except for CAGrad and Nash-MTL, which keep
+their papers' scale; each weighting's docstring relates its paper's and torchjd's convention
+to it, docs/optimizers.md tabulates them); ``"mean"`` divides them by K (torchjd's mean-form
+aggregators, e.g. UPGrad's mean of projections). Task-specific
 parameters (``shared=`` given: every parameter not in it) are not aligned: their gradient is
 the plain sum of the task gradients, i.e. their own task's gradient for an exclusive head,
 whatever the reduction (torchjd's ``mtl_backward``).

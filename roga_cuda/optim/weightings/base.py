@@ -2,9 +2,11 @@
 
 A weighting maps the K x K Gram matrix ``G[i, j] = <g_i, g_j>`` of the task gradients to K
 *sum-form* coefficients ``w``: the aggregated update is ``sum_k w_k g_k``. Sum form means:
-K identical gradients ``g`` give ``K g`` for every method whose paper averages (MGDA, CAGrad,
-UPGrad, ...), exactly as the plain sum does; each method's docstring says how ``w`` relates
-to its paper and to torchjd (which mostly returns mean-form weights, ``w / K``).
+K times the weights of a paper that averages (MGDA, UPGrad, IMTL-G, ...), so K identical
+gradients ``g`` give ``K g`` exactly as the plain sum does. CAGrad (``(1 + c) / rescale``
+times that) and Nash-MTL (``|d|`` fixed by the bargaining, then ``max_norm``) keep their
+papers' scale. Each method's docstring says how ``w`` relates to its paper and to torchjd
+(which mostly returns mean-form weights, ``w / K``).
 """
 from typing import NamedTuple
 
