@@ -25,6 +25,7 @@ timeout 60 python3 -m benchmarks.bench_ops --lists resnet34 aasist --reps 10 --j
 grep -E "roga_cycle|pcgrad_pair|^bandwidth" "$out/bench_ops.log"
 stamp "cuda tests"
 timeout 70 python3 -m pytest -q -n 8 -p no:cacheprovider -rfE --tb=line tests/test_cuda.py tests/test_ops.py tests/test_ops_errors.py \
+  tests/test_aggregator.py tests/test_weightings.py \
   -k "cuda" > "$out/cuda_tests.log" 2>&1; echo "cuda tests rc=$?" >> "$out/cuda_tests.log"
 grep -E "FAILED|ERROR|passed|failed" "$out/cuda_tests.log" | tail -25
 stamp done

@@ -13,7 +13,6 @@ from roga_cuda.optim import aggregator, weightings
 
 from conftest import backend_cases
 
-BACKENDS = [p.values[0] for p in backend_cases() if p.values[1] == "cpu"]
 METHODS = ["sum", "pcgrad", "gradvac", "mgda", "cagrad", "upgrad", "dualproj", "imtl_g", "aligned_mtl", "nash_mtl",
            "random", "config"]
 
@@ -48,21 +47,23 @@ def task_grads(net, x, ys):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", backend_cases())
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_is_its_weighting_on_a_real_model(backend, method):
-    """.grad after backward() is sum_k w_k g_k with w the weighting of the model's Gram
-    matrix (a fresh weighting with the same seed replays the same draws)."""
-    net = Net().double()
+def test_every_method_is_its_weighting_on_a_real_model(backend, device, method):
+    """.grad after backward() is sum_k w_k g_k with w the weighting (on the CPU) of the
+    model's Gram matrix (a fresh weighting with the same seed replays the same draws); every
+    backend on every device it runs on (CUDA's when there is one)."""
+    net = Net().double().to(device)
     x, ys = data(1)
-    J = task_grads(net, x, ys)
+    x, ys = x.to(device), [y.to(device) for y in ys]
+    J = task_grads(net, x, ys).cpu()
     opt = GradientAggregator(net.parameters(), torch.optim.SGD, method=method, lr=0.1, seed=5, backend=backend)
     opt.backward(net.losses(x, ys))
-    got = torch.cat([p.grad.flatten() for p in net.parameters()])
+    got = torch.cat([p.grad.flatten() for p in net.parameters()]).cpu()
     kw = {"seed": 5} if method in ("pcgrad", "gradvac", "random") else {}
     w = weightings.make_weighting(method, **kw)(J @ J.T)
     torch.testing.assert_close(got, w @ J, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(opt.stats["weights"], w, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(opt.stats["weights"].cpu(), w, rtol=1e-9, atol=1e-12)
     opt.step()
 
 
