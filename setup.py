@@ -124,8 +124,10 @@ setup(
         "apps": ["pyyaml", "tqdm", "matplotlib", "pillow", "soundfile"],
         # the apps' packages (their tests), scikit-learn (the metrics tests' reference),
         # torchjd (the peer the weighting tests cross-check against; needs torch>=2.3, keeps
-        # the installed one) and pytorch-optimizer (the SAM variants' peer; needs torch>=2.1)
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "scikit-learn", "torchjd[quadprog-projector]>=0.18",
+        # the installed one; its [cagrad] extra, cvxpy + Clarabel, runs the CAGrad check) and
+        # pytorch-optimizer (the SAM variants' peer; needs torch>=2.1)
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "scikit-learn",
+                 "torchjd[quadprog-projector,cagrad]>=0.18",
                  "pytorch-optimizer>=4.1", "pyyaml", "tqdm", "matplotlib", "pillow", "soundfile"],
         "audio": ["soundfile"],
         "timm": ["timm"],  # EfficientNet-B4 backbone; pulls torchvision

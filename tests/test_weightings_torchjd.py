@@ -1,9 +1,9 @@
 """Agreement with torchjd's weightings on the same Gram matrices, wherever torchjd is exact.
 
-torchjd is an optional test peer (``pip install "torchjd[quadprog-projector]"``; CAGrad's
-cross-check also needs cvxpy). Each test skips on its own when a peer is missing. torchjd
-returns mean-form weights for MGDA-like methods (ours are K times theirs, see each class).
-Not compared: torchjd's MGDA (Frank-Wolfe, stops at a 1e-3 step) and Nash-MTL (cvxpy rounds
+torchjd is an optional test peer (``pip install "torchjd[quadprog-projector,cagrad]"``, in the
+``test`` extra; CAGrad's cross-check needs the cvxpy of ``[cagrad]``). Each test skips on its
+own when a peer is missing. torchjd returns mean-form weights for MGDA-like methods (ours
+are K times theirs, see each class). Not compared: torchjd's MGDA (Frank-Wolfe, stops at a 1e-3 step) and Nash-MTL (cvxpy rounds
 stopping at a 1e-3 residual) are not exact; its PCGrad draws a permutation of all K tasks
 from the global RNG, so only K = 2 matches draw for draw.
 """
