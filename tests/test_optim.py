@@ -213,6 +213,84 @@ def test_roga_matches_reference(backend, strategy, num_domains):
     params_equal(m_ref, m)
 
 
+class DomainHeads(nn.Module):
+    """A trunk and one head per domain group: domains 0 and 2 use head 0, domain 1 head 1;
+    head 2 is used by none (its parameters never get a gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
+        self.double()
+
+    def loss(self, d, x, y):
+        return ((self.heads[1 if d == 1 else 0](self.trunk(x)).squeeze(1) - y) ** 2).mean()
+
+
+def _domain_batches(step):
+    g = torch.Generator().manual_seed(step)
+    return [(torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64))
+            for _ in range(3)]
+
+
+def ref_roga_step_partial(model, base, batches, rho, alpha):
+    """RoGA's mean over domains when a domain reaches only some parameters: a domain adds
+    nothing where it has no gradient (and ascends along the ones it has), and a parameter no
+    domain reached gets no gradient at all (torch.optim then leaves it alone)."""
+    ps = list(model.parameters())
+    acc = [None] * len(ps)
+    for d, (x, y) in enumerate(batches):
+        g = torch.autograd.grad(model.loss(d, x, y), ps, allow_unused=True)
+        gnorm = torch.sqrt(sum((gi ** 2).sum() for gi in g if gi is not None))
+        old = [p.detach().clone() for p in ps]
+        with torch.no_grad():
+            for p, gi in zip(ps, g):
+                if gi is not None:
+                    p.add_((rho / (gnorm + 1e-12) - alpha) * gi)
+        h = torch.autograd.grad(model.loss(d, x, y), ps, allow_unused=True)
+        with torch.no_grad():
+            for i, (p, o, hi) in enumerate(zip(ps, old, h)):
+                p.copy_(o)
+                if hi is not None:
+                    acc[i] = hi.clone() if acc[i] is None else acc[i] + hi
+    for p, a in zip(ps, acc):
+        p.grad = None if a is None else a / len(batches)
+    base.step()
+    base.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("strategy", ["copy", "swap"])
+@pytest.mark.parametrize("config", ["fold", "no_num_domains", "unfused", "clip"])
+def test_roga_with_domain_specific_parameters(strategy, config):
+    """A head only some domains use: the last domain's one-pass mean (and the fold into the
+    update) covered only the parameters that domain reached. Its head was then dropped
+    (fold) or left K times too large (the unfolded mean); a head no domain uses was stepped
+    with a zero gradient (weight decay, momentum). Each configuration equals the reference."""
+    m_ref, m = DomainHeads(), DomainHeads()
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+    base_ref = torch.optim.SGD(m_ref.parameters(), **kw)
+    extra = {"fold": {"num_domains": 3}, "no_num_domains": {}, "unfused": {"num_domains": 3, "fused": False},
+             "clip": {"num_domains": 3, "max_grad_norm": 1e9}}[config]
+    opt = RoGA(m.parameters(), torch.optim.SGD, rho=0.05, alpha=0.01, strategy=strategy, **extra, **kw)
+    unused = [p.detach().clone() for p in m.heads[2].parameters()]
+    for step in range(3):
+        batches = _domain_batches(step)
+        ref_roga_step_partial(m_ref, base_ref, batches, 0.05, 0.01)
+        opt.zero_grad()
+        for d, (x, y) in enumerate(batches):
+            m.loss(d, x, y).backward()
+            opt.perturb()
+            m.loss(d, x, y).backward()
+            opt.accumulate()
+        opt.step()
+    # (clip: the clipping coefficient, 1 here, reaches the update as a float32 tensor with
+    # the 1/K in it, so float64 parameters see float32 rounding there)
+    tol = dict(rtol=1e-7, atol=1e-9) if config == "clip" else dict(rtol=1e-12, atol=1e-14)
+    params_equal(m_ref, m, **tol)
+    assert all(torch.equal(p, u) for p, u in zip(m.heads[2].parameters(), unused))
+
+
 def test_roga_closure_form_and_hvp():
     for alignment in ("first_order", "hvp"):
         m_ref, m = cnn(), cnn()

@@ -117,6 +117,9 @@ class RoGA(WrapperOptimizer):
         self._t.pending = None  # _Pending between perturb() and accumulate()
         self._t.final = None  # _Final: the last domain, folded into step()
         self._t.acc = {}  # id(layout part list) -> accumulated gradients of that list, this step
+        # id(layout part list) -> None when every domain so far reached the whole list, else
+        # per position whether some domain reached it (a head only one domain uses)
+        self._t.reached = {}
         self._t.count = 0  # accumulate() calls this step
         self._t.acc_is_mean = False  # the last accumulate() already divided by K
         self._t.flat = None  # (layout, flat buffers, {id(param): view}) when syncing across processes
@@ -201,17 +204,44 @@ class RoGA(WrapperOptimizer):
         k = self._t.count + 1
         last = self.num_domains is not None and k == self.num_domains
         sync = self._sync()
+        # The last domain divides by K in its own pass (or folds it into the update) only where
+        # it covers every position accumulated so far; else step() divides the whole sum.
+        whole = self._reach(moves)
         try:
-            if last and self.fused and not sync and self.max_grad_norm is None and inv is None and not plain:
+            if (last and whole and self.fused and not sync and self.max_grad_norm is None and inv is None
+                    and not plain):
                 accs = [None if k == 1 else self._acc_positions(m, sync) for m in moves]
                 self._t.final = _Final(moves, hs, accs)  # restore + accumulate + update: one pass, in step()
             else:
+                mean = last and k > 1 and whole
                 for m, h in zip(moves, hs):
-                    self._restore_accumulate(m, h, first=(k == 1), mean=last and k > 1, sync=sync)
-                self._t.acc_is_mean = last and k > 1
+                    self._restore_accumulate(m, h, first=(k == 1), mean=mean, sync=sync)
+                self._t.acc_is_mean = mean
         finally:
             _utils.set_grads(self._layout().params, None)
         self._t.count = k
+
+    def _reach(self, moves):
+        """Records which positions of their layout lists these moves reach (for step(): a
+        parameter no domain reached is not stepped); returns whether they reach every position
+        of every list an earlier domain reached (the usual case: then no per-parameter work)."""
+        reached = self._t.reached
+        missing = set(reached)  # lists earlier domains reached
+        whole = True
+        for m in moves:
+            full, idx = self._full(m)
+            key = id(full)
+            missing.discard(key)
+            if idx is None:
+                reached[key] = None  # every position
+                continue
+            whole = False
+            if key in reached and reached[key] is None:
+                continue
+            marks = reached.setdefault(key, [False] * len(full))
+            for i in idx:
+                marks[i] = True
+        return whole and not missing
 
     def _grads_at(self, m):
         gs, missing = _utils.grads_of(m.params)
@@ -303,6 +333,7 @@ class RoGA(WrapperOptimizer):
 
     def _reset_step(self):
         self._t.acc, self._t.count, self._t.acc_is_mean, self._t.acc_zeroed = {}, 0, False, False
+        self._t.reached = {}
 
     # ---------------------------------------------------------------------------------
     def step(self, closure=None, num_domains=None, *, scaler=None, bn_model=None):
@@ -372,7 +403,8 @@ class RoGA(WrapperOptimizer):
             self._unfold()  # AMP must see the whole gradient before the update: no fold
         sync = self._sync()
         lay = self._layout()
-        accs = [(group, ps, self._t.acc[id(ps)]) for group, ps in lay.parts if id(ps) in self._t.acc]
+        accs = [_reached_only(group, ps, self._t.acc[id(ps)], self._t.reached.get(id(ps)))
+                for group, ps in lay.parts if id(ps) in self._t.acc]
         if sync:  # every parameter gets its (all-reduced) gradient, zero where this rank had none
             views = self._flat_views()
             if not self._t.acc_zeroed:  # a rank with no gradient at all this step still joins the collective
@@ -454,6 +486,15 @@ class RoGA(WrapperOptimizer):
                                "their gradients live only in this step): save before the first domain or after "
                                "step() (or call abort())")
         return super().state_dict()
+
+
+def _reached_only(group, ps, acc, marks):
+    """(group, params, accumulators) of a layout list, less the parameters no domain reached
+    this step (marks: None when all were): like torch.optim, a parameter without a gradient is
+    not stepped (no weight decay, no momentum)."""
+    if marks is None or all(marks):
+        return group, ps, acc
+    return group, [p for p, r in zip(ps, marks) if r], [a for a, r in zip(acc, marks) if r]
 
 
 def _weight(coef, device):
