@@ -461,3 +461,85 @@ def test_launch_limits_knob_checks_its_input():
         assert _C()._cuda_launch_limits(*old) == [128, 2, 3]
     finally:
         _C()._cuda_launch_limits(*old)
+
+
+# --------------------------------------------------------------- optimizer steps, no host sync
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)).to(DEV)
+
+
+def _losses(m, step, k=1):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(24, 16, generator=g).to(DEV)
+    out = m(x)
+    return [((out[:, j % 3] - 0.1 * j) ** 2).mean() for j in range(k)]
+
+
+@contextlib.contextmanager
+def _no_sync(on):
+    """torch.cuda.set_sync_debug_mode("error") around the block when `on`: any host
+    synchronisation inside raises."""
+    if not on:
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("kind", ["sam-copy", "sam-swap", "sam-clip", "roga", "roga-clip", "pcgrad", "gradvac",
+                                  "pcgrad-amp"])
+def test_optimizer_calls_do_not_synchronise(kind):
+    """The optimizer's own calls in a step (first_step / second_step; perturb / accumulate /
+    step; backward(losses) less autograd's passes is not separable, so PCGrad's align() and
+    step()) make no host synchronisation on CUDA from the second step on (the first builds
+    the caches). Issue 12's capturable claim, checked the way torch.cuda.graphs needs it."""
+    from roga_cuda import GradientAggregator, RoGA, SAM
+    m = _mlp()
+    kw = dict(lr=0.05, momentum=0.9)
+    if kind.startswith("sam"):
+        opt = SAM(m.parameters(), torch.optim.SGD, rho=0.05, strategy="swap" if kind == "sam-swap" else "copy",
+                  max_grad_norm=1.0 if kind == "sam-clip" else None, **kw)
+    elif kind.startswith("roga"):
+        opt = RoGA(m.parameters(), torch.optim.SGD, rho=0.05, alpha=0.01, strategy="copy", num_domains=2,
+                   max_grad_norm=1.0 if kind == "roga-clip" else None, **kw)
+    else:
+        opt = GradientAggregator(m.parameters(), torch.optim.SGD, method=kind.split("-")[0], seed=0, **kw)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8) if kind.endswith("amp") else None
+    for step in range(3):
+        strict = step > 0
+        if kind.startswith("sam"):
+            _losses(m, step)[0].backward()
+            with _no_sync(strict):
+                opt.first_step(zero_grad=True)
+            _losses(m, step)[0].backward()
+            with _no_sync(strict):
+                opt.second_step(zero_grad=True)
+        elif kind.startswith("roga"):
+            opt.zero_grad()
+            for d in range(2):
+                _losses(m, 10 * step + d)[0].backward()
+                with _no_sync(strict):
+                    opt.perturb()
+                _losses(m, 10 * step + d)[0].backward()
+                with _no_sync(strict):
+                    opt.accumulate()
+            with _no_sync(strict):
+                opt.step()
+        else:
+            opt.zero_grad()
+            opt.backward(_losses(m, step, k=3), align=False, scaler=scaler)
+            with _no_sync(strict):
+                opt.align()
+                if scaler is not None:
+                    scaler.step(opt)
+                else:
+                    opt.step()
+            if scaler is not None:
+                scaler.update()
+    assert all(torch.isfinite(p).all() for p in m.parameters())

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from roga_cuda import PCGrad, RoGA, SAM, freeze_bn_stats
+from roga_cuda import GradientAggregator, PCGrad, RoGA, SAM, freeze_bn_stats
 
 from conftest import backend_cases
 from util import batch, frozen_bn, loss_of, params_equal
@@ -824,6 +824,84 @@ def test_state_dict_round_trip_takes_the_same_next_step(kind):
     step(m2, o2, 9)
     params_equal(m1, m2, rtol=0, atol=0)
     assert o2.param_groups is o2.base_optimizer.param_groups
+
+
+BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01)),
+         "nesterov": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+         "adam": (torch.optim.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+         "adamw": (torch.optim.AdamW, dict(lr=0.01, betas=(0.8, 0.9)))}
+
+
+def _sum_step(m, opt, s, overflow=False):
+    """One plain step through the fused path (GradientAggregator, method "sum", one loss:
+    the base update on the loss's gradient); overflow: an AMP overflow that must be skipped."""
+    x, y = batch(s)
+    opt.zero_grad()
+    if overflow:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)
+        opt.backward([loss_of(m, x, y) * 1e300], scaler=scaler)  # (inf even in float64)
+        scaler.step(opt)
+    else:
+        opt.backward([loss_of(m, x, y)])
+        opt.step()
+
+
+def _torch_step(m, base, s):
+    x, y = batch(s)
+    base.zero_grad()
+    loss_of(m, x, y).backward()
+    base.step()
+
+
+@pytest.mark.parametrize("name", list(BASES))
+def test_checkpoints_move_between_torch_and_the_fused_path(name):
+    """torch.optim's own optimizer -> state_dict -> the fused path -> state_dict -> torch's
+    again, with an AMP-skipped first step on the fused side and a switch to fused=False in the
+    middle: the parameters are those of torch alone (the skipped step never happened). A
+    skipped first SGD step once left a count of 0 that torch never advanced, so the next
+    export reset the momentum, and fused=False took the unset zero buffer as set."""
+    cls, kw = BASES[name]
+    ref = cnn(dtype=torch.float64, bn=False)
+    base_ref = cls(ref.parameters(), **kw)
+    for s in range(6):
+        _torch_step(ref, base_ref, s)
+
+    m = cnn(dtype=torch.float64, bn=False)
+    fused = GradientAggregator(m.parameters(), cls, method="sum", **kw)
+    _sum_step(m, fused, 99, overflow=True)  # skipped: the fused side starts "unset"
+    plain = cls(m.parameters(), **kw)
+    plain.load_state_dict(copy.deepcopy(fused.state_dict()["base"]))
+    _torch_step(m, plain, 0)
+    _torch_step(m, plain, 1)
+    fused = GradientAggregator(m.parameters(), cls, method="sum", **kw)
+    fused.load_state_dict(copy.deepcopy(plain.state_dict()))
+    _sum_step(m, fused, 2)
+    fused.fused = False  # torch steps the same state from here
+    _sum_step(m, fused, 3)
+    fused.fused = True
+    _sum_step(m, fused, 4)
+    plain = cls(m.parameters(), **kw)
+    plain.load_state_dict(copy.deepcopy(fused.state_dict()["base"]))
+    _torch_step(m, plain, 5)
+    params_equal(ref, m, rtol=1e-12, atol=1e-14)
+
+
+def test_fused_off_after_a_skipped_first_sgd_step():
+    """SGD's first step skipped by AMP on the fused path, then fused=False: torch must start
+    the momentum from the next gradient (the zero buffer was never set), and state_dict()
+    must keep the live buffers."""
+    cls, kw = BASES["sgd"]
+    ref = cnn(dtype=torch.float64, bn=False)
+    base_ref = cls(ref.parameters(), **kw)
+    m = cnn(dtype=torch.float64, bn=False)
+    opt = GradientAggregator(m.parameters(), cls, method="sum", **kw)
+    _sum_step(m, opt, 99, overflow=True)
+    opt.fused = False
+    for s in range(2):
+        _torch_step(ref, base_ref, s)
+        _sum_step(m, opt, s)
+    params_equal(ref, m, rtol=1e-12, atol=1e-14)
+    assert all(st["momentum_buffer"] is not None for st in opt.state_dict()["base"]["state"].values())
 
 
 def _copy_case(kind, m):

@@ -113,7 +113,10 @@ class WrapperOptimizer(torch.optim.Optimizer):
 
     @fused.setter
     def fused(self, value):
-        self._fused = bool(value)
+        value = bool(value)
+        if getattr(self, "_fused", value) != value and self._update:
+            self._update.handover(to_torch=not value)
+        self._fused = value
 
     def add_param_group(self, param_group):
         # torch only warns about a parameter listed twice in a group; the fused passes would

@@ -80,6 +80,21 @@ class FusedUpdate:
     def __setstate__(self, state):
         self.__init__(state["base"], state["backend"])
 
+    def handover(self, to_torch):
+        """The base optimizer's state as the other path reads it, when ``fused`` changes
+        mid-training. To torch: our SGD count says whether a momentum buffer was ever set (a
+        skipped first step leaves a zero buffer at count 0, which torch would take as set);
+        torch keeps no count, so it is dropped (a buffer without one reads as set when we
+        adopt it again). Either way the cached state lists are dropped: torch may have made
+        new buffers."""
+        self._cache.clear()
+        if to_torch and self.kind == "sgd":
+            for s in self.base.state.values():
+                if "momentum_buffer" in s and "step" in s:
+                    if s["momentum_buffer"] is not None and float(s["step"]) == 0:
+                        s["momentum_buffer"] = None
+                    del s["step"]
+
     def step(self, parts, found_inf=None):
         """Updates every part. found_inf: a one-element device tensor (nonzero: change nothing)."""
         if self._state_obj is not self.base.state:  # load_state_dict replaced it
@@ -170,11 +185,23 @@ def _as_count(step, p):
 
 def export_state_dict(optimizer, sd):
     """A ``register_state_dict_post_hook`` for the base optimizer: torch's reading of our SGD
-    state, where a momentum buffer whose count is still 0 was never set (a skipped first
-    step) and torch spells that None. The live state is not touched (entries are copied)."""
+    state. torch's SGD keeps no count, and spells a momentum buffer that was never set (ours
+    at count 0: a skipped first step) None; so the count is left out. A checkpoint then means
+    the same to torch and to us, in any order of loading and stepping (a count of 0 that a
+    torch step left stale once reset the momentum). The live state is not touched (entries
+    are copied); the counts are read in one host transfer."""
     state = sd["state"]
-    for k, s in list(state.items()):
-        step = s.get("step")
-        if s.get("momentum_buffer") is not None and isinstance(step, torch.Tensor) and float(step) == 0:
-            state[k] = {**s, "momentum_buffer": None}
+    sgd = [k for k, s in state.items() if "momentum_buffer" in s and "step" in s]
+    if not sgd:
+        return sd
+    counts = [state[k]["step"] for k in sgd]
+    if all(isinstance(c, torch.Tensor) for c in counts):
+        unset = torch.stack([c.detach().reshape(()).float().cpu() for c in counts]).eq(0).tolist()
+    else:
+        unset = [float(c) == 0 for c in counts]
+    for k, zero in zip(sgd, unset):
+        s = {n: v for n, v in state[k].items() if n != "step"}
+        if zero:
+            s["momentum_buffer"] = None
+        state[k] = s
     return sd

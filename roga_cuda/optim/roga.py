@@ -428,7 +428,8 @@ class RoGA(WrapperOptimizer):
             coef = _utils.clip_coef(n, self.max_grad_norm) * coef
         parts = []
         for group, ps, acc in accs:
-            w = None if coef == 1.0 and not isinstance(coef, torch.Tensor) else _weight(coef, ps[0].device)
+            # (isinstance first: comparing a device tensor with 1.0 would read it on the host)
+            w = None if not isinstance(coef, torch.Tensor) and coef == 1.0 else _weight(coef, ps[0].device)
             parts.append(UpdatePart(group, ps, [acc], w, grad_out=acc if w is not None else None))
         self._base_step(parts, found_inf)
 
