@@ -1071,3 +1071,24 @@ def test_state_resumes_across_memory_layouts(kind, base, kw, saved_cl):
         assert m2[0].weight.is_contiguous(memory_format=torch.channels_last) == cl
     for a, b in zip(after[saved_cl], after[not saved_cl]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW])
+def test_tensor_lr_steps_through_torch_too(cls):
+    """A tensor learning rate (an LR schedule kept on the device), here in a parameter group,
+    with fused=False: the base optimizer built here used torch's multi-tensor form, whose Adam
+    refuses a tensor lr at step(). Both paths take the same steps."""
+    out = []
+    for fused in (True, False):
+        m = cnn(dtype=torch.float64, bn=False)
+        groups = [{"params": m[0].parameters(), "lr": torch.tensor(0.01, dtype=torch.float64)},
+                  {"params": list(m.parameters())[2:]}]
+        opt = SAM(groups, cls, rho=0.05, lr=0.02, fused=fused)
+        for s in range(2):
+            x, y = batch(s)
+            loss_of(m, x, y).backward()
+            opt.first_step(zero_grad=True)
+            loss_of(m, x, y).backward()
+            opt.second_step(zero_grad=True)
+        out.append(m)
+    params_equal(out[0], out[1], rtol=1e-7, atol=1e-9)

@@ -301,11 +301,15 @@ def _build_base(cls, groups, kwargs):
     """The base optimizer, in torch's multi-tensor form unless the caller chose an
     implementation: torch defaults to a per-parameter loop on CPU, which dominates the step
     for models with many small tensors when the update is not fused (fused=False, or a base
-    optimizer other than SGD/Adam/AdamW)."""
+    optimizer other than SGD/Adam/AdamW). With a tensor learning rate the per-parameter
+    loop: torch's multi-tensor Adam refuses one at step() unless capturable (and torch's own
+    default on CUDA is the multi-tensor form)."""
+    lrs = [kwargs.get("lr")] + [g.get("lr") for g in groups if isinstance(g, dict)]
+    tensor_lr = any(isinstance(lr, torch.Tensor) for lr in lrs)
     if not {"foreach", "fused", "differentiable", "capturable"} & set(kwargs):
         if "foreach" in inspect.signature(cls).parameters:
             try:
-                return cls(groups, **kwargs, foreach=True)
+                return cls(groups, **kwargs, foreach=not tensor_lr)
             except (RuntimeError, ValueError, TypeError):
                 pass  # unsupported here (device, torch version): torch's default
     return cls(groups, **kwargs)
