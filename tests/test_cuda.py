@@ -543,3 +543,28 @@ def test_optimizer_calls_do_not_synchronise(kind):
             if scaler is not None:
                 scaler.update()
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_adam_checkpoint_counts_are_torch_s_cpu_counts():
+    """The fused Adam keeps its counts on the device; state_dict() gives them as torch's
+    non-capturable Adam keeps them (CPU tensors), so a plain torch Adam loads the checkpoint
+    and continues as the fused path does."""
+    from roga_cuda import SAM
+    out = []
+    for handover in (False, True):
+        m = _mlp()
+        opt = SAM(m.parameters(), torch.optim.Adam, rho=0.05, lr=0.01)
+        for step in range(3):
+            if handover and step == 2:
+                sd = opt.state_dict()["base"]
+                assert all(s["step"].device.type == "cpu" for s in sd["state"].values())
+                plain = SAM(m.parameters(), torch.optim.Adam, rho=0.05, lr=0.01, fused=False)
+                plain.load_state_dict(sd)
+                opt = plain
+            _losses(m, step)[0].backward()
+            opt.first_step(zero_grad=True)
+            _losses(m, step)[0].backward()
+            opt.second_step(zero_grad=True)
+        out.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

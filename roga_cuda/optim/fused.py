@@ -191,6 +191,7 @@ def export_state_dict(optimizer, sd):
     torch step left stale once reset the momentum). The live state is not touched (entries
     are copied); the counts are read in one host transfer."""
     state = sd["state"]
+    _counts_to_cpu(optimizer, state)
     sgd = [k for k, s in state.items() if "momentum_buffer" in s and "step" in s]
     if not sgd:
         return sd
@@ -205,3 +206,20 @@ def export_state_dict(optimizer, sd):
             s["momentum_buffer"] = None
         state[k] = s
     return sd
+
+
+def _counts_to_cpu(optimizer, state):
+    """Adam's counts as torch keeps them when it is not capturable: CPU tensors (ours live on
+    the parameter's device, and torch would read a device count on the host per parameter
+    and step). One transfer per device; a capturable torch optimizer moves them back."""
+    if any(g.get("capturable") or g.get("fused") for g in optimizer.param_groups):
+        return
+    by_dev = {}
+    for k, s in state.items():
+        c = s.get("step")
+        if "exp_avg" in s and isinstance(c, torch.Tensor) and c.device.type != "cpu":
+            by_dev.setdefault(c.device, []).append(k)
+    for keys in by_dev.values():
+        host = torch.stack([state[k]["step"].reshape(()) for k in keys]).cpu()
+        for k, c in zip(keys, host.unbind()):
+            state[k] = {**state[k], "step": c.clone()}
