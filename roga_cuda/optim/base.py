@@ -11,6 +11,8 @@ base optimizer is SGD, Adam or AdamW (``fused=False``, or any other base optimiz
 """
 import copy
 import inspect
+import itertools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +106,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
         self.base_optimizer.register_state_dict_post_hook(export_state_dict)
         self._update = FusedUpdate(self.base_optimizer, backend)
         self.fused = fused
-        self._t.layout_cache = None
+        self._t.layout_cache = self._t.gather_cache = None
 
     @property
     def fused(self):
@@ -174,7 +176,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
     def _base_loaded(self, wrapper_state):
         """After the base optimizer loaded a state_dict: share its new group dicts, load ours."""
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict made new group dicts
-        self._t.layout_cache = None
+        self._t.layout_cache = self._t.gather_cache = None
         self._load_extra_state(wrapper_state)
 
     def _check_extra_state(self, state):
@@ -209,7 +211,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
     def _transient_to_copy(self):
         """A shallow copy of the per-step state without the caches a copy must rebuild."""
         t = copy.copy(self._t)
-        t.layout_cache = None
+        t.layout_cache = t.gather_cache = None
         return t
 
     # -- the parameters of a step ------------------------------------------------------
@@ -231,11 +233,25 @@ class WrapperOptimizer(torch.optim.Optimizer):
             if len(lay.parts) == 1:
                 return [Part(lay.parts[0][0], lay.parts[0][1], grads)]
             return [Part(g, ps, grads[a:b]) for (g, ps), (a, b) in zip(lay.parts, lay.bounds)]
+        # Some have none (a head this batch did not use): the same subset gets the same list
+        # object step after step, so what is cached per list (the fused update's state lists,
+        # the perturbation buffers, SAM's fold of restore and update) keeps working.
+        cache = self._t.gather_cache
+        if cache is None or cache[0] is not lay:
+            cache = self._t.gather_cache = (lay, {})
         parts = []
-        for (group, ps), (a, b) in zip(lay.parts, lay.bounds):
-            keep = [i for i in range(a, b) if grads[i] is not None]
-            if keep:
-                parts.append(Part(group, [lay.params[i] for i in keep], [grads[i] for i in keep]))
+        has = tuple(map(operator.is_not, grads, itertools.repeat(None)))  # (builtins: no Python per parameter)
+        for j, ((group, ps), (a, b)) in enumerate(zip(lay.parts, lay.bounds)):
+            keep = has[a:b]
+            if all(keep):
+                parts.append(Part(group, ps, grads[a:b]))
+            elif any(keep):
+                sub = cache[1].get((j, keep))
+                if sub is None:
+                    if len(cache[1]) > 64:  # subsets that keep changing: keep it bounded
+                        cache[1].clear()
+                    sub = cache[1][(j, keep)] = list(itertools.compress(ps, keep))
+                parts.append(Part(group, sub, list(itertools.compress(grads[a:b], keep))))
         return parts  # (sparse gradients: the fused ops refuse them, naming the tensor)
 
     def _sync(self):

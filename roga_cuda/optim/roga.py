@@ -42,6 +42,8 @@ no clipping, no AMP and no cross-process sync, the last domain's restore and acc
 are folded into the base update: that domain costs norm, perturb, update (DESIGN.md).
 """
 import contextlib
+import itertools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -117,9 +119,10 @@ class RoGA(WrapperOptimizer):
         self._t.pending = None  # _Pending between perturb() and accumulate()
         self._t.final = None  # _Final: the last domain, folded into step()
         self._t.acc = {}  # id(layout part list) -> accumulated gradients of that list, this step
-        # id(layout part list) -> None when every domain so far reached the whole list, else
-        # per position whether some domain reached it (a head only one domain uses)
+        # id(layout part list) -> None when a domain reached the whole list, else per position
+        # whether some domain reached it, a tuple of flags (a head only one domain uses)
         self._t.reached = {}
+        self._t.full_cache = None  # (layout, {id(move params): (params, layout list, flags)})
         self._t.count = 0  # accumulate() calls this step
         self._t.acc_is_mean = False  # the last accumulate() already divided by K
         self._t.flat = None  # (layout, flat buffers, {id(param): view}) when syncing across processes
@@ -224,23 +227,24 @@ class RoGA(WrapperOptimizer):
     def _reach(self, moves):
         """Records which positions of their layout lists these moves reach (for step(): a
         parameter no domain reached is not stepped); returns whether they reach every position
-        of every list an earlier domain reached (the usual case: then no per-parameter work)."""
-        reached = self._t.reached
+        an earlier domain reached (then the last domain can divide by K in its own pass)."""
+        reached = self._t.reached  # id(list) -> None (every position) or a tuple of flags
         missing = set(reached)  # lists earlier domains reached
         whole = True
         for m in moves:
-            full, idx = self._full(m)
+            full, keep = self._full(m)
             key = id(full)
             missing.discard(key)
-            if idx is None:
-                reached[key] = None  # every position
-                continue
-            whole = False
-            if key in reached and reached[key] is None:
-                continue
-            marks = reached.setdefault(key, [False] * len(full))
-            for i in idx:
-                marks[i] = True
+            before = reached.get(key, ())
+            if keep is None:
+                reached[key] = None
+            elif before is None:
+                whole = False  # an earlier domain reached positions this one does not
+            elif before == ():
+                reached[key] = keep
+            else:  # (builtins over the flags: no Python per parameter)
+                whole = whole and all(map(operator.or_, keep, map(operator.not_, before)))
+                reached[key] = tuple(map(operator.or_, before, keep))
         return whole and not missing
 
     def _grads_at(self, m):
@@ -263,20 +267,34 @@ class RoGA(WrapperOptimizer):
     # -- accumulators --------------------------------------------------------------------
     def _full(self, m):
         """The layout part list (the group's parameters on the device) that holds m.params,
-        and m's positions in it (None when m.params is that very list)."""
+        and per position of it whether m.params has it (None when m.params is that very
+        list). Cached per list: the base class hands out the same subset list step after step."""
         lay = self._layout()
+        cache = self._t.full_cache
+        if cache is None or cache[0] is not lay:
+            cache = self._t.full_cache = (lay, {})
+        hit = cache[1].get(id(m.params))
+        if hit is not None and hit[0] is m.params:
+            return hit[1], hit[2]
+        out = None
         for _, ps in lay.parts:
             if ps is m.params:
-                return ps, None
-        for group, ps in lay.parts:
+                out = ps, None
+        for group, ps in lay.parts if out is None else ():
             if group is m.group and ps and ps[0].device == m.params[0].device:
-                pos = {id(p): i for i, p in enumerate(ps)}
-                return ps, [pos[id(p)] for p in m.params]
-        raise RuntimeError("RoGA: the parameter groups changed in the middle of a step")
+                mine = set(map(id, m.params))
+                out = ps, tuple(id(p) in mine for p in ps)
+                break
+        if out is None:
+            raise RuntimeError("RoGA: the parameter groups changed in the middle of a step")
+        if len(cache[1]) > 64:
+            cache[1].clear()
+        cache[1][id(m.params)] = (m.params, *out)
+        return out
 
     def _acc_positions(self, m, sync):
         """The accumulator tensors at m's positions (allocating the part's accumulators)."""
-        full, idx = self._full(m)
+        full, keep = self._full(m)
         acc = self._t.acc.get(id(full))
         if acc is None:
             if sync:
@@ -285,12 +303,12 @@ class RoGA(WrapperOptimizer):
             else:
                 acc = [torch.zeros_like(p) for p in full]
             self._t.acc[id(full)] = acc
-        return acc if idx is None else [acc[i] for i in idx]
+        return acc if keep is None else list(itertools.compress(acc, keep))
 
     def _restore_accumulate(self, m, hs, first, mean, sync):
         be = self.backend
-        full, idx = self._full(m)
-        if first and not sync and idx is None:  # the gradients themselves become the accumulator: no copy
+        full, keep = self._full(m)
+        if first and not sync and keep is None:  # the gradients themselves become the accumulator: no copy
             self._undo(m)
             self._t.acc[id(full)] = hs
             return
@@ -479,6 +497,7 @@ class RoGA(WrapperOptimizer):
     def _transient_to_copy(self):
         t = super()._transient_to_copy()
         t.flat, t.acc_zeroed = None, False  # the DDP flat accumulators: made again for the copy's parameters
+        t.full_cache = None
         return t
 
     def state_dict(self):
@@ -495,7 +514,7 @@ def _reached_only(group, ps, acc, marks):
     not stepped (no weight decay, no momentum)."""
     if marks is None or all(marks):
         return group, ps, acc
-    return group, [p for p, r in zip(ps, marks) if r], [a for a, r in zip(acc, marks) if r]
+    return group, list(itertools.compress(ps, marks)), list(itertools.compress(acc, marks))
 
 
 def _weight(coef, device):
