@@ -568,3 +568,54 @@ def test_adam_checkpoint_counts_are_torch_s_cpu_counts():
         out.append([p.detach().clone() for p in m.parameters()])
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _sam_graph_run(capture, steps=4):
+    """SAM steps on a fixed batch: eagerly, or with first_step and second_step each captured
+    once in a CUDA graph and replayed (the pattern of docs/optimizers.md, "CUDA graphs"):
+    gradients stay allocated (zero_grad(set_to_none=False)), the backward passes run eagerly
+    between the replays, the "copy" strategy."""
+    from roga_cuda import SAM
+    m = _mlp()
+    x = torch.randn(24, 16, generator=torch.Generator().manual_seed(5)).to(DEV)
+    opt = SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9, strategy="copy")
+
+    def backward():
+        opt.zero_grad(set_to_none=False)
+        (m(x) ** 2).mean().backward()
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up: caches, state, gradient tensors
+        for _ in range(2):
+            backward()
+            opt.first_step()
+            backward()
+            opt.second_step()
+    torch.cuda.current_stream().wait_stream(s)
+    if not capture:
+        for _ in range(steps):
+            backward()
+            opt.first_step()
+            backward()
+            opt.second_step()
+    else:
+        first, second = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(first):
+            opt.first_step()
+        with torch.cuda.graph(second):
+            opt.second_step()
+        for _ in range(steps):
+            backward()
+            first.replay()
+            backward()
+            second.replay()
+    torch.cuda.synchronize()
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def test_captured_sam_steps_replay_as_eager():
+    """Issue 12: a SAM step captured in CUDA graphs and replayed equals eager (the same kernels
+    on the same addresses: bit for bit)."""
+    for a, b in zip(_sam_graph_run(False), _sam_graph_run(True)):
+        assert torch.equal(a, b)
