@@ -339,22 +339,4 @@ def _flat_params(params):
             yield item
 
 
-def dev_weights(part_weights, device):
-    """A weight list or tensor on ``device`` (tensors move, floats stay)."""
-    if isinstance(part_weights, torch.Tensor):
-        return part_weights.to(device)
-    return part_weights
-
-
-def coef_weights(coef, k=1, base=None):
-    """Weights for K gradient lists: ``base`` (floats, default ones) times ``coef`` (None, a
-    float or a 0-d device tensor) as a 1-d tensor when coef is a tensor."""
-    base = [1.0] * k if base is None else base
-    if coef is None:
-        return None if all(b == 1.0 for b in base) else list(base)
-    if isinstance(coef, torch.Tensor):
-        return coef.reshape(1).float() * torch.tensor(base, dtype=torch.float32, device=coef.device)
-    return [b * coef for b in base]
-
-
 __all__ = ["WrapperOptimizer", "Part", "Layout", "UpdatePart"]
