@@ -69,7 +69,7 @@ def test_setup_puts_the_app_packages_in_the_apps_extra():
     assert set(LAUNCH_CHECKS.values()) <= apps  # what the launcher checks is what the extra installs
     test = names(kw["extras_require"]["test"])
     assert apps <= test  # the app tests run with the test extra alone
-    assert {"scikit-learn", "torchjd[quadprog-projector]"} <= test  # the metrics / weighting tests' references
+    assert {"scikit-learn", "torchjd[quadprog-projector,cagrad]"} <= test  # the metrics / weighting tests' references
 
 
 @pytest.mark.parametrize("entry,prog", [("roga_train", "roga-train"), ("dpda_eval", "dpda-eval")])
