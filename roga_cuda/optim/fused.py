@@ -196,8 +196,8 @@ def export_state_dict(optimizer, sd):
     if not sgd:
         return sd
     counts = [state[k]["step"] for k in sgd]
-    if all(isinstance(c, torch.Tensor) for c in counts):
-        unset = torch.stack([c.detach().reshape(()).float().cpu() for c in counts]).eq(0).tolist()
+    if all(isinstance(c, torch.Tensor) for c in counts) and len({c.device for c in counts}) == 1:
+        unset = torch.stack([c.detach().reshape(()).float() for c in counts]).eq(0).tolist()
     else:
         unset = [float(c) == 0 for c in counts]
     for k, zero in zip(sgd, unset):
