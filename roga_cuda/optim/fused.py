@@ -89,11 +89,12 @@ class FusedUpdate:
         new buffers."""
         self._cache.clear()
         if to_torch and self.kind == "sgd":
-            for s in self.base.state.values():
-                if "momentum_buffer" in s and "step" in s:
-                    if s["momentum_buffer"] is not None and float(s["step"]) == 0:
-                        s["momentum_buffer"] = None
-                    del s["step"]
+            state = self.base.state
+            keys = [p for p, s in state.items() if "momentum_buffer" in s and "step" in s]
+            for p, unset in zip(keys, _unset([state[p]["step"] for p in keys])):
+                if unset:
+                    state[p]["momentum_buffer"] = None
+                del state[p]["step"]
 
     def step(self, parts, found_inf=None):
         """Updates every part. found_inf: a one-element device tensor (nonzero: change nothing)."""
@@ -193,19 +194,22 @@ def export_state_dict(optimizer, sd):
     state = sd["state"]
     _counts_to_cpu(optimizer, state)
     sgd = [k for k, s in state.items() if "momentum_buffer" in s and "step" in s]
-    if not sgd:
-        return sd
-    counts = [state[k]["step"] for k in sgd]
-    if all(isinstance(c, torch.Tensor) for c in counts) and len({c.device for c in counts}) == 1:
-        unset = torch.stack([c.detach().reshape(()).float() for c in counts]).eq(0).tolist()
-    else:
-        unset = [float(c) == 0 for c in counts]
-    for k, zero in zip(sgd, unset):
+    for k, zero in zip(sgd, _unset([state[k]["step"] for k in sgd])):
         s = {n: v for n, v in state[k].items() if n != "step"}
         if zero:
             s["momentum_buffer"] = None
         state[k] = s
     return sd
+
+
+def _unset(counts):
+    """Per SGD count, whether it is 0 (the momentum buffer was never set); counts on one
+    device are read in one host transfer."""
+    if not counts:
+        return []
+    if all(isinstance(c, torch.Tensor) for c in counts) and len({c.device for c in counts}) == 1:
+        return torch.stack([c.detach().reshape(()).float() for c in counts]).eq(0).tolist()
+    return [float(c) == 0 for c in counts]
 
 
 def _counts_to_cpu(optimizer, state):

@@ -276,17 +276,15 @@ class RoGA(WrapperOptimizer):
         hit = cache[1].get(id(m.params))
         if hit is not None and hit[0] is m.params:
             return hit[1], hit[2]
-        out = None
-        for _, ps in lay.parts:
-            if ps is m.params:
-                out = ps, None
-        for group, ps in lay.parts if out is None else ():
-            if group is m.group and ps and ps[0].device == m.params[0].device:
-                mine = set(map(id, m.params))
-                out = ps, tuple(id(p) in mine for p in ps)
-                break
-        if out is None:
-            raise RuntimeError("RoGA: the parameter groups changed in the middle of a step")
+        if any(ps is m.params for _, ps in lay.parts):
+            out = m.params, None
+        else:
+            ps = next((ps for group, ps in lay.parts
+                       if group is m.group and ps and ps[0].device == m.params[0].device), None)
+            if ps is None:
+                raise RuntimeError("RoGA: the parameter groups changed in the middle of a step")
+            mine = set(map(id, m.params))
+            out = ps, tuple(id(p) in mine for p in ps)
         if len(cache[1]) > 64:
             cache[1].clear()
         cache[1][id(m.params)] = (m.params, *out)
