@@ -492,8 +492,8 @@ def _no_sync(on):
         torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.parametrize("kind", ["sam-copy", "sam-swap", "sam-clip", "roga", "roga-clip", "pcgrad", "gradvac",
-                                  "pcgrad-amp"])
+@pytest.mark.parametrize("kind", ["sam-copy", "sam-swap", "sam-clip", "roga", "roga-clip", "roga-capturable",
+                                  "roga-capturable-clip", "pcgrad", "gradvac", "pcgrad-amp"])
 def test_optimizer_calls_do_not_synchronise(kind):
     """The optimizer's own calls in a step (first_step / second_step; perturb / accumulate /
     step; backward(losses) less autograd's passes is not separable, so PCGrad's align() and
@@ -507,7 +507,7 @@ def test_optimizer_calls_do_not_synchronise(kind):
                   max_grad_norm=1.0 if kind == "sam-clip" else None, **kw)
     elif kind.startswith("roga"):
         opt = RoGA(m.parameters(), torch.optim.SGD, rho=0.05, alpha=0.01, strategy="copy", num_domains=2,
-                   max_grad_norm=1.0 if kind == "roga-clip" else None, **kw)
+                   max_grad_norm=1.0 if kind.endswith("clip") else None, capturable="capturable" in kind, **kw)
     else:
         opt = GradientAggregator(m.parameters(), torch.optim.SGD, method=kind.split("-")[0], seed=0, **kw)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8) if kind.endswith("amp") else None
@@ -521,7 +521,7 @@ def test_optimizer_calls_do_not_synchronise(kind):
             with _no_sync(strict):
                 opt.second_step(zero_grad=True)
         elif kind.startswith("roga"):
-            opt.zero_grad()
+            opt.zero_grad(set_to_none="capturable" not in kind)
             for d in range(2):
                 _losses(m, 10 * step + d)[0].backward()
                 with _no_sync(strict):
@@ -618,4 +618,63 @@ def test_captured_sam_steps_replay_as_eager():
     """Issue 12: a SAM step captured in CUDA graphs and replayed equals eager (the same kernels
     on the same addresses: bit for bit)."""
     for a, b in zip(_sam_graph_run(False), _sam_graph_run(True)):
+        assert torch.equal(a, b)
+
+
+def _roga_graph_run(capture, steps=4, **kw):
+    """RoGA(capturable=True) steps over 2 domains on fixed batches: eagerly, or with each
+    optimizer call of one step (perturb, accumulate per domain, then step) captured once in
+    its own CUDA graph and the graphs replayed in that order, the backward passes eager
+    between them (docs/optimizers.md, "CUDA graphs")."""
+    from roga_cuda import RoGA
+    m = _mlp()
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(24, 16, generator=g).to(DEV) for _ in range(2)]
+    opt = RoGA(m.parameters(), torch.optim.SGD, rho=0.05, alpha=0.01, lr=0.05, momentum=0.9, num_domains=2,
+               capturable=True, **kw)
+
+    def backward(d):
+        (m(xs[d]) ** 2).mean().backward()
+
+    def cycle(run):  # run(name, fn) per optimizer call, in step order
+        opt.zero_grad(set_to_none=False)
+        for d in range(2):
+            backward(d)
+            run(f"perturb{d}", opt.perturb)
+            backward(d)
+            run(f"accumulate{d}", opt.accumulate)
+        run("step", opt.step)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up: caches, state, gradient tensors, accumulators
+        for _ in range(2):
+            cycle(lambda name, fn: fn())
+    torch.cuda.current_stream().wait_stream(s)
+    if not capture:
+        for _ in range(steps):
+            cycle(lambda name, fn: fn())
+    else:
+        graphs = {}
+
+        def record(name, fn):
+            graphs[name] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[name]):
+                fn()
+        opt.zero_grad(set_to_none=False)
+        for d in range(2):  # one capture pass through a step (nothing runs; the host state advances)
+            record(f"perturb{d}", opt.perturb)
+            record(f"accumulate{d}", opt.accumulate)
+        record("step", opt.step)
+        for _ in range(steps):
+            cycle(lambda name, fn: graphs[name].replay())
+    torch.cuda.synchronize()
+    return [p.detach().clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_grad_norm": 0.5}], ids=["fold", "clip"])
+def test_captured_roga_steps_replay_as_eager(kw):
+    """Issue 12: a RoGA step (capturable=True) captured in CUDA graphs, one per optimizer
+    call, and replayed equals eager bit for bit."""
+    for a, b in zip(_roga_graph_run(False, **kw), _roga_graph_run(True, **kw)):
         assert torch.equal(a, b)

@@ -72,6 +72,20 @@ def _roga_step(params, opt, seed, t):
     t.run(opt.step)
 
 
+def _roga_static_step(params, opt, seed, t):
+    """RoGA(capturable=True): the backward passes add into the kept .grad tensors."""
+    t.run(opt.zero_grad, set_to_none=False)
+    for d in range(3):
+        for k in range(2):
+            g = torch.Generator().manual_seed(seed + 2 * d + k)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(torch.randn(p.shape, generator=g))
+            t.run(opt.perturb if k == 0 else opt.accumulate)
+    t.run(opt.step)
+
+
 def _aggregate_step(params, opt, seed, t):
     losses = [sum((p * (k + 1 + seed)).sum() for p in params) for k in range(2)]
     t.run(opt.zero_grad)
@@ -91,6 +105,10 @@ CASES = {
     "roga-fold": (lambda ps: RoGA(ps, torch.optim.SGD, lr=0.1, momentum=0.9, strategy="copy", num_domains=3),
                   _roga_step),
     "roga-swap": (lambda ps: RoGA(ps, torch.optim.SGD, lr=0.1, strategy="swap"), _roga_step),
+    "roga-capturable": (lambda ps: RoGA(ps, torch.optim.SGD, lr=0.1, momentum=0.9, num_domains=3, capturable=True),
+                        _roga_static_step),
+    "roga-capturable-adam-clip": (lambda ps: RoGA(ps, torch.optim.Adam, lr=0.1, num_domains=3, capturable=True,
+                                                  max_grad_norm=1.0), _roga_static_step),
     # one parameter without a gradient: the same subset list every step keeps the caches
     # (and SAM's fold of restore + update); it once cost Python per parameter every step.
     # (RoGA then still allocates that list's accumulators, one tensor per parameter a step.)

@@ -138,9 +138,15 @@ class WrapperOptimizer(torch.optim.Optimizer):
         self.base_optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none=True):
-        if not set_to_none:
-            return self.base_optimizer.zero_grad(set_to_none=False)
-        _utils.set_grads(self._layout().params, None)
+        if set_to_none:
+            _utils.set_grads(self._layout().params, None)
+            return
+        parts = self._gather()
+        if any(any(map(operator.attrgetter("requires_grad"), part.grads)) for part in parts):
+            return self.base_optimizer.zero_grad(set_to_none=False)  # torch's: detaches create_graph gradients
+        with torch.no_grad():
+            for part in parts:  # one call per group and device, not torch's loop over parameters
+                torch._foreach_zero_(part.grads)
 
     # -- state -------------------------------------------------------------------------
     def _extra_state(self):

@@ -37,6 +37,12 @@ leaves ``.grad`` for ``accumulate()``, so skip the perturbed backward::
         opt.accumulate()
     opt.step()
 
+``capturable=True`` keeps every tensor of a step in place, so the step can be captured in
+CUDA graphs and replayed (docs/optimizers.md, "CUDA graphs"): ``.grad`` keeps its tensors
+(``perturb()`` and ``accumulate()`` zero them in place; the user zeroes them in place at
+the start of a step, ``zero_grad(set_to_none=False)``) and the accumulators live between
+steps. It needs ``num_domains``, the copy strategy and first-order alignment.
+
 Passes per domain: norm, perturb, restore + accumulate (3). With ``num_domains`` known,
 no clipping, no AMP and no cross-process sync, the last domain's restore and accumulation
 are folded into the base update: that domain costs norm, perturb, update (DESIGN.md).
@@ -91,19 +97,26 @@ class RoGA(WrapperOptimizer):
         fused: run the base update (SGD, Adam, AdamW) as a fused primitive.
         interval: perturb every ``interval``-th step only, the plain mean domain gradient
             in between (see the module docstring); the step count is in ``state_dict()``.
+        capturable: static tensors for CUDA-graph capture (see the module docstring): ``.grad``
+            is zeroed in place instead of set to None, one accumulator per parameter is kept
+            between steps, and after step() ``.grad`` holds the mean gradient, as in eager mode.
     """
 
     _step_supports_amp_scaling = True  # so GradScaler.step(opt) reaches step() and gets a clear error
 
     def __init__(self, params, base_optimizer, rho=0.1, alpha=2e-4, alignment="first_order", backend="auto",
                  strategy="auto", max_grad_norm=None, num_domains=None, ddp_sync=None, fused=True, interval=1,
-                 **base_kwargs):
+                 capturable=False, **base_kwargs):
         check_hyper("RoGA", rho=rho, alpha=alpha)
         self.interval = check_interval("RoGA", interval)
         if alignment not in ("first_order", "hvp"):
             raise ValueError(f"RoGA: alignment must be 'first_order' or 'hvp', got {alignment!r}")
         if num_domains is not None and int(num_domains) < 1:
             raise ValueError(f"RoGA: num_domains must be >= 1, got {num_domains}")
+        self.capturable = bool(capturable)
+        if self.capturable:
+            _check_capturable(alignment, strategy, num_domains, self.interval)
+            strategy = "copy"
         super().__init__(params, base_optimizer, dict(rho=rho, alpha=alpha), backend, max_grad_norm, fused,
                          **base_kwargs)
         self._perturber = Perturber(backend, strategy)
@@ -127,6 +140,9 @@ class RoGA(WrapperOptimizer):
         self._t.acc_is_mean = False  # the last accumulate() already divided by K
         self._t.flat = None  # (layout, flat buffers, {id(param): view}) when syncing across processes
         self._t.acc_zeroed = False  # the flat accumulators were zeroed this step
+        self._t.static_acc = None  # capturable: (layout, {id(layout list): accumulators}), kept between steps
+        if self.capturable and self._sync():
+            raise ValueError(_NO_CAPTURE_SYNC)
 
     @property
     def strategy(self):
@@ -180,7 +196,11 @@ class RoGA(WrapperOptimizer):
             if isinstance(scale, torch.Tensor):
                 scale = scale.to(part.params[0].device)
             moves.append(self._perturber.perturb(part.params, part.grads, scale, strategy, group=g))
-        _utils.set_grads(self._layout().params, None)  # the moves keep the gradients the hvp needs
+        if self.capturable:  # the backward at the perturbed point writes into the same tensors
+            for part in parts:
+                torch._foreach_zero_(part.grads)
+        else:
+            _utils.set_grads(self._layout().params, None)  # the moves keep the gradients the hvp needs
         self._t.pending = _Pending(moves, inv)
         return True
 
@@ -210,9 +230,12 @@ class RoGA(WrapperOptimizer):
         # The last domain divides by K in its own pass (or folds it into the update) only where
         # it covers every position accumulated so far; else step() divides the whole sum.
         whole = self._reach(moves)
+        fold = last and whole and self.fused and not sync and self.max_grad_norm is None and inv is None and not plain
+        if self.capturable:
+            self._accumulate_static(moves, hs, k, last, whole, fold, sync)
+            return
         try:
-            if (last and whole and self.fused and not sync and self.max_grad_norm is None and inv is None
-                    and not plain):
+            if fold:
                 accs = [None if k == 1 else self._acc_positions(m, sync) for m in moves]
                 self._t.final = _Final(moves, hs, accs)  # restore + accumulate + update: one pass, in step()
             else:
@@ -249,7 +272,81 @@ class RoGA(WrapperOptimizer):
 
     def _grads_at(self, m):
         gs, missing = _utils.grads_of(m.params)
-        return gs if not missing else [g if g is not None else torch.zeros_like(p) for p, g in zip(m.params, gs)]
+        if not missing:
+            return gs
+        gs = [g if g is not None else torch.zeros_like(p) for p, g in zip(m.params, gs)]
+        if self.capturable:  # they become .grad: the tensors a captured step reads
+            _utils.set_grads(m.params, gs)
+        return gs
+
+    # -- capturable: static .grad, accumulators kept between steps --------------------------
+    def _accumulate_static(self, moves, hs, k, last, whole, fold, sync):
+        """accumulate() with every tensor in place. Before the last domain: acc (+)= h, then
+        .grad zeroed. The last domain leaves the sum or mean in .grad itself, or (fold) is
+        left for step(), which writes the mean gradient into .grad as it updates."""
+        if sync:
+            raise RuntimeError(_NO_CAPTURE_SYNC)
+        if last and not whole:
+            self._perturber.restore(moves)
+            raise RuntimeError("RoGA(capturable=True): the last domain reached fewer parameters than an earlier one, "
+                               "so .grad cannot hold the step's gradient: within a step, zero gradients in place "
+                               "(zero_grad(set_to_none=False)), never to None")
+        try:
+            if fold:
+                accs = [None if k == 1 else self._static_acc(m, fill=False) for m in moves]
+                self._t.final = _Final(moves, hs, accs)
+                self._t.count = k
+                return
+            be = self.backend
+            for m, h in zip(moves, hs):
+                full, keep = self._full(m)
+                fresh = id(full) not in self._t.acc  # no earlier domain reached this list
+                if last:
+                    self._undo(m)
+                    if k > 1:  # .grad <- (acc + h) / K
+                        w = 1.0 / k
+                        ops.combine_(h, [h] if fresh else [self._static_acc(m, fill=False), h],
+                                     [w] if fresh else [w, w], backend=be)
+                    if keep is None:
+                        self._t.acc[id(full)] = h
+                    else:  # full length for step(); the positions no domain reached are dropped there
+                        it = iter(h)
+                        self._t.acc[id(full)] = [next(it) if f else None for f in keep]
+                    continue
+                acc = self._static_acc(m, fill=True)
+                if fresh and keep is None:  # acc <- h
+                    self._undo(m)
+                    ops.combine_(acc, [h], [1.0], backend=be)
+                elif m.kind == "copy":
+                    ops.restore_accumulate_(m.params, m.saved, acc, h, 1.0, backend=be)
+                else:
+                    self._undo(m)
+                    ops.combine_(acc, [acc, h], [1.0, 1.0], backend=be)
+                torch._foreach_zero_(h)
+            self._t.acc_is_mean = last and k > 1
+        except BaseException:
+            for h in hs:
+                torch._foreach_zero_(h)
+            raise
+        self._t.count = k
+
+    def _static_acc(self, m, fill):
+        """The kept accumulators at m's positions. The first time this step that a domain
+        reaches their list they hold the last step's sum: zeroed here, unless ``fill`` (the
+        caller overwrites every position, which it can when m covers the whole list)."""
+        full, keep = self._full(m)
+        lay = self._layout()
+        store = self._t.static_acc
+        if store is None or store[0] is not lay:
+            store = self._t.static_acc = (lay, {})
+        acc = store[1].get(id(full))
+        if acc is None:
+            acc = store[1][id(full)] = [torch.zeros_like(p) for p in full]
+        if id(full) not in self._t.acc:
+            self._t.acc[id(full)] = acc
+            if not fill or keep is not None:
+                torch._foreach_zero_(acc)
+        return acc if keep is None else list(itertools.compress(acc, keep))
 
     def _hvp(self, m, hs, inv):
         with torch.enable_grad():
@@ -343,7 +440,11 @@ class RoGA(WrapperOptimizer):
         """Undo a pending perturbation and drop what was accumulated this step."""
         for moves in (self._t.pending.moves if self._t.pending else [], self._t.final.moves if self._t.final else []):
             self._perturber.restore(moves)
-        _utils.set_grads(self._layout().params, None)
+        if self.capturable:  # keep the static tensors
+            gs = [g for g in _utils.grads_of(self._layout().params)[0] if g is not None]
+            torch._foreach_zero_(gs)
+        else:
+            _utils.set_grads(self._layout().params, None)
         self._t.pending = self._t.final = None
         self._reset_step()
 
@@ -384,8 +485,10 @@ class RoGA(WrapperOptimizer):
             raise ValueError("RoGA.step(closure): give num_domains (the number of domains closure(d) accepts)")
         if self._t.pending is not None or self._t.count:
             raise RuntimeError("RoGA.step(closure): a manual perturb()/accumulate() cycle is in progress")
+        if self.capturable and int(k) != self.num_domains:
+            raise ValueError(f"RoGA(capturable=True, num_domains={self.num_domains}).step(closure): got num_domains={k}")
         saved_k, self.num_domains = self.num_domains, int(k)
-        self.zero_grad(set_to_none=True)
+        self.zero_grad(set_to_none=not self.capturable)
         losses = []
         try:
             for d in range(int(k)):
@@ -452,6 +555,9 @@ class RoGA(WrapperOptimizer):
     def _unfold(self):
         """Turns a folded last domain back into its restore + accumulate (mean) passes."""
         fin, self._t.final = self._t.final, None
+        if self.capturable:
+            self._accumulate_static(fin.moves, fin.hs, self._t.count, True, True, False, False)
+            return
         for m, hs in zip(fin.moves, fin.hs):
             self._restore_accumulate(m, hs, first=self._t.count == 1, mean=self._t.count > 1, sync=False)
         self._t.acc_is_mean = self._t.count > 1
@@ -470,6 +576,8 @@ class RoGA(WrapperOptimizer):
             if acc is None:  # K = 1: the gradient is h itself
                 parts.append(UpdatePart(m.group, m.params, [hs], None, source))
                 _utils.set_grads(m.params, hs)
+            elif self.capturable:  # the mean gradient into .grad (h), which it reads first
+                parts.append(UpdatePart(m.group, m.params, [acc, hs], [1.0 / k, 1.0 / k], source, grad_out=hs))
             else:
                 parts.append(UpdatePart(m.group, m.params, [acc, hs], [1.0 / k, 1.0 / k], source, grad_out=acc))
                 _utils.set_grads(m.params, acc)
@@ -495,7 +603,7 @@ class RoGA(WrapperOptimizer):
     def _transient_to_copy(self):
         t = super()._transient_to_copy()
         t.flat, t.acc_zeroed = None, False  # the DDP flat accumulators: made again for the copy's parameters
-        t.full_cache = None
+        t.full_cache = t.static_acc = None
         return t
 
     def state_dict(self):
@@ -504,6 +612,24 @@ class RoGA(WrapperOptimizer):
                                "their gradients live only in this step): save before the first domain or after "
                                "step() (or call abort())")
         return super().state_dict()
+
+
+_NO_CAPTURE_SYNC = ("RoGA(capturable=True) does not all-reduce across processes yet (its flat accumulators would "
+                    "replace .grad): use ddp_sync=False with FSDP, or capturable=False with DDP")
+
+
+def _check_capturable(alignment, strategy, num_domains, interval):
+    why = None
+    if num_domains is None:
+        why = "give num_domains: a captured step runs a fixed number of domains"
+    elif alignment != "first_order":
+        why = "alignment='hvp' runs autograd inside accumulate(); use alignment='first_order'"
+    elif strategy == "swap":
+        why = "strategy='swap' moves parameter storage; use strategy='copy' (or 'auto')"
+    elif interval != 1:
+        why = "interval > 1 alternates two different steps, which one replayed graph cannot tell apart"
+    if why:
+        raise ValueError(f"RoGA(capturable=True): {why}")
 
 
 def _reached_only(group, ps, acc, marks):
