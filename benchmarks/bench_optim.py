@@ -199,6 +199,20 @@ def variants(m, backend="auto"):
                 opt.accumulate()
             opt.step()
         out[f"roga|{strategy}"] = (m.refill, roga_step)
+    opt = RoGA(m.params, torch.optim.SGD, lr=0.01, momentum=0.9, rho=RHO, alpha=ALPHA, num_domains=K_ROGA,
+               capturable=True, backend=backend)
+
+    def roga_static_step(opt=opt):  # the backward passes copy into the kept .grad tensors
+        opt.zero_grad(set_to_none=False)
+        for d in range(K_ROGA):
+            torch._foreach_copy_(grads, m.pool[2 * d])
+            opt.perturb()
+            torch._foreach_copy_(grads, m.pool[2 * d + 1])
+            opt.accumulate()
+        opt.step()
+    grads = [torch.zeros_like(p) for p in m.params]
+    out["roga|capturable"] = (lambda: (m.refill(), [setattr(p, "grad", g) for p, g in zip(m.params, grads)]),
+                              roga_static_step)
 
     pc_pub = PublicPCGrad(m.params)
     out["pcgrad|public"] = (m.refill, lambda: pc_pub.backward_and_step([m.pool[0], m.task2]))
@@ -225,7 +239,12 @@ def variants(m, backend="auto"):
 #     backup over [acc, h] writing the mean gradient to .grad (read backup, acc, h, buf; write
 #     p, buf, grad) 28
 #   RoGA K=3 swap: 4 + 12; 4 + 12 + combine_ 12; 4 + 12 + sgd_ (read p, acc, h, buf; write p, buf, grad) 28
-BYTES_PER_PARAM = {"sam|copy": 40, "sam|swap": 36, "roga|copy": 28 + 40 + 48, "roga|swap": 16 + 28 + 44}
+#   RoGA K=3 capturable (copy): zero_grad 4; per domain the stand-in backward copies 2 x 8 and
+#     perturb_ zeroes .grad 4; domain 1 norm 4 + perturb_ 16 + 4 + restore_ 8 + acc <- h 8 +
+#     zero h 4; domain 2 4 + 16 + 4 + restore_accumulate_ 20 + 4; domain 3 4 + 16 + 4 + sgd_ 28
+#     writing the mean gradient into .grad itself
+BYTES_PER_PARAM = {"sam|copy": 40, "sam|swap": 36, "roga|copy": 28 + 40 + 48, "roga|swap": 16 + 28 + 44,
+                   "roga|capturable": 4 + 3 * 16 + 44 + 48 + 52}
 
 
 def run(device="cpu", list_names=("resnet34", "aasist"), reps=None, backend="auto", log=print):
