@@ -62,7 +62,7 @@ def _child(variant, k, width, layers, batch, reps):
         opt.step()
         times.append(time.perf_counter() - t0)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    kept = variant != "twin" and opt._t.kept is not None
+    kept = variant != "twin" and "kept" in opt._layout().memo
     print(json.dumps({"median_s": median(times[3:]), "faults": median(faults[3:]), "kept": kept}))
 
 

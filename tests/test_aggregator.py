@@ -390,7 +390,7 @@ def test_kept_gradients_by_default_only_for_large_cpu_tensors():
             opt.zero_grad()
             opt.backward([sum((p * (k + 1)).sum() for p in ps) for k in range(2)])
             opt.step()
-        assert (opt._t.kept is not None) == kept
+        assert ("kept" in opt._layout().memo) == kept
 
 
 def test_backward_takes_the_task_gradients_and_puts_the_compile_config_back():
@@ -439,7 +439,7 @@ def test_hooks_take_the_fresh_gradients_only_inside_backward(monkeypatch):
             d.clear()
         opt.backward(net.losses(x.float(), [y.float() for y in ys]), align=False)
         taken = [g for l in opt._t.stash for g in l if g is not None]
-        kept_ids = {id(g) for st in opt._t.kept[1] for g in st.grads if g is not None}
+        kept_ids = {id(g) for st in opt._layout().memo["kept"] for g in st.grads if g is not None}
         assert {id(g) for g in taken} <= kept_ids
         assert any(g is None for l in opt._t.stash for g in l)  # a task that misses a head
         assert all(r() is None for r in last)  # the last step's, dropped (none is held)
@@ -464,7 +464,7 @@ def test_hooks_take_the_fresh_gradients_only_inside_backward(monkeypatch):
     opt.zero_grad()
     x, ys = data(70)
     net.losses(x.float(), [y.float() for y in ys])[0].backward()
-    kept_ids = {id(g) for st in opt._t.kept[1] for g in st.grads if g is not None}
+    kept_ids = {id(g) for st in opt._layout().memo["kept"] for g in st.grads if g is not None}
     assert all(p.grad is None or id(p.grad) not in kept_ids for p in params)
     assert any(p.grad is not None for p in params)
     ref = weakref.ref(opt._t.take_hooks)

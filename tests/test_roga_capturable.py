@@ -190,7 +190,7 @@ def _long_lived(opt, m):
                 ts[v.untyped_storage().data_ptr()] = f"state {k} {p.shape}"
     for i, b in enumerate(b for _, (_, bufs) in opt._perturber._lists.items() for b in bufs):
         ts.setdefault(b.untyped_storage().data_ptr(), f"backup {i}")
-    kept = opt._t.static_acc[1].values() if opt._t.static_acc else []  # (K = 1 keeps none)
+    kept = opt._layout().memo.get("roga_kept", {}).values()  # (K = 1 keeps none)
     for i, a in enumerate(a for acc in kept for a in acc):
         ts[a.untyped_storage().data_ptr()] = f"acc {i}"
     return ts

@@ -4,6 +4,8 @@ import contextlib
 import math
 import sys
 
+from typing import NamedTuple
+
 import torch
 
 from .. import ops
@@ -133,9 +135,15 @@ def by_device(*lists):
     return [tuple([l[i] for i in idx] for l in lists) for idx in groups.values()]
 
 
+class FlatViews(NamedTuple):
+    """One flat buffer per (dtype, device), and a view of it shaped like each parameter."""
+    buffers: list
+    views: dict  # id(param) -> view
+
+
 def flat_views(params, zero=False):
     """Views of one flat buffer per (dtype, device) shaped like each param: a whole gradient
-    set all-reduced in one collective per buffer. Returns (buffers, {id(param): view})."""
+    set all-reduced in one collective per buffer."""
     groups = {}
     for p in params:
         groups.setdefault((p.dtype, p.device), []).append(p)
@@ -146,7 +154,7 @@ def flat_views(params, zero=False):
         bufs.append(buf)
         for p, v in zip(gp, buf.split([p.numel() for p in gp])):
             views[id(p)] = v.as_strided(p.shape, grad_strides(p))
-    return bufs, views
+    return FlatViews(bufs, views)
 
 
 def grad_strides(p):

@@ -329,12 +329,11 @@ class GradientAggregator(WrapperOptimizer):
         self._t.draws_shared = seed is not None
         self._shared = None if shared is None else _param_ids(shared, "shared")
         self._groups = None if groups is None else [_param_ids(g, f"groups[{i}]") for i, g in enumerate(groups)]
-        self._t.units_cache = None
+        # Kept in the layout's memo: "units" [_Unit]; "task_flat" per task (_utils.FlatViews, views
+        # as a list aligned with the layout's params) when syncing across processes; "kept"
+        # [_TaskGrads or _TakenGrads] with persistent_grads; "worth_keeping" (persistent_grads=None).
         self._t.stash = None  # per task: gradients aligned with the layout's params (None: no gradient)
         self._t.aligned = None  # _Aligned between a folding align() and step()
-        self._t.flat = None
-        self._t.kept = None  # (layout, [_TaskGrads or _TakenGrads]) with persistent_grads
-        self._t.keep_default = None  # (layout, _worth_keeping(its params)): persistent_grads=None, the hooks
         self._t.take_hooks = None  # _TakeHooks on the layout's params, when the kept sets are taken ones
         self._t.spare = None  # per task, the kept set behind the stash (for the zeros of missing gradients)
         self._t.inv_scale = None
@@ -347,9 +346,9 @@ class GradientAggregator(WrapperOptimizer):
     # -- the parameters, as aligned units ------------------------------------------------
     def _units(self):
         lay = self._layout()
-        hit = self._t.units_cache
-        if hit is not None and hit[0] is lay:
-            return hit[1]
+        hit = lay.memo.get("units")
+        if hit is not None:
+            return hit
         units = []
         wg_of = {}
         if self._groups is not None:
@@ -373,49 +372,50 @@ class GradientAggregator(WrapperOptimizer):
                 units.append(_Unit(group, [lay.params[i] for i in idx], index=idx, wgroup=key))
         if not any(u.wgroup is not None for u in units):
             raise ValueError(f"{type(self).__name__}: no parameter is shared/in a group: nothing to align")
-        self._t.units_cache = (lay, units)
+        lay.memo["units"] = units
         return units
 
     def _task_views(self, k):
         """Per task, gradients as views of one flat buffer per dtype/device (one all-reduce
         each), as lists aligned with the layout's params."""
         lay = self._layout()
-        if self._t.flat is None or self._t.flat[0] is not lay or len(self._t.flat[1]) < k:
+        tasks = lay.memo.get("task_flat")
+        if tasks is None or len(tasks) < k:
             tasks = []
             for _ in range(k):
                 bufs, views = _utils.flat_views(lay.params, zero=True)
-                tasks.append((bufs, [views[id(p)] for p in lay.params]))
-            self._t.flat = (lay, tasks)
-        return self._t.flat[1][:k]
+                tasks.append(_utils.FlatViews(bufs, [views[id(p)] for p in lay.params]))
+            lay.memo["task_flat"] = tasks
+        return tasks[:k]
 
     def _kept(self, k):
         """The K kept gradient sets, reset for a new accumulation (None: autograd allocates).
         Sets beyond K are dropped (never more memory than the K sets of a step); a set the
         user still holds part of is left to them and replaced."""
         lay = self._layout()
-        if self._t.keep_default is None or self._t.keep_default[0] is not lay:  # once per layout
-            self._t.keep_default = (lay, _worth_keeping(lay.params))
+        worth = lay.memo.get("worth_keeping")  # on the CPU, for large tensors
+        if worth is None:  # once per layout
+            worth = lay.memo["worth_keeping"] = _worth_keeping(lay.params)
             if self._t.take_hooks is not None:
                 self._t.take_hooks.remove()
             self._t.take_hooks = None
-        worth = self._t.keep_default[1]  # on the CPU, for large tensors
         keep = worth if self.persistent_grads is None else self.persistent_grads
         if not keep or lay.sharded:
-            self._t.kept = None
+            lay.memo.pop("kept", None)
             return None
-        old = self._t.kept[1] if self._t.kept is not None and self._t.kept[0] is lay else []
+        old = lay.memo.get("kept", [])
         if worth:  # taken by hooks: old tensors are only replaced, never written
             sets = old[:k] + [_TakenGrads(len(lay.params)) for _ in range(k - len(old))]
             if self._t.take_hooks is None:
                 self._t.take_hooks = _TakeHooks(lay.params)
         else:
             sets = [s if s.private() else _TaskGrads(lay.params) for s in old[:k]]
-            self._t.kept = None
+            lay.memo.pop("kept", None)
             del old
             sets += [_TaskGrads(lay.params) for _ in range(k - len(sets))]
         for s in sets:
             s.begin() if worth else s.reset()
-        self._t.kept = (lay, sets)
+        lay.memo["kept"] = sets
         return sets
 
     # -- the K gradients -------------------------------------------------------------------
@@ -513,9 +513,10 @@ class GradientAggregator(WrapperOptimizer):
         stash, self._t.stash = self._t.stash, None
         spare, self._t.spare = self._t.spare, None
         k = len(stash)
-        if self._sync() and self._t.flat is not None:
+        flat = self._layout().memo.get("task_flat")
+        if self._sync() and flat is not None:
             world = dist.get_world_size()
-            for bufs, _ in self._t.flat[1][:k]:
+            for bufs, _ in flat[:k]:
                 for b in bufs:
                     dist.all_reduce(b)
                     b.div_(world)
@@ -694,7 +695,7 @@ class GradientAggregator(WrapperOptimizer):
     def _transient_to_copy(self):
         t = super()._transient_to_copy()
         # made again for the copy's parameters: kept sets (and their hooks), flat views, units
-        t.units_cache = t.flat = t.kept = t.spare = t.keep_default = t.take_hooks = None
+        t.spare = t.take_hooks = None  # (the layout's memo is made again for the copy)
         return t
 
     def __getstate__(self):

@@ -35,7 +35,9 @@ class Layout:
     """The wrapper's parameters, cached: per (group, device) the params in group order, each
     parameter once (torch only warns about one listed twice in a group; a fused op would
     write it twice). ``params`` concatenates them, ``bounds`` delimits each part in it.
-    ``sharded``: some parameter is a DTensor (FSDP2 ``fully_shard``)."""
+    ``sharded``: some parameter is a DTensor (FSDP2 ``fully_shard``). ``memo``: what the
+    wrappers derive from this layout (subset lists, accumulators, flat buffers), dropped
+    with it when the param groups change."""
 
     def __init__(self, param_groups):
         self.signature = Layout.signature_of(param_groups)
@@ -53,6 +55,7 @@ class Layout:
                 self.parts.append((group, ps))
                 self.bounds.append((start, len(self.params)))
         self.sharded = any(_utils.is_dtensor(p) for p in self.params)
+        self.memo = {}
 
     @staticmethod
     def signature_of(param_groups):
@@ -106,7 +109,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
         self.base_optimizer.register_state_dict_post_hook(export_state_dict)
         self._update = FusedUpdate(self.base_optimizer, backend)
         self.fused = fused
-        self._t.layout_cache = self._t.gather_cache = None
+        self._t.layout_cache = None
 
     @property
     def fused(self):
@@ -182,7 +185,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
     def _base_loaded(self, wrapper_state):
         """After the base optimizer loaded a state_dict: share its new group dicts, load ours."""
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict made new group dicts
-        self._t.layout_cache = self._t.gather_cache = None
+        self._t.layout_cache = None
         self._load_extra_state(wrapper_state)
 
     def _check_extra_state(self, state):
@@ -217,7 +220,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
     def _transient_to_copy(self):
         """A shallow copy of the per-step state without the caches a copy must rebuild."""
         t = copy.copy(self._t)
-        t.layout_cache = t.gather_cache = None
+        t.layout_cache = None
         return t
 
     # -- the parameters of a step ------------------------------------------------------
@@ -242,9 +245,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
         # Some have none (a head this batch did not use): the same subset gets the same list
         # object step after step, so what is cached per list (the fused update's state lists,
         # the perturbation buffers, SAM's fold of restore and update) keeps working.
-        cache = self._t.gather_cache
-        if cache is None or cache[0] is not lay:
-            cache = self._t.gather_cache = (lay, {})
+        cache = lay.memo.setdefault("subsets", {})
         parts = []
         has = tuple(map(operator.is_not, grads, itertools.repeat(None)))  # (builtins: no Python per parameter)
         for j, ((group, ps), (a, b)) in enumerate(zip(lay.parts, lay.bounds)):
@@ -252,11 +253,11 @@ class WrapperOptimizer(torch.optim.Optimizer):
             if all(keep):
                 parts.append(Part(group, ps, grads[a:b]))
             elif any(keep):
-                sub = cache[1].get((j, keep))
+                sub = cache.get((j, keep))
                 if sub is None:
-                    if len(cache[1]) > 64:  # subsets that keep changing: keep it bounded
-                        cache[1].clear()
-                    sub = cache[1][(j, keep)] = list(itertools.compress(ps, keep))
+                    if len(cache) > 64:  # subsets that keep changing: keep it bounded
+                        cache.clear()
+                    sub = cache[(j, keep)] = list(itertools.compress(ps, keep))
                 parts.append(Part(group, sub, list(itertools.compress(grads[a:b], keep))))
         return parts  # (sparse gradients: the fused ops refuse them, naming the tensor)
 

@@ -135,12 +135,12 @@ class RoGA(WrapperOptimizer):
         # id(layout part list) -> None when a domain reached the whole list, else per position
         # whether some domain reached it, a tuple of flags (a head only one domain uses)
         self._t.reached = {}
-        self._t.full_cache = None  # (layout, {id(move params): (params, layout list, flags)})
         self._t.count = 0  # accumulate() calls this step
         self._t.acc_is_mean = False  # the last accumulate() already divided by K
-        self._t.flat = None  # (layout, flat buffers, {id(param): view}) when syncing across processes
+        # Kept in the layout's memo: "roga_full" {id(move params): (params, layout list, flags)};
+        # "roga_flat" the accumulators as _utils.FlatViews when syncing across processes;
+        # "roga_kept" (capturable) {id(layout list): accumulators}, kept between steps.
         self._t.acc_zeroed = False  # the flat accumulators were zeroed this step
-        self._t.static_acc = None  # capturable: (layout, {id(layout list): accumulators}), kept between steps
         if self.capturable and self._sync():
             raise ValueError(_NO_CAPTURE_SYNC)
 
@@ -172,9 +172,9 @@ class RoGA(WrapperOptimizer):
         parts = self._gather()
         if not parts:
             raise RuntimeError("RoGA.perturb(): no parameter has a gradient; call loss.backward() first")
-        if self._t.count == 0 and self._t.flat is not None:
-            views = self._t.flat[2]
-            if views.get(id(parts[0].params[0])) is parts[0].grads[0]:
+        flat = self._layout().memo.get("roga_flat")
+        if self._t.count == 0 and flat is not None:
+            if flat.views.get(id(parts[0].params[0])) is parts[0].grads[0]:
                 raise RuntimeError("RoGA: .grad still holds the previous step's gradient; call opt.zero_grad() "
                                    "before the first backward of a step")
         inv = _utils.inv_scale_of(scaler)
@@ -335,13 +335,10 @@ class RoGA(WrapperOptimizer):
         reaches their list they hold the last step's sum: zeroed here, unless ``fill`` (the
         caller overwrites every position, which it can when m covers the whole list)."""
         full, keep = self._full(m)
-        lay = self._layout()
-        store = self._t.static_acc
-        if store is None or store[0] is not lay:
-            store = self._t.static_acc = (lay, {})
-        acc = store[1].get(id(full))
+        store = self._layout().memo.setdefault("roga_kept", {})
+        acc = store.get(id(full))
         if acc is None:
-            acc = store[1][id(full)] = [torch.zeros_like(p) for p in full]
+            acc = store[id(full)] = [torch.zeros_like(p) for p in full]
         if id(full) not in self._t.acc:
             self._t.acc[id(full)] = acc
             if not fill or keep is not None:
@@ -367,10 +364,8 @@ class RoGA(WrapperOptimizer):
         and per position of it whether m.params has it (None when m.params is that very
         list). Cached per list: the base class hands out the same subset list step after step."""
         lay = self._layout()
-        cache = self._t.full_cache
-        if cache is None or cache[0] is not lay:
-            cache = self._t.full_cache = (lay, {})
-        hit = cache[1].get(id(m.params))
+        cache = lay.memo.setdefault("roga_full", {})
+        hit = cache.get(id(m.params))
         if hit is not None and hit[0] is m.params:
             return hit[1], hit[2]
         if any(ps is m.params for _, ps in lay.parts):
@@ -382,9 +377,9 @@ class RoGA(WrapperOptimizer):
                 raise RuntimeError("RoGA: the parameter groups changed in the middle of a step")
             mine = set(map(id, m.params))
             out = ps, tuple(id(p) in mine for p in ps)
-        if len(cache[1]) > 64:
-            cache[1].clear()
-        cache[1][id(m.params)] = (m.params, *out)
+        if len(cache) > 64:
+            cache.clear()
+        cache[id(m.params)] = (m.params, *out)
         return out
 
     def _acc_positions(self, m, sync):
@@ -409,7 +404,7 @@ class RoGA(WrapperOptimizer):
             return
         acc = self._acc_positions(m, sync)
         if first and sync and not self._t.acc_zeroed:
-            for buf in self._t.flat[1]:
+            for buf in self._layout().memo["roga_flat"].buffers:
                 buf.zero_()
             self._t.acc_zeroed = True
         if mean:  # acc = (acc + h) / K in the same pass
@@ -430,10 +425,11 @@ class RoGA(WrapperOptimizer):
     def _flat_views(self):
         """Accumulators as views of one flat buffer per dtype/device: one all-reduce per step."""
         lay = self._layout()
-        if self._t.flat is None or self._t.flat[0] is not lay:
-            self._t.flat = (lay, *_utils.flat_views(lay.params))
+        flat = lay.memo.get("roga_flat")
+        if flat is None:
+            flat = lay.memo["roga_flat"] = _utils.flat_views(lay.params)
             self._t.acc_zeroed = False
-        return self._t.flat[2]
+        return flat.views
 
     @torch.no_grad()
     def abort(self):
@@ -526,14 +522,15 @@ class RoGA(WrapperOptimizer):
                 for group, ps in lay.parts if id(ps) in self._t.acc]
         if sync:  # every parameter gets its (all-reduced) gradient, zero where this rank had none
             views = self._flat_views()
+            bufs = lay.memo["roga_flat"].buffers
             if not self._t.acc_zeroed:  # a rank with no gradient at all this step still joins the collective
-                for buf in self._t.flat[1]:
+                for buf in bufs:
                     buf.zero_()
             accs = [(group, ps, [views[id(p)] for p in ps]) for group, ps in lay.parts]
         coef = 1.0 if self._t.acc_is_mean else 1.0 / self._t.count
         self._reset_step()
         if sync:
-            for buf in self._t.flat[1]:
+            for buf in bufs:
                 dist.all_reduce(buf)  # one collective per dtype/device: the whole step's gradient
             coef = coef / dist.get_world_size()
         for _, ps, acc in accs:
@@ -602,8 +599,7 @@ class RoGA(WrapperOptimizer):
 
     def _transient_to_copy(self):
         t = super()._transient_to_copy()
-        t.flat, t.acc_zeroed = None, False  # the DDP flat accumulators: made again for the copy's parameters
-        t.full_cache = t.static_acc = None
+        t.acc_zeroed = False  # (the layout's memo, with the flat accumulators, is made again for the copy)
         return t
 
     def state_dict(self):
