@@ -14,6 +14,7 @@ import inspect
 import itertools
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,12 @@ class Part:
     group: dict
     params: list
     grads: list
+
+
+class LayoutPart(NamedTuple):
+    """One parameter group's parameters on one device, in group order."""
+    group: dict
+    params: list
 
 
 class Layout:
@@ -52,7 +59,7 @@ class Layout:
             for ps in by_dev.values():
                 start = len(self.params)
                 self.params.extend(ps)
-                self.parts.append((group, ps))
+                self.parts.append(LayoutPart(group, ps))
                 self.bounds.append((start, len(self.params)))
         self.sharded = any(_utils.is_dtensor(p) for p in self.params)
         self.memo = {}
@@ -240,7 +247,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
         grads, missing = _utils.grads_of(lay.params)
         if missing == 0:
             if len(lay.parts) == 1:
-                return [Part(lay.parts[0][0], lay.parts[0][1], grads)]
+                return [Part(lay.parts[0].group, lay.parts[0].params, grads)]
             return [Part(g, ps, grads[a:b]) for (g, ps), (a, b) in zip(lay.parts, lay.bounds)]
         # Some have none (a head this batch did not use): the same subset gets the same list
         # object step after step, so what is cached per list (the fused update's state lists,
