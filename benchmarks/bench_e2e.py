@@ -6,6 +6,8 @@ Image (RoGA paper): the ResNet-34 detector, K=3 domains with one batch each.
     accumulate; base step — roga_cuda's RoGA, and the public-code approach (per-parameter
     loops that clone every step).
   * twin: the same 2K forward/backward passes and one base step, no optimizer work.
+  * RoGA graphed (CUDA): RoGA(capturable=True) with each optimizer call replayed from a CUDA
+    graph, the forward/backward passes eager between them (on CPU: the same calls, eager).
   Target: RoGA step <= 1.05 x (2 x ERM step).
 Speech (DPDA paper): the AASIST-style model, clean and RawBoost-augmented paths (the
 augmentation is precomputed: this times training, not data preparation).
@@ -83,7 +85,47 @@ def image_variants(device, batch, size, k=3, backend="auto"):
             pub.accumulate()
         pub.step(k)
 
-    return {"erm": erm, "twin": twin, "roga": ours, "roga_public": public}
+    return {"erm": erm, "twin": twin, "roga": ours, "roga_public": public,
+            "roga_graph": _graphed_roga(model, loss, doms, device, backend)}
+
+
+def _graphed_roga(model, loss, doms, device, backend):
+    """RoGA(capturable=True), its calls captured in CUDA graphs on the first call (after two
+    eager warm-up steps) and replayed after; on CPU the same calls, eager."""
+    from .bench_graphs import roga_calls, warm_up
+    device = torch.device(device)
+    params = list(model.parameters())
+    opt = RoGA(params, torch.optim.SGD, lr=1e-4, momentum=0.9, rho=0.1, alpha=2e-4, num_domains=len(doms),
+               capturable=True, backend=backend)
+    static = []
+    calls = None
+
+    def step(call):
+        for p, g in zip(params, static):  # the other variants hand .grad other tensors
+            p.grad = g
+        opt.zero_grad(set_to_none=False)
+        for d, (x, y) in enumerate(doms):
+            loss(x, y).backward()
+            call(("perturb", d))
+            with freeze_bn_stats(model):
+                loss(x, y).backward()
+            call(("accumulate", d))
+        call("step")
+
+    def eager(name):
+        return opt.step() if name == "step" else getattr(opt, name[0])()
+
+    def graphed():
+        nonlocal calls
+        if calls is None:
+            opt.zero_grad(set_to_none=True)
+            for x, y in doms:  # every parameter's .grad, once: the tensors the graphs keep
+                loss(x, y).backward()
+            static[:] = [p.grad for p in params]
+            warm_up(lambda: step(eager), device)
+            calls = roga_calls(opt, device.type == "cuda")
+        step(lambda name: calls[name]())
+    return graphed
 
 
 def speech_variants(device, batch, length, backend="auto"):
@@ -148,6 +190,8 @@ def run(device="cpu", reps=None, backend="auto", log=print, **sizes):
     res["image"] = dict(im, roga_vs_2erm=im["roga"] / (2 * im["erm"]),
                         public_vs_2erm=im["roga_public"] / (2 * im["erm"]),
                         overhead=(im["roga"] - im["twin"]) / im["roga"],
+                        graph_vs_2erm=im["roga_graph"] / (2 * im["erm"]),
+                        graph_overhead=(im["roga_graph"] - im["twin"]) / im["roga_graph"],
                         public_overhead=(im["roga_public"] - im["twin"]) / im["roga_public"])
     t = interleaved(speech_variants(device, cfg["speech_batch"], cfg["speech_len"], backend=backend),
                     reps=reps, warmup=1, device=device)
@@ -170,6 +214,8 @@ def format_result(res):
         f"| image twin (2K passes, no optimizer work) | {im['twin'] * 1e3:.1f} ms | | |",
         f"| image RoGA, roga_cuda | {im['roga'] * 1e3:.1f} ms | {im['roga_vs_2erm']:.3f} x (2 x ERM) | {100 * im['overhead']:.1f}% |",
         f"| image RoGA, public-code loops | {im['roga_public'] * 1e3:.1f} ms | {im['public_vs_2erm']:.3f} x (2 x ERM) | {100 * im['public_overhead']:.1f}% |",
+        f"| image RoGA, capturable, {'CUDA graphs' if res['machine']['device'] != 'cpu' else 'eager (CPU)'} | "
+        f"{im['roga_graph'] * 1e3:.1f} ms | {im['graph_vs_2erm']:.3f} x (2 x ERM) | {100 * im['graph_overhead']:.1f}% |",
         f"| speech twin (forward + 2 backwards) | {sp['twin'] * 1e3:.1f} ms | | |",
         f"| speech DPDA + PCGrad, roga_cuda | {sp['pcgrad'] * 1e3:.1f} ms | {sp['pcgrad_vs_twin']:.3f} x twin | {100 * sp['overhead']:.1f}% |",
         f"| speech DPDA + PCGrad, public pc_backward | {sp['pcgrad_public'] * 1e3:.1f} ms | {sp['public_vs_twin']:.3f} x twin | {100 * sp['public_overhead']:.1f}% |",

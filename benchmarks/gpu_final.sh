@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One short call on the lent GPU (the device tool): build the CUDA extension in the
 # background while the Triton GPU tests run, then the primitive benchmark for every
-# backend, then the CUDA tests with failures named. Logs go to $OUT as they are written.
+# backend, the CUDA tests with failures named, and the optimizer-step benchmarks (graphed
+# and eager, memory-bound, end to end). Logs go to $OUT as they are written. About 8
+# minutes at most (the timeouts); give the call 9.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
@@ -28,4 +30,15 @@ timeout 70 python3 -m pytest -q -n 8 -p no:cacheprovider -rfE --tb=line tests/te
   tests/test_aggregator.py tests/test_weightings.py \
   -k "cuda" > "$out/cuda_tests.log" 2>&1; echo "cuda tests rc=$?" >> "$out/cuda_tests.log"
 grep -E "FAILED|ERROR|passed|failed" "$out/cuda_tests.log" | tail -25
+# issue 12: optimizer steps replayed from CUDA graphs vs eager, the memory-bound steps and
+# the public-code ratio, then the end-to-end training steps (eager and graphed RoGA)
+stamp "bench_graphs"
+timeout 60 python3 -m benchmarks.bench_graphs --lists aasist resnet34 --json "$out/bench_graphs.json" \
+  > "$out/bench_graphs.log" 2>&1; echo "bench_graphs rc=$?" >> "$out/bench_graphs.log"; tail -20 "$out/bench_graphs.log"
+stamp "bench_optim"
+timeout 60 python3 -m benchmarks.bench_optim --device cuda --lists aasist resnet34 --json "$out/bench_optim.json" \
+  > "$out/bench_optim.log" 2>&1; echo "bench_optim rc=$?" >> "$out/bench_optim.log"; tail -30 "$out/bench_optim.log"
+stamp "bench_e2e"
+timeout 120 python3 -m benchmarks.bench_e2e --device cuda --json "$out/bench_e2e.json" \
+  > "$out/bench_e2e.log" 2>&1; echo "bench_e2e rc=$?" >> "$out/bench_e2e.log"; tail -14 "$out/bench_e2e.log"
 stamp done

@@ -56,6 +56,23 @@ def test_e2e_variants_run_on_tiny_inputs():
         fn()
 
 
+def test_graph_benchmark_dry_run_takes_the_eager_steps():
+    """bench_graphs without CUDA (direct calls in place of graphs): every variant runs, and
+    the recorded RoGA calls step as the eager ones do (same parameters after the same steps)."""
+    from benchmarks import bench_graphs, bench_optim
+    res = bench_graphs.run("cpu", ["aasist"], reps=1, dry=True, log=lambda s: None)
+    rows = res["lists"]["aasist"]["median_s"]
+    assert set(rows) == {"base|sgd", "sam|eager", "sam|graph", "roga|default", "roga|eager", "roga|graph"}
+    out = []
+    for name in ("roga|eager", "roga|graph"):
+        m = bench_optim.Model([(3, 4), (5,), (2, 2, 2)], torch.device("cpu"))
+        setup, step = bench_graphs.variants(m, torch.device("cpu"), capture=False)[name]
+        setup()
+        step()
+        out.append([p.detach().clone() for p in m.params])
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
 def test_layout_benchmark_times_both_layouts_on_tiny_inputs():
     from benchmarks import bench_layout
     threads = torch.get_num_threads()
