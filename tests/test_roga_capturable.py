@@ -59,16 +59,24 @@ CONFIGS = {  # name: (base optimizer, its kwargs, RoGA kwargs)
     "sgd-unfused": (torch.optim.SGD, dict(lr=0.1, momentum=0.9), dict(fused=False)),
     "k1": (torch.optim.SGD, dict(lr=0.1, momentum=0.9), dict(num_domains=1)),
     "k1-clip": (torch.optim.SGD, dict(lr=0.1), dict(num_domains=1, max_grad_norm=0.05)),
+    # head 1 in its own group: with domain heads only the last domain reaches that list
+    "k2-groups-fold": (torch.optim.SGD, dict(lr=0.1, momentum=0.9), dict(num_domains=2, groups=True)),
+    "k2-groups-clip": (torch.optim.Adam, dict(lr=0.01), dict(num_domains=2, groups=True, max_grad_norm=0.05)),
 }
 
 
 def _pair(config, dtype, backend="auto"):
     base, kw, extra = CONFIGS[config]
     extra = {"num_domains": K, **extra}
+    groups = extra.pop("groups", False)
     out = []
     for capturable in (False, True):
         m = Heads().to(dtype)
-        out.append((m, RoGA(m.parameters(), base, rho=0.05, alpha=0.01, strategy="copy", backend=backend,
+        params = m.parameters()
+        if groups:
+            params = [{"params": [p for n, p in m.named_parameters() if not n.startswith("heads.1")]},
+                      {"params": list(m.heads[1].parameters()), "lr": kw["lr"] / 2}]
+        out.append((m, RoGA(params, base, rho=0.05, alpha=0.01, strategy="copy", backend=backend,
                             capturable=capturable, **extra, **kw)))
     return out
 
