@@ -32,10 +32,13 @@ def _steps(kind, ddp, batch):
             opt.first_step(zero_grad=True)
             F.cross_entropy(ddp(x), y).backward()
             opt.second_step(zero_grad=True)
-    elif kind == "roga":
-        opt = RoGA(ddp.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, alpha=0.01)
+    elif kind.startswith("roga"):
+        static = kind == "roga-capturable"  # .grad kept in place, the mean written into it
+        opt = RoGA(ddp.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, alpha=0.01, capturable=static,
+                   num_domains=3 if static else None)
+        grads = None
         for s in range(STEPS):
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=not static)
             with opt.no_sync(ddp):
                 for d in range(3):
                     x, y = batch(s, d)
@@ -44,6 +47,10 @@ def _steps(kind, ddp, batch):
                     F.cross_entropy(ddp(x), y).backward()
                     opt.accumulate()
             opt.step()  # one all-reduce of the accumulated gradient
+            if static:
+                now = [id(p.grad) for p in ddp.parameters()]
+                assert grads is None or now == grads
+                grads = now
     else:
         opt = PCGrad(ddp.parameters(), torch.optim.SGD, lr=0.1)
         for s in range(STEPS):
@@ -80,7 +87,7 @@ def single_process(kind):
                 for p, o, t in zip(ps, old, h):
                     p.copy_(o)
                     p.grad = t
-        elif kind == "roga":  # per-rank perturbations, gradients averaged over ranks and domains
+        elif kind.startswith("roga"):  # per-rank perturbations, gradients averaged over ranks and domains
             acc = [torch.zeros_like(p) for p in ps]
             for r in range(WORLD):
                 for d in range(3):
@@ -118,7 +125,7 @@ def single_process(kind):
     return model.state_dict()
 
 
-@pytest.mark.parametrize("kind", ["sam", "roga", "pcgrad"])
+@pytest.mark.parametrize("kind", ["sam", "roga", "roga-capturable", "pcgrad"])
 def test_ddp_two_processes(kind):
     state = ddp_run(_train, kind)
     ref = single_process(kind)

@@ -258,7 +258,6 @@ def test_a_steady_step_is_one_fixed_program(config, capturable):
     (dict(num_domains=2, alignment="hvp"), "alignment='hvp'"),
     (dict(num_domains=2, strategy="swap"), "strategy='swap'"),
     (dict(num_domains=2, interval=2), "interval"),
-    (dict(num_domains=2, ddp_sync=True), "all-reduce"),
 ])
 def test_capturable_refuses_what_it_cannot_capture(kw, match):
     m = Heads()

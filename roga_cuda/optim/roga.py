@@ -141,8 +141,6 @@ class RoGA(WrapperOptimizer):
         # "roga_flat" the accumulators as _utils.FlatViews when syncing across processes;
         # "roga_kept" (capturable) {id(layout list): accumulators}, kept between steps.
         self._t.acc_zeroed = False  # the flat accumulators were zeroed this step
-        if self.capturable and self._sync():
-            raise ValueError(_NO_CAPTURE_SYNC)
 
     @property
     def strategy(self):
@@ -283,9 +281,19 @@ class RoGA(WrapperOptimizer):
     def _accumulate_static(self, moves, hs, k, last, whole, fold, sync):
         """accumulate() with every tensor in place. Before the last domain: acc (+)= h, then
         .grad zeroed. The last domain leaves the sum or mean in .grad itself, or (fold) is
-        left for step(), which writes the mean gradient into .grad as it updates."""
+        left for step(), which writes the mean gradient into .grad as it updates. Across
+        processes every domain adds into the flat accumulators (one all-reduce in step(),
+        which then writes the mean into .grad)."""
         if sync:
-            raise RuntimeError(_NO_CAPTURE_SYNC)
+            try:
+                for m, h in zip(moves, hs):
+                    self._restore_accumulate(m, h, first=(k == 1), mean=last and k > 1 and whole, sync=True)
+            finally:
+                for h in hs:
+                    torch._foreach_zero_(h)
+            self._t.acc_is_mean = last and k > 1 and whole
+            self._t.count = k
+            return
         if last and not whole:
             self._perturber.restore(moves)
             raise RuntimeError("RoGA(capturable=True): the last domain reached fewer parameters than an earlier one, "
@@ -533,6 +541,13 @@ class RoGA(WrapperOptimizer):
             for buf in bufs:
                 dist.all_reduce(buf)  # one collective per dtype/device: the whole step's gradient
             coef = coef / dist.get_world_size()
+            if self.capturable:  # the mean into the kept .grad tensors, which the update then reads
+                static = []
+                for group, ps, acc in accs:
+                    grads = self._grads_at(Move("none", ps, None, None, group))  # (made once where missing)
+                    ops.combine_(grads, [acc], [coef], backend=self.backend)
+                    static.append((group, ps, grads))
+                accs, coef = static, 1.0
         for _, ps, acc in accs:
             _utils.set_grads(ps, acc)
         found_inf = None
@@ -608,10 +623,6 @@ class RoGA(WrapperOptimizer):
                                "their gradients live only in this step): save before the first domain or after "
                                "step() (or call abort())")
         return super().state_dict()
-
-
-_NO_CAPTURE_SYNC = ("RoGA(capturable=True) does not all-reduce across processes yet (its flat accumulators would "
-                    "replace .grad): use ddp_sync=False with FSDP, or capturable=False with DDP")
 
 
 def _check_capturable(alignment, strategy, num_domains, interval):
