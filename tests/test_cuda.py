@@ -672,6 +672,7 @@ def _roga_graph_run(capture, steps=4, **kw):
     return [p.detach().clone() for p in m.parameters()]
 
 
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty")  # the folded last accumulate() runs nothing
 @pytest.mark.parametrize("kw", [{}, {"max_grad_norm": 0.5}], ids=["fold", "clip"])
 def test_captured_roga_steps_replay_as_eager(kw):
     """Issue 12: a RoGA step (capturable=True) captured in CUDA graphs, one per optimizer

@@ -308,3 +308,79 @@ def test_zero_grad_in_place_keeps_the_tensors():
     assert m.trunk[0].weight.grad.requires_grad
     opt.zero_grad(set_to_none=False)
     assert not m.trunk[0].weight.grad.requires_grad and not m.trunk[0].weight.grad.any()
+
+
+def test_a_step_short_of_num_domains_then_full_steps():
+    """step() after fewer accumulate() calls than num_domains divides by the count (as eager
+    mode does); the mean must then go into .grad, not make .grad the kept accumulator (the
+    next step would add a domain into itself and zero it). (One shared head: a head a short
+    step leaves out would be stepped with a zero gradient in capturable mode only.)"""
+    (m0, eager), (m1, cap) = _pair("sgd-fold", torch.float64)
+    for step, k in enumerate([3, 1, 3, 2, 3]):
+        for m, opt in ((m0, eager), (m1, cap)):
+            opt.zero_grad(set_to_none=not opt.capturable)
+            for d, (x, y) in enumerate(_batches(step, torch.float64)[:k]):
+                m.loss(d, x, y, heads=False).backward()
+                opt.perturb()
+                m.loss(d, x, y, heads=False).backward()
+                opt.accumulate()
+            opt.step()
+        for a, b in zip(m0.parameters(), m1.parameters()):
+            assert torch.equal(a, b), (step, k)
+            if a.grad is not None:
+                assert torch.equal(a.grad, b.grad), (step, k)
+    kept = {id(t) for acc in cap._layout().memo["roga_kept"].values() for t in acc}
+    assert not kept & {id(p.grad) for p in m1.parameters()}
+
+
+def test_a_failure_inside_accumulate_leaves_the_parameters_restored(monkeypatch):
+    from roga_cuda.optim import roga as roga_module
+    _, (m, opt) = _pair("sgd-fold", torch.float64)
+    _step(opt, m, 0, torch.float64, True)
+    before = [p.detach().clone() for p in m.parameters()]
+    real = roga_module.ops.restore_accumulate_
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+    opt.zero_grad()
+    for d, (x, y) in enumerate(_batches(1, torch.float64)):
+        m.loss(d, x, y).backward()
+        opt.perturb()
+        m.loss(d, x, y).backward()
+        if d == 1:
+            monkeypatch.setattr(roga_module.ops, "restore_accumulate_", broken)
+            with pytest.raises(RuntimeError, match="injected"):
+                opt.accumulate()
+            break
+        opt.accumulate()
+    monkeypatch.setattr(roga_module.ops, "restore_accumulate_", real)
+    assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before))
+    opt.abort()
+    _step(opt, m, 2, torch.float64, True)  # and it goes on
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_a_closure_failing_before_any_backward_raises_its_own_error():
+    _, (m, opt) = _pair("sgd-fold", torch.float64)
+
+    def closure(d):
+        raise KeyError("from the closure")
+    with pytest.raises(KeyError, match="from the closure"):
+        opt.step(closure, num_domains=K)
+
+
+def test_capturable_defaults():
+    """zero_grad() zeroes in place by default; a base optimizer class that has its own
+    `capturable` (torch's Adam, for fused=False) is built with it."""
+    m = Heads()
+    opt = RoGA(m.parameters(), torch.optim.Adam, lr=0.1, num_domains=2, capturable=True)
+    assert opt.base_optimizer.defaults["capturable"] is True
+    sgd = RoGA(m.parameters(), torch.optim.SGD, lr=0.1, num_domains=2, capturable=True)
+    assert "capturable" not in sgd.base_optimizer.defaults
+    x, y = _batches(0, torch.float32)[0]
+    m.loss(0, x, y).backward()
+    grads = [id(p.grad) for p in m.parameters()]
+    sgd.zero_grad()
+    assert [id(p.grad) for p in m.parameters()] == grads
+    sgd.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in m.parameters())

@@ -48,6 +48,7 @@ no clipping, no AMP and no cross-process sync, the last domain's restore and acc
 are folded into the base update: that domain costs norm, perturb, update (DESIGN.md).
 """
 import contextlib
+import inspect
 import itertools
 import operator
 from dataclasses import dataclass
@@ -98,8 +99,10 @@ class RoGA(WrapperOptimizer):
         interval: perturb every ``interval``-th step only, the plain mean domain gradient
             in between (see the module docstring); the step count is in ``state_dict()``.
         capturable: static tensors for CUDA-graph capture (see the module docstring): ``.grad``
-            is zeroed in place instead of set to None, one accumulator per parameter is kept
-            between steps, and after step() ``.grad`` holds the mean gradient, as in eager mode.
+            is zeroed in place instead of set to None (``zero_grad()`` too, by default), one
+            accumulator per parameter is kept between steps, and after step() ``.grad`` holds
+            the mean gradient, as in eager mode. A base optimizer class that takes
+            ``capturable`` (torch's Adam) is built with it.
     """
 
     _step_supports_amp_scaling = True  # so GradScaler.step(opt) reaches step() and gets a clear error
@@ -117,6 +120,8 @@ class RoGA(WrapperOptimizer):
         if self.capturable:
             _check_capturable(alignment, strategy, num_domains, self.interval)
             strategy = "copy"
+            if isinstance(base_optimizer, type) and "capturable" in inspect.signature(base_optimizer).parameters:
+                base_kwargs.setdefault("capturable", True)  # (torch's Adam/AdamW when it steps: fused=False)
         super().__init__(params, base_optimizer, dict(rho=rho, alpha=alpha), backend, max_grad_norm, fused,
                          **base_kwargs)
         self._perturber = Perturber(backend, strategy)
@@ -145,6 +150,11 @@ class RoGA(WrapperOptimizer):
     @property
     def strategy(self):
         return self._perturber.strategy
+
+    def zero_grad(self, set_to_none=None):
+        """As torch.optim's; with ``capturable=True`` the default zeroes ``.grad`` in place
+        (captured graphs keep reading those tensors)."""
+        super().zero_grad(set_to_none=not self.capturable if set_to_none is None else set_to_none)
 
     # ---------------------------------------------------------------------------------
     @staticmethod
@@ -288,6 +298,9 @@ class RoGA(WrapperOptimizer):
             try:
                 for m, h in zip(moves, hs):
                     self._restore_accumulate(m, h, first=(k == 1), mean=last and k > 1 and whole, sync=True)
+            except BaseException:
+                self._perturber.restore(moves)
+                raise
             finally:
                 for h in hs:
                     torch._foreach_zero_(h)
@@ -332,7 +345,8 @@ class RoGA(WrapperOptimizer):
                     ops.combine_(acc, [acc, h], [1.0, 1.0], backend=be)
                 torch._foreach_zero_(h)
             self._t.acc_is_mean = last and k > 1
-        except BaseException:
+        except BaseException:  # (pending is gone: abort() could not restore the parameters)
+            self._perturber.restore(moves)
             for h in hs:
                 torch._foreach_zero_(h)
             raise
@@ -446,7 +460,8 @@ class RoGA(WrapperOptimizer):
             self._perturber.restore(moves)
         if self.capturable:  # keep the static tensors
             gs = [g for g in _utils.grads_of(self._layout().params)[0] if g is not None]
-            torch._foreach_zero_(gs)
+            if gs:
+                torch._foreach_zero_(gs)
         else:
             _utils.set_grads(self._layout().params, None)
         self._t.pending = self._t.final = None
@@ -536,18 +551,21 @@ class RoGA(WrapperOptimizer):
                     buf.zero_()
             accs = [(group, ps, [views[id(p)] for p in ps]) for group, ps in lay.parts]
         coef = 1.0 if self._t.acc_is_mean else 1.0 / self._t.count
+        # capturable: the result goes into the kept .grad tensors; the last domain put it there
+        # unless the all-reduce or a step short of num_domains left it in the accumulators
+        into_grads = self.capturable and (sync or self._t.count != self.num_domains)
         self._reset_step()
         if sync:
             for buf in bufs:
                 dist.all_reduce(buf)  # one collective per dtype/device: the whole step's gradient
             coef = coef / dist.get_world_size()
-            if self.capturable:  # the mean into the kept .grad tensors, which the update then reads
-                static = []
-                for group, ps, acc in accs:
-                    grads = self._grads_at(Move("none", ps, None, None, group))  # (made once where missing)
-                    ops.combine_(grads, [acc], [coef], backend=self.backend)
-                    static.append((group, ps, grads))
-                accs, coef = static, 1.0
+        if into_grads:  # the mean into the kept .grad tensors, which the update then reads
+            static = []
+            for group, ps, acc in accs:
+                grads = self._grads_at(Move("none", ps, None, None, group))  # (made once where missing)
+                ops.combine_(grads, [acc], [coef], backend=self.backend)
+                static.append((group, ps, grads))
+            accs, coef = static, 1.0
         for _, ps, acc in accs:
             _utils.set_grads(ps, acc)
         found_inf = None
