@@ -333,9 +333,12 @@ def test_a_step_short_of_num_domains_then_full_steps():
     assert not kept & {id(p.grad) for p in m1.parameters()}
 
 
-def test_a_failure_inside_accumulate_leaves_the_parameters_restored(monkeypatch):
+@pytest.mark.parametrize("capturable", [False, True])
+def test_a_failure_inside_accumulate_leaves_the_parameters_restored(monkeypatch, capturable):
     from roga_cuda.optim import roga as roga_module
-    _, (m, opt) = _pair("sgd-fold", torch.float64)
+    (m, opt), cap = _pair("sgd-fold", torch.float64)
+    if capturable:
+        m, opt = cap
     _step(opt, m, 0, torch.float64, True)
     before = [p.detach().clone() for p in m.parameters()]
     real = roga_module.ops.restore_accumulate_

@@ -224,7 +224,7 @@ class RoGA(WrapperOptimizer):
         moves, inv, plain = self._t.pending.moves, self._t.pending.inv_scale, self._t.pending.plain
         if plain:  # the gradient at theta itself: "moves" that did not move
             moves = [Move("none", p.params, None, p.grads, p.group) for p in self._gather()]
-        hs = [self._grads_at(m) for m in moves]
+        hs = [self._grads_at(m.params) for m in moves]
         if self.alignment == "hvp" and not plain:  # checked before anything changes: abort() can still restore
             if not all(h.requires_grad for hl in hs for h in hl):
                 raise RuntimeError("RoGA(alignment='hvp') needs the backward pass at the perturbed point to keep its "
@@ -239,9 +239,10 @@ class RoGA(WrapperOptimizer):
         # it covers every position accumulated so far; else step() divides the whole sum.
         whole = self._reach(moves)
         fold = last and whole and self.fused and not sync and self.max_grad_norm is None and inv is None and not plain
-        if self.capturable:
-            self._accumulate_static(moves, hs, k, last, whole, fold, sync)
+        if self.capturable and not sync:
+            self._accumulate_static(moves, hs, k, last, whole, fold)
             return
+        # (across processes the accumulators are the flat buffers, in both modes)
         try:
             if fold:
                 accs = [None if k == 1 else self._acc_positions(m, sync) for m in moves]
@@ -251,8 +252,15 @@ class RoGA(WrapperOptimizer):
                 for m, h in zip(moves, hs):
                     self._restore_accumulate(m, h, first=(k == 1), mean=mean, sync=sync)
                 self._t.acc_is_mean = mean
+        except BaseException:  # (pending is gone: abort() could not restore the parameters)
+            self._perturber.restore(moves)
+            raise
         finally:
-            _utils.set_grads(self._layout().params, None)
+            if self.capturable:
+                for h in hs:
+                    torch._foreach_zero_(h)
+            else:
+                _utils.set_grads(self._layout().params, None)
         self._t.count = k
 
     def _reach(self, moves):
@@ -278,35 +286,22 @@ class RoGA(WrapperOptimizer):
                 reached[key] = tuple(map(operator.or_, before, keep))
         return whole and not missing
 
-    def _grads_at(self, m):
-        gs, missing = _utils.grads_of(m.params)
+    def _grads_at(self, params):
+        gs, missing = _utils.grads_of(params)
         if not missing:
             return gs
-        gs = [g if g is not None else torch.zeros_like(p) for p, g in zip(m.params, gs)]
+        gs = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, gs)]
         if self.capturable:  # they become .grad: the tensors a captured step reads
-            _utils.set_grads(m.params, gs)
+            _utils.set_grads(params, gs)
         return gs
 
     # -- capturable: static .grad, accumulators kept between steps --------------------------
-    def _accumulate_static(self, moves, hs, k, last, whole, fold, sync):
-        """accumulate() with every tensor in place. Before the last domain: acc (+)= h, then
-        .grad zeroed. The last domain leaves the sum or mean in .grad itself, or (fold) is
-        left for step(), which writes the mean gradient into .grad as it updates. Across
-        processes every domain adds into the flat accumulators (one all-reduce in step(),
-        which then writes the mean into .grad)."""
-        if sync:
-            try:
-                for m, h in zip(moves, hs):
-                    self._restore_accumulate(m, h, first=(k == 1), mean=last and k > 1 and whole, sync=True)
-            except BaseException:
-                self._perturber.restore(moves)
-                raise
-            finally:
-                for h in hs:
-                    torch._foreach_zero_(h)
-            self._t.acc_is_mean = last and k > 1 and whole
-            self._t.count = k
-            return
+    def _accumulate_static(self, moves, hs, k, last, whole, fold):
+        """accumulate() with every tensor in place, on one process. Before the last domain:
+        acc (+)= h, then .grad zeroed. The last domain leaves the sum or mean in .grad itself,
+        or (fold) is left for step(), which writes the mean gradient into .grad as it updates.
+        (Across processes accumulate() adds into the flat accumulators in both modes, and
+        step() writes the mean into .grad after the all-reduce.)"""
         if last and not whole:
             self._perturber.restore(moves)
             raise RuntimeError("RoGA(capturable=True): the last domain reached fewer parameters than an earlier one, "
@@ -562,7 +557,7 @@ class RoGA(WrapperOptimizer):
         if into_grads:  # the mean into the kept .grad tensors, which the update then reads
             static = []
             for group, ps, acc in accs:
-                grads = self._grads_at(Move("none", ps, None, None, group))  # (made once where missing)
+                grads = self._grads_at(ps)  # (made once where missing)
                 ops.combine_(grads, [acc], [coef], backend=self.backend)
                 static.append((group, ps, grads))
             accs, coef = static, 1.0
@@ -586,7 +581,7 @@ class RoGA(WrapperOptimizer):
         """Turns a folded last domain back into its restore + accumulate (mean) passes."""
         fin, self._t.final = self._t.final, None
         if self.capturable:
-            self._accumulate_static(fin.moves, fin.hs, self._t.count, True, True, False, False)
+            self._accumulate_static(fin.moves, fin.hs, self._t.count, last=True, whole=True, fold=False)
             return
         for m, hs in zip(fin.moves, fin.hs):
             self._restore_accumulate(m, hs, first=self._t.count == 1, mean=self._t.count > 1, sync=False)
